@@ -1,0 +1,96 @@
+"""Frozen, validated configs: one per quantization method. ``quantize(model, config)`` dispatches on them.
+
+Field names are the CLI flag names (``group_size`` <-> ``--group-size``), which are the names
+users of GPTQ tools already know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .grid import SUPPORTED_BITS
+
+
+@dataclass(frozen=True)
+class LayerFilter:
+    """Which linear layers of the decoder blocks get quantized (fnmatch globs on full names).
+
+    Embeddings and ``lm_head`` sit outside the decoder blocks and stay in float unless
+    ``quantize_lm_head`` is set.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    quantize_lm_head: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def accepts(self, name: str) -> bool:
+        from fnmatch import fnmatchcase
+
+        if self.include and not any(fnmatchcase(name, p) for p in self.include):
+            return False
+        return not any(fnmatchcase(name, p) for p in self.exclude)
+
+
+@dataclass(frozen=True)
+class IntConfig:
+    """An integer grid: shared by RTN and GPTQ, and by the GPTQ checkpoint format."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    mse: bool = False
+    layers: LayerFilter = field(default_factory=LayerFilter)
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise UserError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
+        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
+            raise UserError(f"--group-size must be -1 (per-channel) or a positive integer, got {self.group_size}")
+
+
+@dataclass(frozen=True)
+class RTNConfig(IntConfig):
+    """Round-to-nearest: no calibration data, the baseline every other method must beat."""
+
+    method = "rtn"
+
+
+@dataclass(frozen=True)
+class GPTQConfig(IntConfig):
+    """GPTQ (Frantar et al. 2022, arXiv:2210.17323) with the options GPTQ tools expose."""
+
+    method = "gptq"
+    desc_act: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp_percent: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.damp_percent < 1:
+            raise UserError(f"--damp-percent must be in (0, 1), got {self.damp_percent}")
+        if self.block_size <= 0:
+            raise UserError(f"--block-size must be positive, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Where calibration tokens come from: ``llmslim.data.calibration_tokens`` takes these fields."""
+
+    dataset: str = "wiki"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    text_field: str = "text"
+
+    def __post_init__(self):
+        if self.nsamples <= 0:
+            raise UserError(f"--nsamples must be positive, got {self.nsamples}")
+        if self.seqlen <= 1:
+            raise UserError(f"--seqlen must be at least 2, got {self.seqlen}")

@@ -1,0 +1,137 @@
+"""Integer quantization grids: the ground floor under every quantizer, format and module.
+
+A grid maps a row of floats to integers in ``[0, maxq]`` with one ``scale`` and one integer
+``zero`` per row (GPTQ's convention, arXiv:2210.17323, reference ``quant.py``):
+
+    q    = clamp(round(w / scale) + zero, 0, maxq)
+    w^   = scale * (q - zero)
+
+``quantize``/``dequantize`` are a round-trippable pair; ``find_params`` picks ``scale`` and
+``zero`` for each row (min/max, or the MSE-optimal clipping search of the GPTQ reference code).
+Grouping is done by the caller: a group is just a set of columns given to ``find_params``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def maxq_for(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    return (1 << bits) - 1
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Floats -> integers in [0, maxq]. ``scale``/``zero`` broadcast against ``w`` (``[rows, 1]``)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Integers -> floats on the grid; the inverse of ``quantize`` for values on the grid."""
+    return scale * (q - zero)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return dequantize(quantize(w, scale, zero, maxq), scale, zero)
+
+
+def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    # A row that is all zeros would give scale 0; any scale then reproduces it exactly.
+    dead = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(dead, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(dead, torch.full_like(xmax, 1.0), xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        # GPTQ places the symmetric zero at (maxq + 1) / 2, e.g. 8 for 4 bits.
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        # The GPTQ v1 checkpoint stores zero - 1, so a zero of 0 cannot be written without
+        # overflowing its bit field (every v1 loader adds 1 back). Keep zero in [1, maxq] and
+        # widen the scale when needed so that the row's minimum stays on the grid.
+        zero = torch.round(-xmin / scale)
+        low = zero < 1
+        scale = torch.where(low, torch.maximum(xmax / (maxq - 1), -xmin), scale)
+        zero = torch.where(low, torch.ones_like(zero), torch.clamp(zero, 1, maxq))
+    # Checkpoints store scales in fp16: quantize against exactly the scale that will be stored.
+    return to_fp16_grid(scale), zero
+
+
+def to_fp16_grid(scale: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(scale, min=2**-20).half().float()
+
+
+def find_params(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    mse: bool = False,
+    norm: float = 2.4,
+    grid: int = 100,
+    maxshrink: float = 0.8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``scale`` and ``zero`` (both ``[rows, 1]``) for a 2-D ``w``.
+
+    The range always includes 0 (as in GPTQ), so zero lands inside the grid. With ``mse``,
+    shrink the range by up to ``maxshrink`` and keep, per row, the candidate with the lowest
+    ``|w - w^|^norm`` (the clipping search of the GPTQ reference implementation).
+    """
+    maxq = maxq_for(bits)
+    w = w.float()
+    xmin = torch.clamp(w.min(dim=1).values, max=0)
+    xmax = torch.clamp(w.max(dim=1).values, min=0)
+    scale, zero = _minmax_params(xmin, xmax, maxq, sym)
+    if mse:
+        best = torch.full_like(xmin, float("inf"))
+        for i in range(int(maxshrink * grid)):
+            p = 1 - i / grid
+            s, z = _minmax_params(p * xmin, p * xmax, maxq, sym)
+            err = (fake_quantize(w, s[:, None], z[:, None], maxq) - w).abs_().pow_(norm).sum(1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return scale[:, None], zero[:, None]
+
+
+def group_slices(columns: int, group_size: int) -> list[slice]:
+    """Column ranges of each group; ``group_size == -1`` means one group (per-channel).
+
+    The last group may be partial: a group size that does not divide the input size is
+    valid in the GPTQ format (SmolLM2's 576 columns at g128 give 5 groups).
+    """
+    if group_size == -1:
+        return [slice(0, columns)]
+    return [slice(s, min(s + group_size, columns)) for s in range(0, columns, group_size)]
+
+
+def quantize_rtn(
+    W: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest on a ``[out, in]`` weight.
+
+    Returns integer codes ``[out, in]`` and ``scales``/``zeros`` of shape ``[groups, out]``
+    (the layout of the checkpoint format).
+    """
+    maxq = maxq_for(bits)
+    W = W.float()
+    Q = torch.empty_like(W)
+    scales, zeros = [], []
+    for sl in group_slices(W.shape[1], group_size):
+        scale, zero = find_params(W[:, sl], bits, sym, mse)
+        Q[:, sl] = quantize(W[:, sl], scale, zero, maxq)
+        scales.append(scale[:, 0])
+        zeros.append(zero[:, 0])
+    return Q.to(torch.int32), torch.stack(scales), torch.stack(zeros).to(torch.int32)
+
+
+def dequantize_groups(
+    Q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
+) -> torch.Tensor:
+    """``[out, in]`` floats from codes, ``[groups, out]`` scales/zeros and the column->group map."""
+    return (Q.float() - zeros[g_idx].T.float()) * scales[g_idx].T.float()
