@@ -1,0 +1,165 @@
+"""The ``llmslim`` command: thin subcommands over typed library calls.
+
+User mistakes (``UserError``) print one line and exit 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+
+QUANT_METHODS = ("rtn", "gptq")
+
+
+def _positive_int_or_minus_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be -1 or a positive integer, got {text!r}") from None
+    return value
+
+
+def add_quantize(sub) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model to a GPTQ-format checkpoint (RTN or GPTQ)",
+        description="Quantize a Hugging Face causal LM and write a standard GPTQ v1 checkpoint "
+        "(loads in vLLM, transformers+gptqmodel, AutoGPTQ, and llmslim).",
+        epilog="examples:\n  llmslim quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out out/smol-g64\n"
+        "  llmslim quantize ./my-model --method rtn --bits 8 --group-size -1 --out out/rtn8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="hub id (org/name), local HF folder, .gguf file, or alias smollm2-135m")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--method", choices=QUANT_METHODS, default="gptq", help="quantization method (default gptq)")
+    g = p.add_argument_group("grid")
+    g.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    g.add_argument("--group-size", type=_positive_int_or_minus_one, default=128,
+                   help="columns per scale/zero group; -1 = per output channel (default 128)")
+    sym = g.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
+    g.add_argument("--mse", action="store_true", help="search the MSE-optimal clipping range per group")
+    q = p.add_argument_group("GPTQ")
+    q.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by descending Hessian diagonal")
+    q.add_argument("--static-groups", action="store_true", help="fix group grids before act-order reordering")
+    ts = q.add_mutually_exclusive_group()
+    ts.add_argument("--true-sequential", dest="true_sequential", action="store_true", default=True,
+                    help="quantize q/k/v, o, gate/up, down in order, each on inputs after the previous (default)")
+    ts.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
+    q.add_argument("--damp-percent", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal")
+    q.add_argument("--block-size", type=int, default=128, help="lazy-update block size (default 128)")
+    q.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: auto)")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", default="wiki",
+                   help="built-in wiki|web|stories|technical|code, hub wikitext2|c4|ptb, or a .txt/.jsonl/.json/.parquet file")
+    c.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.json/.parquet")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per sequence, capped at the model context (default 2048)")
+    c.add_argument("--seed", type=int, default=0)
+    f = p.add_argument_group("layers")
+    f.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="only quantize linears whose full name matches (repeatable), e.g. '*.mlp.*'")
+    f.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never quantize these (repeatable)")
+    f.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (off by default)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args) -> int:
+    from .config import CalibConfig, GPTQConfig, LayerFilter, RTNConfig
+    from .quant.api import quantize_to_folder
+
+    layers = LayerFilter(tuple(args.include), tuple(args.exclude), args.quantize_lm_head)
+    common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse, layers=layers)
+    if args.method == "gptq":
+        config = GPTQConfig(**common, desc_act=args.desc_act, static_groups=args.static_groups,
+                            true_sequential=args.true_sequential, damp_percent=args.damp_percent,
+                            block_size=args.block_size)
+    else:
+        config = RTNConfig(**common)
+    calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
+    s = quantize_to_folder(args.model, args.out, config, calib, force=args.force, resume=args.resume,
+                           batch_size=args.batch_size)
+    before = f"{s['bytes_before'] / 2**20:.1f} MiB" if s["bytes_before"] else "n/a"
+    print(f"\n{s['method']} {config.bits}-bit g{config.group_size} {'sym' if config.sym else 'asym'}: "
+          f"{len(s['layers'])} layers quantized, {len(s['skipped'])} kept in float, {s['seconds']:.0f} s")
+    print(f"size on disk: {before} -> {s['bytes_after'] / 2**20:.1f} MiB   written to {args.out}")
+    return 0
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe a model or checkpoint: architecture, blocks, linears, quantization")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from .load import load
+    from .models import resolve
+    from .nn import GPTQLinear
+    from .quant.api import folder_bytes
+    from .quant.walk import find_blocks, find_linears
+
+    model, _ = load(args.model)
+    blocks_name, blocks = find_blocks(model)
+    linears = find_linears(blocks[0])
+    quantized = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
+    qc = getattr(model.config, "quantization_config", None)
+    info = {
+        "model": args.model,
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "blocks": f"{blocks_name} x {len(blocks)}",
+        "linears_per_block": {n: type(m).__name__ for n, m in linears.items()},
+        "quantized_linears": len(quantized),
+        "quantization_config": qc if isinstance(qc, dict) or qc is None else qc.to_dict(),
+        "bytes_on_disk": folder_bytes(resolve(args.model)),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>20}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="llmslim", description="Make LLMs small and fast, honestly measured.")
+    parser.add_argument("--version", action="version", version=f"llmslim {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_quantize(sub)
+    add_info(sub)
+    for module in ("llmslim.metrics.commands", "llmslim.server.commands"):
+        try:
+            import importlib
+
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

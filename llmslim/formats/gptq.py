@@ -1,0 +1,93 @@
+"""The GPTQ v1 checkpoint: what vLLM, transformers (optimum/gptqmodel) and AutoGPTQ load.
+
+Per quantized linear ``<name>``: ``qweight`` int32 ``[in*bits/32, out]``, ``qzeros`` int32
+``[groups, out*bits/32]`` holding zero - 1, ``scales`` fp16 ``[groups, out]``, ``g_idx`` int32
+``[in]``, and ``bias``. Everything else is an ordinary HF folder: safetensors (sharded when
+large), ``config.json`` with ``quantization_config``, ``quantize_config.json`` for AutoGPTQ-era
+tools, the tokenizer and the generation config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import IntConfig
+from ..nn import GPTQLinear
+
+
+def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool) -> dict:
+    """The ``quantization_config`` block, with the keys GPTQ consumers read."""
+    qc = {
+        "quant_method": "gptq",
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "desc_act": bool(getattr(config, "desc_act", False)),
+        "sym": config.sym,
+        "true_sequential": bool(getattr(config, "true_sequential", True)),
+        "damp_percent": float(getattr(config, "damp_percent", 0.01)),
+        "static_groups": bool(getattr(config, "static_groups", False)),
+        "checkpoint_format": "gptq",
+        "lm_head": lm_head,
+        "meta": {"quantizer": [f"llmslim:{__version__}"], "method": getattr(config, "method", "gptq"),
+                 "mse": config.mse},
+    }
+    if skipped:
+        # GPTQModel/vLLM "dynamic" rules: a "-:" regex excludes a module from quantization.
+        qc["dynamic"] = {f"-:^{name.replace('.', r'[.]')}$": {} for name in skipped}
+    return qc
+
+
+def save_gptq(
+    model: nn.Module,
+    tokenizer,
+    out_dir: Path,
+    config: IntConfig,
+    skipped: list[str] | None = None,
+    max_shard_size: str = "2GB",
+) -> None:
+    """Write ``model`` (its linears already swapped for ``GPTQLinear``) as a GPTQ v1 folder."""
+    out_dir = Path(out_dir)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
+    lm_head = any(n == "lm_head" or n.endswith(".lm_head") for n in quantized)
+    qc = quantization_config(config, skipped or [], lm_head)
+
+    # Float tensors are stored in fp16 like every GPTQ checkpoint (bf16 models stay bf16).
+    src_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = torch.bfloat16 if src_dtype == torch.bfloat16 else torch.float16
+    state = {k: (v.to(dtype) if v.is_floating_point() and v.dtype != torch.float16 else v).contiguous()
+             for k, v in model.state_dict().items()}
+    if lm_head:
+        model.config.tie_word_embeddings = False
+    model.config.quantization_config = qc
+    old_dtype = getattr(model.config, "dtype", None)
+    model.config.dtype = dtype
+    try:
+        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
+    finally:
+        del model.config.quantization_config
+        model.config.dtype = old_dtype
+    (out_dir / "quantize_config.json").write_text(json.dumps(
+        {k: v for k, v in qc.items() if k not in ("quant_method", "lm_head")} | {"model_file_base_name": None},
+        indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def divisibility_problems(model: nn.Module, group_size: int) -> list[tuple[str, int]]:
+    """Quantized layers whose input size the group size does not divide (vLLM refuses these)."""
+    if group_size == -1:
+        return []
+    return [(n, m.in_features) for n, m in model.named_modules()
+            if isinstance(m, GPTQLinear) and m.in_features % group_size]
+
+
+def largest_dividing_group(sizes: list[int], group_size: int) -> int:
+    g = group_size
+    while g > 1 and any(s % g for s in sizes):
+        g //= 2
+    return g

@@ -1,0 +1,83 @@
+"""Quantized linear modules: a few buffers in the GPTQ v1 layout and a short ``forward``.
+
+``GPTQLinear`` is the reference path: it dequantizes its weight on every call and runs a
+plain ``F.linear``. It is exact (the same float weight the quantizer produced) and works for
+every bit width; faster kernels swap in at load time without changing the buffers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats.pack import pack, packed_len, unpack
+
+
+def can_pack(in_features: int, out_features: int, bits: int) -> bool:
+    """Whether a layer's shape fits the format (3 bits needs multiples of 32 on both sides)."""
+    try:
+        packed_len(in_features, bits)
+        packed_len(out_features, bits)
+    except ValueError:
+        return False
+    return True
+
+
+class GPTQLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
+        self.register_buffer("qweight", torch.zeros(packed_len(in_features, bits), out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, packed_len(out_features, bits), dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
+
+    @classmethod
+    def from_codes(
+        cls,
+        Q: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        g_idx: torch.Tensor,
+        group_size: int,
+        bits: int,
+        bias: torch.Tensor | None,
+    ) -> GPTQLinear:
+        """Build from integer codes ``Q [out, in]``, ``scales``/``zeros [groups, out]``, ``g_idx [in]``."""
+        out_features, in_features = Q.shape
+        m = cls(in_features, out_features, bits, group_size, bias is not None)
+        m.qweight.copy_(pack(Q.T, bits, dim=0))
+        # The v1 format stores zero - 1 (every v1 loader adds the 1 back).
+        m.qzeros.copy_(pack(zeros.to(torch.int32) - 1, bits, dim=1))
+        m.scales.copy_(scales.to(torch.float16))
+        m.g_idx.copy_(g_idx.to(torch.int32))
+        if bias is not None:
+            m.bias.copy_(bias.detach().to(torch.float16))
+        return m
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer codes ``[out, in]`` and zeros ``[groups, out]`` (true zeros, not zero - 1)."""
+        Q = unpack(self.qweight, self.bits, dim=0).T
+        # No mask after the +1, exactly like the consumers' kernels: a stored all-ones field
+        # reads back as 2**bits (which is why the quantizer never writes a zero of 0).
+        zeros = unpack(self.qzeros, self.bits, dim=1) + 1
+        return Q, zeros
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        Q, zeros = self.codes()
+        g = self.g_idx.long()
+        W = (Q.float() - zeros[g].T.float()) * self.scales[g].T.float()
+        return W.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"

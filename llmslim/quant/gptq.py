@@ -1,0 +1,188 @@
+"""The GPTQ solver: pure functions on one layer, in the notation of the paper.
+
+Frantar, Ashkboos, Hoefler, Alistarh. "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", arXiv:2210.17323 (reference code: IST-DASLab/gptq).
+
+    W   [rows, columns]  the layer weight (out x in)
+    H   [columns, columns] = 2 X X^T, the Hessian of the layer-wise objective ||WX - QX||^2
+    Hinv  the upper Cholesky factor of H^-1, which is all the column updates need
+    Err   the scaled quantization error of the columns of one lazy block
+
+Nothing here knows about models or hooks; the driver in ``sequential.py`` feeds it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..grid import find_params, group_slices, maxq_for, quantize, quantize_rtn
+
+
+def accumulate_hessian(H: torch.Tensor, nsamples: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Add the inputs ``X [..., columns]`` to a running mean of ``2 X X^T``.
+
+    The running mean (reference ``add_batch``) keeps H at the scale of one sample, so that
+    hundreds of thousands of tokens never overflow or lose precision in float32.
+    """
+    X = X.reshape(-1, X.shape[-1]).float()
+    n = X.shape[0]
+    H.mul_(nsamples / (nsamples + n))
+    nsamples += n
+    X = X.mul(math.sqrt(2 / nsamples))
+    H.addmm_(X.T, X)
+    return H, nsamples
+
+
+def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """The layer objective ||WX - QX||^2 / n, computed from the Hessian: tr(D H D^T) / 2."""
+    D = (W.float() - Wq.float())
+    return float((D @ H * D).sum() / 2)
+
+
+@dataclass
+class GPTQResult:
+    Q: torch.Tensor  # int32 [rows, columns], codes in [0, 2**bits)
+    scales: torch.Tensor  # float32 [groups, rows], exactly representable in fp16
+    zeros: torch.Tensor  # int32 [groups, rows]
+    g_idx: torch.Tensor  # int32 [columns], the group of each input column
+    loss: float  # GPTQ's own error estimate: sum (w - q)^2 / d^2 / 2
+    damp_percent: float  # the damping that made H positive definite
+    fallback: str | None = None  # why this layer fell back to RTN, if it did
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.g_idx.long()
+        return (self.Q.float() - self.zeros[g].T.float()) * self.scales[g].T
+
+
+def _inverse_cholesky(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
+    """Upper Cholesky factor of (H + damp I)^-1, raising the damping until H is positive definite.
+
+    Damping by a fraction of the mean diagonal is the paper's fix for near-singular H (Sec. 4,
+    "Cholesky reformulation"); when 1% is not enough we double it, and give up (RTN) at 100%.
+    """
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    percent = damp_percent
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H + percent * mean_diag * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, percent
+        percent = min(percent * 2, 1.0)
+    return None, percent
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    sym: bool = True,
+    mse: bool = False,
+    desc_act: bool = False,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+) -> GPTQResult:
+    maxq = maxq_for(bits)
+    W = W.detach().clone().float()
+    H = H.detach().clone().float()
+    rows, columns = W.shape
+
+    if not torch.isfinite(H).all():
+        return _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, "Hessian is not finite")
+
+    # Dead inputs (always zero in calibration) carry no information: fix their diagonal so H
+    # stays invertible, and zero the weights since they never contribute (reference code).
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    def params(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return find_params(cols, bits, sym, mse)
+
+    # static_groups: fix every group's grid up front on the original column order, so that
+    # act-order does not scatter groups (AutoGPTQ's option; keeps g_idx trivial).
+    static = [params(W[:, sl]) for sl in group_slices(columns, group_size)] if static_groups else None
+
+    # Act-order (desc_act): quantize columns of large activation first (paper Sec. 6 / reference
+    # "--act-order"), when the most error can still be compensated by the remaining columns.
+    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(columns)
+    W, H = W[:, perm], H[perm][:, perm]
+
+    Hinv, used_damp = _inverse_cholesky(H, damp_percent)
+    if Hinv is None:
+        return _rtn_fallback(W[:, torch.argsort(perm)], bits, group_size, sym, mse, used_damp,
+                             "Cholesky failed even at 100% damping")
+
+    Q = torch.zeros_like(W)
+    Qint = torch.zeros(rows, columns, dtype=torch.int32)
+    Losses = torch.zeros(rows, columns)
+    scales: list[torch.Tensor] = []
+    zeros: list[torch.Tensor] = []
+    scale = zero = None
+    if group_size == -1:
+        scale, zero = params(W)
+        scales, zeros = [scale[:, 0]], [zero[:, 0]]
+
+    for i1 in range(0, columns, block_size):  # lazy batch updates (paper Sec. 4, "Lazy Batch-Updates")
+        i2 = min(i1 + block_size, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group_size != -1:
+                if static is not None:
+                    scale, zero = static[int(perm[col]) // group_size]
+                elif col % group_size == 0:
+                    # The grid of a new group comes from its columns as updated so far.
+                    ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
+                    scale, zero = params(ahead)
+                    scales.append(scale[:, 0])
+                    zeros.append(zero[:, 0])
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q_int = quantize(w[:, None], scale, zero, maxq)
+            q = (scale * (q_int - zero))[:, 0]
+            Qint[:, col] = q_int[:, 0].to(torch.int32)
+            Q[:, col] = q
+            Losses[:, col] = (w - q) ** 2 / d**2 / 2
+            err1 = (w - q) / d
+            # OBS update of the not-yet-quantized columns of this block (paper eq. 3).
+            W1[:, i:] -= err1[:, None] @ Hinv1[i, i:][None, :]
+            Err1[:, i] = err1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    invperm = torch.argsort(perm)
+    if static is not None:
+        g_idx = torch.arange(columns, dtype=torch.int32) // group_size
+        scales = [s[:, 0] for s, _ in static]
+        zeros = [z[:, 0] for _, z in static]
+    elif group_size != -1:
+        # Groups were formed in quantization order; map each original column to its group.
+        g_idx = (torch.arange(columns, dtype=torch.int32) // group_size)[invperm]
+    else:
+        g_idx = torch.zeros(columns, dtype=torch.int32)
+    return GPTQResult(
+        Q=Qint[:, invperm].contiguous(),
+        scales=torch.stack(scales),
+        zeros=torch.stack(zeros).to(torch.int32),
+        g_idx=g_idx.to(torch.int32),
+        loss=float(Losses.sum()),
+        damp_percent=used_damp,
+    )
+
+
+def _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, why) -> GPTQResult:
+    Q, scales, zeros = quantize_rtn(W, bits, group_size, sym, mse)
+    columns = W.shape[1]
+    g_idx = (torch.arange(columns, dtype=torch.int32) // group_size) if group_size != -1 else torch.zeros(
+        columns, dtype=torch.int32)
+    return GPTQResult(Q=Q, scales=scales, zeros=zeros, g_idx=g_idx, loss=float("nan"),
+                      damp_percent=damp_percent, fallback=why)

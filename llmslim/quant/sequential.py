@@ -1,0 +1,313 @@
+"""The layer-by-layer driver: one decoder block at a time, statistics by hooks, solving elsewhere.
+
+For each block: feed it the calibration activations, accumulate each linear's Hessian from its
+inputs, hand (W, H) to the solver, write the quantized weights back, and pass the quantized
+block's outputs on to the next block. With true-sequential (the default) the layers are solved
+group by group in execution order (q/k/v, then o, then gate/up, then down), each group seeing
+inputs computed with the groups before it already quantized.
+
+When the whole calibration set fits in one batch, one forward per block is enough: a pre-hook
+on each group's first layer accumulates H from the full input, quantizes the group on the spot
+and lets the forward go on with the quantized weights. Otherwise each group costs a forward
+that stops as soon as the group's inputs were seen.
+
+Finished blocks and the activations after them are checkpointed, so ``resume`` continues an
+interrupted run and reaches the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import GPTQConfig
+from ..errors import UserError
+from ..nn import GPTQLinear, can_pack
+from ..util import atomic_write_text
+from .gptq import GPTQResult, accumulate_hessian, gptq_quantize, layer_loss
+from .walk import (
+    StopForward,
+    capture_block_inputs,
+    find_blocks,
+    find_linears,
+    is_conv1d,
+    linear_weight,
+    run_block,
+    sequential_groups,
+    set_module,
+)
+
+
+@dataclass
+class LayerLog:
+    name: str
+    rows: int
+    columns: int
+    gptq_loss: float  # the solver's own error estimate
+    layer_loss: float  # ||WX - QX||^2 / n from the Hessian
+    damp_percent: float
+    seconds: float
+    fallback: str | None
+
+
+def _set_weight(layer: nn.Module, Wq: torch.Tensor) -> None:
+    w = Wq.T if is_conv1d(layer) else Wq
+    layer.weight.data.copy_(w.to(layer.weight.dtype))
+
+
+def _to_module(layer: nn.Module, r: GPTQResult, config: GPTQConfig) -> GPTQLinear:
+    bias = getattr(layer, "bias", None)
+    return GPTQLinear.from_codes(r.Q, r.scales, r.zeros, r.g_idx, config.group_size, config.bits, bias)
+
+
+def auto_batch_size(nsamples: int, seqlen: int, widest: int, budget_bytes: float) -> int:
+    """Samples per forward so that a block's activations (~8 float32 tensors of the widest
+    layer) stay within ``budget_bytes``; all samples at once when they fit."""
+    per_sample = seqlen * widest * 4 * 8
+    return int(max(1, min(nsamples, budget_bytes // per_sample)))
+
+
+def _available_bytes() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+class BlockState:
+    """Checkpoints of finished blocks in ``state_dir``: block_NNNN.safetensors, hidden.safetensors."""
+
+    def __init__(self, state_dir: Path, fingerprint: str):
+        self.dir = state_dir
+        self.fingerprint = fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, resume: bool) -> int:
+        """Blocks already done (0 for a fresh run). Refuses a state made with other settings."""
+        meta = self.dir / "run.json"
+        if resume and meta.exists():
+            saved = json.loads(meta.read_text())["fingerprint"]
+            if saved != self.fingerprint:
+                raise UserError(f"cannot resume from {self.dir}: it was made with other settings or "
+                                "calibration data; rerun with --force to start over")
+            hidden = self.dir / "hidden.safetensors"
+            if not hidden.exists():
+                return 0
+            from safetensors import safe_open
+
+            with safe_open(hidden, "pt") as f:
+                done = int(f.metadata()["blocks_done"])
+            if all((self.dir / f"block_{i:04d}.safetensors").exists() for i in range(done)):
+                return done
+            return 0
+        atomic_write_text(meta, json.dumps({"fingerprint": self.fingerprint}))
+        return 0
+
+    def save_block(self, i: int, block: nn.Module, logs: list[LayerLog], hidden: list[torch.Tensor]) -> None:
+        tensors = {k: v.contiguous() for k, v in block.state_dict().items()}
+        _atomic_save(tensors, self.dir / f"block_{i:04d}.safetensors",
+                     {"logs": json.dumps([asdict(x) for x in logs])})
+        # Written last: the hidden states say how many blocks are done.
+        _atomic_save({f"h{j}": h.contiguous() for j, h in enumerate(hidden)}, self.dir / "hidden.safetensors",
+                     {"blocks_done": str(i + 1)})
+
+    def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], list[LayerLog]]:
+        from safetensors import safe_open
+
+        path = self.dir / f"block_{i:04d}.safetensors"
+        with safe_open(path, "pt") as f:
+            logs = [LayerLog(**x) for x in json.loads(f.metadata()["logs"])]
+        return load_file(path), logs
+
+    def load_hidden(self) -> list[torch.Tensor]:
+        t = load_file(self.dir / "hidden.safetensors")
+        return [t[f"h{j}"] for j in range(len(t))]
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    tmp.replace(path)
+
+
+def fingerprint(config: GPTQConfig, calib: torch.Tensor, model: nn.Module) -> str:
+    h = hashlib.sha256(repr(config).encode())
+    h.update(calib.numpy().tobytes())
+    h.update(repr(model.config.to_dict() if hasattr(model, "config") else type(model)).encode())
+    return h.hexdigest()
+
+
+def gptq_blocks(
+    model: nn.Module,
+    config: GPTQConfig,
+    calib: torch.Tensor,
+    state_dir: Path | None = None,
+    resume: bool = False,
+    batch_size: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[LayerLog]:
+    """Quantize every accepted linear of the decoder blocks in place (swapped for GPTQLinear)."""
+    blocks_name, blocks = find_blocks(model)
+    nsamples, seqlen = calib.shape
+    widest = max(max(linear_weight(m).shape) for m in find_linears(blocks[0]).values())
+    if batch_size is None:
+        batch_size = auto_batch_size(nsamples, seqlen, widest, 0.25 * _available_bytes())
+    batches = list(calib.split(batch_size))
+    state = BlockState(state_dir, fingerprint(config, calib, model)) if state_dir else None
+    start = state.start(resume) if state else 0
+
+    inputs = capture_block_inputs(model, blocks, batches)
+    hidden = inputs.hidden
+    logs: list[LayerLog] = []
+    if start:
+        log(f"resuming: {start} of {len(blocks)} blocks already done")
+        for i in range(start):
+            tensors, block_logs = state.load_block(i)
+            _swap_quantized(blocks[i], f"{blocks_name}.{i}.", config, tensors)
+            logs += block_logs
+        hidden = state.load_hidden()
+
+    bar = tqdm(range(start, len(blocks)), desc="GPTQ blocks", unit="block", initial=start, total=len(blocks))
+    for i in bar:
+        block = blocks[i]
+        prefix = f"{blocks_name}.{i}."
+        names = [n for n, m in find_linears(block).items() if _accepts(config, prefix + n, m)]
+        block_logs, hidden = _quantize_block(block, prefix, names, config, hidden, inputs, bar)
+        logs += block_logs
+        if state:
+            state.save_block(i, block, block_logs, hidden)
+    return logs
+
+
+def _accepts(config: GPTQConfig, name: str, layer: nn.Module) -> bool:
+    in_f, out_f = linear_weight(layer).shape[1], linear_weight(layer).shape[0]
+    return config.layers.accepts(name) and can_pack(in_f, out_f, config.bits)
+
+
+def _swap_quantized(block: nn.Module, prefix: str, config: GPTQConfig, tensors: dict[str, torch.Tensor]) -> None:
+    for name, layer in find_linears(block).items():
+        if f"{name}.qweight" not in tensors:
+            continue
+        in_f, out_f = linear_weight(layer).shape[1], linear_weight(layer).shape[0]
+        q = GPTQLinear(in_f, out_f, config.bits, config.group_size, getattr(layer, "bias", None) is not None)
+        q.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        set_module(block, name, q)
+
+
+def _quantize_block(block, prefix, names, config, hidden, inputs, bar):
+    """Quantize the linears ``names`` of one block; returns their logs and the block's outputs."""
+    args, kwargs = inputs.args, inputs.kwargs
+    layers = {n: block.get_submodule(n) for n in names}
+    H: dict[str, tuple[torch.Tensor, int]] = {}
+    results: dict[str, GPTQResult] = {}
+    logs: list[LayerLog] = []
+
+    def probe():
+        run_block(block, hidden[0][:1], _slice_args(args[0], 1), _slice_kwargs(kwargs[0], 1))
+
+    sets = sequential_groups(block, names, probe)  # layers sharing one input tensor
+    steps = sets if config.true_sequential else [[n for s in sets for n in s]]
+
+    def solve(group: list[str]) -> None:
+        for n in group:
+            t0 = time.perf_counter()
+            key = _set_key(sets, n)
+            Hn, _ = H[key]
+            W = linear_weight(layers[n]).detach().float()
+            r = gptq_quantize(W, Hn, config.bits, config.group_size, config.sym, config.mse,
+                              config.desc_act, config.static_groups, config.damp_percent, config.block_size)
+            Wq = r.dequantize()
+            _set_weight(layers[n], Wq)
+            results[n] = r
+            logs.append(LayerLog(prefix + n, W.shape[0], W.shape[1], r.loss, layer_loss(W, Wq, Hn),
+                                 r.damp_percent, time.perf_counter() - t0, r.fallback))
+            if r.fallback:
+                tqdm.write(f"warning: {prefix + n}: {r.fallback}; used RTN for this layer")
+            bar.set_postfix_str(f"{n} loss={r.loss:.3g}")
+
+    def accumulate(name: str, X: torch.Tensor) -> None:
+        key = _set_key(sets, name)
+        if key != name:
+            return  # layers of one set share the input: one Hessian for all of them
+        Hn, count = H.get(key, (torch.zeros(X.shape[-1], X.shape[-1]), 0))
+        H[key] = accumulate_hessian(Hn, count, X)
+
+    single_pass = len(hidden) == 1 and config.true_sequential
+    handles = []
+    if single_pass:
+        # One forward: each set is solved the moment its input arrives, then the forward goes on.
+        def hook(layer, a, name):
+            group = next(s for s in sets if name in s)
+            if group[0] in results:
+                return
+            accumulate(group[0], a[0])
+            solve(group)
+
+        for n in names:
+            handles.append(layers[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)))
+        try:
+            with torch.inference_mode():
+                outs = [run_block(block, hidden[0], args[0], kwargs[0])]
+        finally:
+            for h in handles:
+                h.remove()
+    else:
+        for step in steps:
+            remaining: set[str] = set()
+
+            def hook(layer, a, name):
+                accumulate(name, a[0])
+                remaining.discard(name)
+                if not remaining:
+                    raise StopForward
+
+            handles = [layers[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in step]
+            try:
+                with torch.inference_mode():
+                    for j, h in enumerate(hidden):
+                        remaining.update(step)
+                        try:
+                            run_block(block, h, args[j], kwargs[j])
+                        except StopForward:
+                            pass
+            finally:
+                for h in handles:
+                    h.remove()
+            solve(step)
+        with torch.inference_mode():
+            outs = [run_block(block, h, args[j], kwargs[j]) for j, h in enumerate(hidden)]
+
+    for n in names:
+        set_module(block, n, _to_module(layers[n], results[n], config))
+    return logs, outs
+
+
+def _set_key(sets: list[list[str]], name: str) -> str:
+    return next(s[0] for s in sets if name in s)
+
+
+def _slice_args(args: tuple, n: int) -> tuple:
+    return tuple(a[:n] if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] > 1 else a for a in args)
+
+
+def _slice_kwargs(kwargs: dict, n: int) -> dict:
+    out = {}
+    for k, v in kwargs.items():
+        if torch.is_tensor(v) and v.dim() > 1 and v.shape[0] > 1:
+            v = v[:n]
+        elif isinstance(v, tuple) and all(torch.is_tensor(t) for t in v):
+            v = tuple(t[:n] if t.dim() > 1 and t.shape[0] > 1 else t for t in v)
+        out[k] = v
+    return out
