@@ -267,11 +267,11 @@ def _quantize_block(block, prefix, names, config, hidden, inputs, bar):
         for step in steps:
             remaining: set[str] = set()
 
-            def hook(layer, a, name):
+            def hook(layer, a, name, remaining=remaining):
                 accumulate(name, a[0])
                 remaining.discard(name)
                 if not remaining:
-                    raise StopForward
+                    raise StopForward  # the rest of the block is not needed for this step
 
             handles = [layers[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in step]
             try:
