@@ -1,0 +1,71 @@
+"""Everything ``llmslim eval`` measures for one loaded model, as one JSON-ready dict."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+
+import torch
+from torch import nn
+
+from .efficiency import checkpoint_bytes, parameter_bytes, speed
+from .mc import evaluate_task
+from .ppl import perplexity
+from .report import FORMAT
+from .scoring import TOKEN_BUDGET
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    source: str,
+    ppl_text: str | None = None,
+    ppl_source: str | None = None,
+    ppl_method: str = "gptq",
+    seqlen: int | None = None,
+    stride: int | None = None,
+    add_bos: bool = False,
+    ppl_tokens: int | None = None,
+    baseline: tuple[nn.Module, object] | None = None,
+    baseline_source: str | None = None,
+    tasks: list[str] = (),
+    limit: int | None = None,
+    measure_speed: bool = False,
+    peak_rss: int | None = None,
+    token_budget: int = TOKEN_BUDGET,
+    name: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Size always; perplexity (+ divergence from ``baseline``) if ``ppl_text``; each task; speed.
+
+    ``source`` is what the model was loaded from (for its size on disk and the record).
+    """
+    result = {
+        "format": FORMAT,
+        "name": name or source.rstrip("/").split("/")[-1],
+        "model": source,
+        "baseline": baseline_source,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "machine": platform.machine(), "dtype": str(_dtype(model))},
+        "size": {
+            "checkpoint_bytes": checkpoint_bytes(source, getattr(model, "name_or_path", None)),
+            "parameter_bytes": parameter_bytes(model),
+            "peak_rss_bytes": peak_rss,
+        },
+    }
+    if ppl_text is not None:
+        ppl = perplexity(model, tokenizer, ppl_text, ppl_method, seqlen, stride, add_bos, ppl_tokens,
+                         baseline, token_budget, progress)
+        result["perplexity"] = {"source": ppl_source, **ppl}
+    result["tasks"] = [evaluate_task(model, tokenizer, t, limit, token_budget, progress) for t in tasks]
+    if measure_speed:
+        result["speed"] = speed(model)
+    return result
+
+
+def _dtype(model: nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
