@@ -6,6 +6,7 @@ llmslim loads (float, GPTQ, bitsandbytes) is timed by the same loop with no samp
 
 from __future__ import annotations
 
+import inspect
 import resource
 import statistics
 import sys
@@ -69,18 +70,17 @@ def speed(
     prompt_tokens: int = 128,
     new_tokens: int = 32,
     repeats: int = 3,
-    token_id: int = 1000,
 ) -> dict:
     """Median prefill and decode tokens/s at batch 1 (after one warm-up run).
 
-    The prompt is ``token_id`` repeated: content does not change the arithmetic. Decoding feeds
+    The prompt is a fixed spread of token ids: content does not change the arithmetic. Decoding feeds
     the argmax back one token at a time through the KV cache, as greedy generation does.
     """
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
         raise UserError("speed needs at least 1 prompt token, 1 new token and 1 repeat")
     if prompt_tokens + new_tokens > model_context(model):
         raise UserError(f"{prompt_tokens}+{new_tokens} tokens exceed the model's context")
-    ids = torch.full((1, prompt_tokens), token_id, dtype=torch.long, device=model_device(model))
+    ids = (torch.arange(prompt_tokens) * 7919 % _vocab_size(model)).unsqueeze(0).to(model_device(model))
     _run(model, ids, new_tokens)  # warm-up: first calls allocate, some kernels repack weights
     runs = [_run(model, ids, new_tokens) for _ in range(repeats)]
     prefill = statistics.median(r[0] for r in runs)
@@ -92,20 +92,30 @@ def speed(
     }
 
 
+def _vocab_size(model: nn.Module) -> int:
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else model.get_input_embeddings().num_embeddings
+
+
 def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    # transformers 5.2x renamed past_key_values to cache (the old name warns, then goes away).
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     _sync(ids.device)
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     t1 = time.perf_counter()
-    past = out.past_key_values
     for _ in range(new_tokens):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **{cache_arg: _cache_of(out)})
         nxt = out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     return t1 - t0, time.perf_counter() - t1
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _sync(device: torch.device) -> None:

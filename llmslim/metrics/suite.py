@@ -12,7 +12,7 @@ from .efficiency import checkpoint_bytes, parameter_bytes, speed
 from .mc import evaluate_task
 from .ppl import perplexity
 from .report import FORMAT
-from .scoring import TOKEN_BUDGET
+from .scoring import TOKEN_BUDGET, model_context
 
 
 def evaluate(
@@ -60,7 +60,8 @@ def evaluate(
         result["perplexity"] = {"source": ppl_source, **ppl}
     result["tasks"] = [evaluate_task(model, tokenizer, t, limit, token_budget, progress) for t in tasks]
     if measure_speed:
-        result["speed"] = speed(model)
+        context = model_context(model)  # 128 + 32 tokens, or less for a model with a tiny context
+        result["speed"] = speed(model, prompt_tokens=min(128, context // 2), new_tokens=min(32, context // 4))
     return result
 
 
