@@ -45,6 +45,10 @@ def add_quantize(sub) -> None:
     g.add_argument("--mse", action="store_true", help="search the MSE-optimal clipping range per group")
     q = p.add_argument_group("GPTQ")
     q.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by descending Hessian diagonal")
+    gar = q.add_mutually_exclusive_group()
+    gar.add_argument("--act-group-aware", dest="act_group_aware", action="store_true", default=True,
+                     help="group-aware reordering: act-order within groups, no inference cost (default)")
+    gar.add_argument("--no-act-group-aware", dest="act_group_aware", action="store_false")
     q.add_argument("--static-groups", action="store_true", help="fix group grids before act-order reordering")
     ts = q.add_mutually_exclusive_group()
     ts.add_argument("--true-sequential", dest="true_sequential", action="store_true", default=True,
@@ -79,7 +83,7 @@ def cmd_quantize(args) -> int:
     if args.method == "gptq":
         config = GPTQConfig(**common, desc_act=args.desc_act, static_groups=args.static_groups,
                             true_sequential=args.true_sequential, damp_percent=args.damp_percent,
-                            block_size=args.block_size)
+                            block_size=args.block_size, act_group_aware=args.act_group_aware)
     else:
         config = RTNConfig(**common)
     calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
@@ -108,7 +112,7 @@ def cmd_info(args) -> int:
 
     model, _ = load(args.model)
     blocks_name, blocks = find_blocks(model)
-    linears = find_linears(blocks[0])
+    linears = find_linears(blocks[0], quantized=True)
     quantized = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
     qc = getattr(model.config, "quantization_config", None)
     info = {

@@ -70,6 +70,9 @@ class GPTQConfig(IntConfig):
     true_sequential: bool = True
     damp_percent: float = 0.01
     block_size: int = 128
+    # Group-aware reordering (GAR): act-order inside groups, free at inference. GPTQModel's
+    # default too; desc_act supersedes it.
+    act_group_aware: bool = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -77,6 +77,8 @@ def gguf_to_folder(gguf: Path) -> Path:
     # The weights are plain floats now; the "gguf" marker would make loaders expect a GGUF file.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     with staged_output(out, force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

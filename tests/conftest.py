@@ -36,3 +36,42 @@ def make_tiny_tokenizer():
 def tiny_tokenizer():
     """A fresh tiny tokenizer with a ChatML chat template (fresh, so a test may change it)."""
     return make_tiny_tokenizer()
+
+
+ARCHS = ("llama", "qwen2", "opt", "gpt2", "gpt_neox")
+
+
+def make_tiny_model(arch: str, vocab_size: int = 320, seed: int = 0):
+    """A 2-block random causal LM of the given architecture; every linear packs at 2/3/4/8 bits."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    if arch == "llama":
+        cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **common)
+    elif arch == "qwen2":  # q/k/v carry biases
+        cfg = T.Qwen2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **common)
+    elif arch == "opt":
+        cfg = T.OPTConfig(vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)
+    elif arch == "gpt2":  # Conv1D layers, weights stored [in, out]
+        cfg = T.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    elif arch == "gpt_neox":
+        cfg = T.GPTNeoXConfig(hidden_size=64, intermediate_size=128, **common)
+    else:
+        raise ValueError(arch)
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """Factory: save a tiny model of ``arch`` with the tiny tokenizer as an HF folder; returns the path."""
+
+    def make(arch: str = "llama", name: str = "model"):
+        path = tmp_path / f"{name}-{arch}"
+        make_tiny_model(arch).save_pretrained(path)
+        make_tiny_tokenizer().save_pretrained(path)
+        return path
+
+    return make

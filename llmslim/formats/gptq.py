@@ -34,7 +34,7 @@ def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool) ->
         "checkpoint_format": "gptq",
         "lm_head": lm_head,
         "meta": {"quantizer": [f"llmslim:{__version__}"], "method": getattr(config, "method", "gptq"),
-                 "mse": config.mse},
+                 "mse": config.mse, "act_group_aware": bool(getattr(config, "act_group_aware", False))},
     }
     if skipped:
         # GPTQModel/vLLM "dynamic" rules: a "-:" regex excludes a module from quantization.

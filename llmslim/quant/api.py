@@ -112,8 +112,9 @@ def _gptq_lm_head(model: nn.Module, config: GPTQConfig, calib: torch.Tensor, bat
     finally:
         handle.remove()
     W = head.weight.detach().float()
-    r = gptq_quantize(W, H, config.bits, config.group_size, config.sym, config.mse, config.desc_act,
-                      config.static_groups, config.damp_percent, config.block_size)
+    from .sequential import solver_options
+
+    r = gptq_quantize(W, H, **solver_options(config))
     set_module(model, name, GPTQLinear.from_codes(r.Q, r.scales, r.zeros, r.g_idx, config.group_size,
                                                   config.bits, getattr(head, "bias", None)))
     return {"name": name, "rows": W.shape[0], "columns": W.shape[1], "gptq_loss": r.loss,
@@ -145,6 +146,10 @@ def quantize_to_folder(
     from ..util import check_output
 
     check_output(out, force, resume)
+    if isinstance(config, GPTQConfig):
+        from ..data import load_documents
+
+        load_documents((calib or CalibConfig()).dataset, "calib", (calib or CalibConfig()).text_field)  # fail fast
     model, tokenizer = load(source)
     if getattr(model.config, "quantization_config", None):
         raise UserError(f"{source} is already quantized; quantize the original float model")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..grid import find_params, group_slices, maxq_for, quantize, quantize_rtn
+from ..grid import find_params, maxq_for, quantize, quantize_rtn
 
 
 def accumulate_hessian(H: torch.Tensor, nsamples: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -88,6 +88,7 @@ def gptq_quantize(
     static_groups: bool = False,
     damp_percent: float = 0.01,
     block_size: int = 128,
+    act_group_aware: bool = False,
 ) -> GPTQResult:
     maxq = maxq_for(bits)
     W = W.detach().clone().float()
@@ -106,29 +107,45 @@ def gptq_quantize(
     def params(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return find_params(cols, bits, sym, mse)
 
-    # static_groups: fix every group's grid up front on the original column order, so that
-    # act-order does not scatter groups (AutoGPTQ's option; keeps g_idx trivial).
-    static = [params(W[:, sl]) for sl in group_slices(columns, group_size)] if static_groups else None
+    if group_size == -1:
+        g_idx = torch.zeros(columns, dtype=torch.long)
+    else:
+        g_idx = torch.arange(columns) // group_size  # natural groups (desc_act redefines them below)
+    diag = torch.diag(H)
+    if desc_act:
+        # Act-order (paper Sec. 6, reference "--act-order"): quantize columns of large activation
+        # first, while the most error can still be compensated by the remaining columns.
+        perm = torch.argsort(diag, descending=True)
+        if not static_groups and group_size != -1:
+            g_idx = torch.empty_like(g_idx)
+            g_idx[perm] = torch.arange(columns) // group_size  # groups follow quantization order
+    elif act_group_aware and group_size != -1:
+        # Group-aware reordering (GAR, Gafni et al., arXiv:2505.14638): act-order inside each group,
+        # groups ordered by their largest diagonal. Groups stay contiguous in the original order,
+        # so g_idx stays trivial and inference pays nothing for the reordering.
+        order = torch.argsort(torch.stack([diag[g_idx == g].max() for g in range(int(g_idx.max()) + 1)]),
+                              descending=True)
+        perm = torch.cat([torch.nonzero(g_idx == g)[:, 0][torch.argsort(diag[g_idx == g], descending=True)]
+                          for g in order.tolist()])
+    else:
+        perm = torch.arange(columns)
 
-    # Act-order (desc_act): quantize columns of large activation first (paper Sec. 6 / reference
-    # "--act-order"), when the most error can still be compensated by the remaining columns.
-    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(columns)
+    # static_groups: fix every group's grid up front on the unpermuted weights (AutoGPTQ's option).
+    static = [params(W[:, g_idx == g]) for g in range(int(g_idx.max()) + 1)] if static_groups else None
     W, H = W[:, perm], H[perm][:, perm]
+    gid = g_idx[perm]  # group of each column in quantization order; non-static groups are contiguous
 
     Hinv, used_damp = _inverse_cholesky(H, damp_percent)
     if Hinv is None:
         return _rtn_fallback(W[:, torch.argsort(perm)], bits, group_size, sym, mse, used_damp,
                              "Cholesky failed even at 100% damping")
 
-    Q = torch.zeros_like(W)
     Qint = torch.zeros(rows, columns, dtype=torch.int32)
     Losses = torch.zeros(rows, columns)
-    scales: list[torch.Tensor] = []
-    zeros: list[torch.Tensor] = []
-    scale = zero = None
+    grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(enumerate(static)) if static else {}
     if group_size == -1:
-        scale, zero = params(W)
-        scales, zeros = [scale[:, 0]], [zero[:, 0]]
+        grids[0] = params(W)
+    current = -1
 
     for i1 in range(0, columns, block_size):  # lazy batch updates (paper Sec. 4, "Lazy Batch-Updates")
         i2 = min(i1 + block_size, columns)
@@ -137,21 +154,19 @@ def gptq_quantize(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if group_size != -1:
-                if static is not None:
-                    scale, zero = static[int(perm[col]) // group_size]
-                elif col % group_size == 0:
-                    # The grid of a new group comes from its columns as updated so far.
-                    ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                    scale, zero = params(ahead)
-                    scales.append(scale[:, 0])
-                    zeros.append(zero[:, 0])
+            g = int(gid[col])
+            if g != current:
+                current = g
+                if g not in grids:
+                    # A new group's grid comes from its columns as updated so far.
+                    size = int((gid == g).sum())
+                    grids[g] = params(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :size])
+            scale, zero = grids[g]
             w = W1[:, i]
             d = Hinv1[i, i]
             q_int = quantize(w[:, None], scale, zero, maxq)
             q = (scale * (q_int - zero))[:, 0]
             Qint[:, col] = q_int[:, 0].to(torch.int32)
-            Q[:, col] = q
             Losses[:, col] = (w - q) ** 2 / d**2 / 2
             err1 = (w - q) / d
             # OBS update of the not-yet-quantized columns of this block (paper eq. 3).
@@ -160,19 +175,11 @@ def gptq_quantize(
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     invperm = torch.argsort(perm)
-    if static is not None:
-        g_idx = torch.arange(columns, dtype=torch.int32) // group_size
-        scales = [s[:, 0] for s, _ in static]
-        zeros = [z[:, 0] for _, z in static]
-    elif group_size != -1:
-        # Groups were formed in quantization order; map each original column to its group.
-        g_idx = (torch.arange(columns, dtype=torch.int32) // group_size)[invperm]
-    else:
-        g_idx = torch.zeros(columns, dtype=torch.int32)
+    ngroups = len(grids)
     return GPTQResult(
         Q=Qint[:, invperm].contiguous(),
-        scales=torch.stack(scales),
-        zeros=torch.stack(zeros).to(torch.int32),
+        scales=torch.stack([grids[g][0][:, 0] for g in range(ngroups)]),
+        zeros=torch.stack([grids[g][1][:, 0] for g in range(ngroups)]).to(torch.int32),
         g_idx=g_idx.to(torch.int32),
         loss=float(Losses.sum()),
         damp_percent=used_damp,

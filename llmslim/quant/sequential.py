@@ -59,6 +59,12 @@ class LayerLog:
     fallback: str | None
 
 
+def solver_options(config: GPTQConfig) -> dict:
+    return dict(bits=config.bits, group_size=config.group_size, sym=config.sym, mse=config.mse,
+                desc_act=config.desc_act, static_groups=config.static_groups, damp_percent=config.damp_percent,
+                block_size=config.block_size, act_group_aware=config.act_group_aware and not config.desc_act)
+
+
 def _set_weight(layer: nn.Module, Wq: torch.Tensor) -> None:
     w = Wq.T if is_conv1d(layer) else Wq
     layer.weight.data.copy_(w.to(layer.weight.dtype))
@@ -226,8 +232,7 @@ def _quantize_block(block, prefix, names, config, hidden, inputs, bar):
             key = _set_key(sets, n)
             Hn, _ = H[key]
             W = linear_weight(layers[n]).detach().float()
-            r = gptq_quantize(W, Hn, config.bits, config.group_size, config.sym, config.mse,
-                              config.desc_act, config.static_groups, config.damp_percent, config.block_size)
+            r = gptq_quantize(W, Hn, **solver_options(config))
             Wq = r.dequantize()
             _set_weight(layers[n], Wq)
             results[n] = r

@@ -48,8 +48,13 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
     return in_f, out_f
 
 
-def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+def find_linears(module: nn.Module, prefix: str = "", quantized: bool = False) -> dict[str, nn.Module]:
+    """Linear layers by dotted name; with ``quantized``, already-quantized ones too."""
     types = linear_types()
+    if quantized:
+        from ..nn import GPTQLinear
+
+        types = (*types, GPTQLinear)
     return {
         f"{prefix}{name}": m for name, m in module.named_modules() if name and isinstance(m, types)
     }
@@ -61,7 +66,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
-        if len({type(b) for b in mod}) != 1 or not find_linears(mod[0]):
+        if len({type(b) for b in mod}) != 1 or not find_linears(mod[0], quantized=True):
             continue
         if best is None or len(mod) > len(best[1]):
             best = (name, mod)

@@ -1,0 +1,82 @@
+"""Save -> load gives the same model; the files follow the GPTQ v1 layout consumers read."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmslim.config import GPTQConfig, RTNConfig
+from llmslim.formats.gptq import save_gptq
+from llmslim.load import load
+from llmslim.nn import GPTQLinear
+from llmslim.quant.api import quantize
+from tests.conftest import make_tiny_model, make_tiny_tokenizer
+
+
+def reference_dequant(qweight, qzeros, scales, g_idx, bits):
+    """Dequantize as AutoGPTQ's torch path does (wf shifts, zeros + 1), for 2/4/8 bits."""
+    wf = torch.arange(0, 32, bits, dtype=torch.int32)[None, :]
+    zeros = torch.bitwise_right_shift(qzeros[:, :, None].expand(-1, -1, 32 // bits), wf[None]).to(torch.int32)
+    zeros = torch.bitwise_and(zeros, 2**bits - 1).reshape(qzeros.shape[0], -1) + 1
+    weight = torch.bitwise_right_shift(qweight[:, None, :].expand(-1, 32 // bits, -1), wf[:, :, None]).to(torch.int32)
+    weight = torch.bitwise_and(weight, 2**bits - 1).reshape(-1, qweight.shape[1])
+    return (scales[g_idx.long()].float() * (weight - zeros[g_idx.long()]).float()).T
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_round_trip_same_outputs(tmp_path, arch, bits):
+    model = make_tiny_model(arch)
+    ids = torch.randint(0, 320, (4, 24))
+    config = GPTQConfig(bits=bits, group_size=32, desc_act=(bits == 4), sym=(bits != 3))
+    quantize(model, config, ids)
+    with torch.inference_mode():
+        expected = model(ids).logits
+    save_gptq(model, make_tiny_tokenizer(), tmp_path / "ckpt", config)
+    loaded, tok = load(str(tmp_path / "ckpt"))
+    with torch.inference_mode():
+        got = loaded(ids).logits
+    # non-quantized tensors are stored in fp16, like every GPTQ checkpoint
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    assert sum(isinstance(m, GPTQLinear) for m in loaded.modules()) == {"opt": 12, "gpt2": 8}.get(arch, 14)
+    assert tok("hello").input_ids
+
+
+def test_files_follow_gptq_v1(tmp_path):
+    model = make_tiny_model("qwen2")
+    config = RTNConfig(bits=4, group_size=32, sym=False)
+    W = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    quantize(model, config)
+    save_gptq(model, make_tiny_tokenizer(), tmp_path, config)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    for key in ("bits", "group_size", "desc_act", "sym", "true_sequential", "damp_percent", "static_groups"):
+        assert key in qc
+    assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq"
+    assert json.loads((tmp_path / "quantize_config.json").read_text())["bits"] == 4
+    t = load_file(tmp_path / "model.safetensors")
+    p = "model.layers.0.self_attn.q_proj"
+    assert t[f"{p}.qweight"].dtype == torch.int32 and t[f"{p}.qweight"].shape == (64 * 4 // 32, 64)
+    assert t[f"{p}.qzeros"].shape == (2, 64 * 4 // 32)
+    assert t[f"{p}.scales"].dtype == torch.float16 and t[f"{p}.scales"].shape == (2, 64)
+    assert t[f"{p}.g_idx"].tolist() == [i // 32 for i in range(64)]
+    assert f"{p}.bias" in t  # qwen2 q_proj has a bias
+    # an independent dequantizer (AutoGPTQ's) reads our bits back to the RTN weights
+    W_hat = reference_dequant(t[f"{p}.qweight"], t[f"{p}.qzeros"], t[f"{p}.scales"], t[f"{p}.g_idx"], 4)
+    step = t[f"{p}.scales"].float().max()
+    assert (W_hat - W).abs().max() <= step / 2 + 1e-3
+
+
+def test_partial_last_group(tmp_path):
+    """Group size not dividing the input size (SmolLM2 576 at g128): last group is partial."""
+    model = make_tiny_model("llama")  # hidden 64, intermediate 128
+    ids = torch.randint(0, 320, (2, 16))
+    config = GPTQConfig(bits=4, group_size=48)
+    quantize(model, config, ids)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.scales.shape == (2, 64) and q.g_idx.max() == 1
+    save_gptq(model, make_tiny_tokenizer(), tmp_path, config)
+    loaded, _ = load(str(tmp_path))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=2e-2, atol=2e-2)

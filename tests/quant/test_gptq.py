@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from llmslim.grid import dequantize_groups, quantize_rtn
+from llmslim.quant.gptq import accumulate_hessian, gptq_quantize, layer_loss
+
+
+def synthetic_layer(rows=64, columns=128, tokens=2048, seed=0):
+    """A weight and correlated, unevenly scaled inputs (like real activations), and H = 2XX^T/n."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, columns, generator=g)
+    mix = torch.randn(columns, columns, generator=g) / columns**0.5
+    X = (torch.randn(tokens, columns, generator=g) @ (torch.eye(columns) + mix)) * (
+        torch.rand(columns, generator=g) * 4 + 0.1)
+    H = torch.zeros(columns, columns)
+    H, _ = accumulate_hessian(H, 0, X)
+    return W, X, H
+
+
+def test_running_mean_hessian_equals_batch_formula():
+    _, X, H = synthetic_layer()
+    H2 = torch.zeros_like(H)
+    n = 0
+    for chunk in X.split(300):
+        H2, n = accumulate_hessian(H2, n, chunk)
+    expected = 2 * X.T @ X / X.shape[0]
+    torch.testing.assert_close(H, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(H2, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 32), (2, 64), (8, -1), (4, -1)])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_beats_rtn_on_layer_objective(bits, group_size, sym):
+    W, X, H = synthetic_layer()
+    r = gptq_quantize(W, H, bits, group_size, sym)
+    Q, s, z = quantize_rtn(W, bits, group_size, sym)
+    g_idx = torch.arange(W.shape[1]) // (group_size if group_size != -1 else W.shape[1])
+    rtn = dequantize_groups(Q, s, z, g_idx)
+    gptq_err = ((W - r.dequantize()) @ X.T).pow(2).sum()
+    rtn_err = ((W - rtn) @ X.T).pow(2).sum()
+    assert gptq_err < rtn_err
+    # the Hessian form of the objective agrees with the direct one
+    n = X.shape[0]
+    assert layer_loss(W, r.dequantize(), H) == pytest.approx(float(gptq_err) / n, rel=1e-3)
+    assert r.Q.min() >= 0 and r.Q.max() < 2**bits and r.fallback is None
+
+
+def test_act_order_g_idx_is_consistent():
+    W, X, H = synthetic_layer()
+    r = gptq_quantize(W, H, 4, 32, True, desc_act=True)
+    groups = r.scales.shape[0]
+    assert groups == 4
+    # every group holds exactly group_size columns, in descending-Hessian order
+    assert torch.bincount(r.g_idx.long(), minlength=groups).tolist() == [32] * 4
+    perm = torch.argsort(torch.diag(H), descending=True)
+    assert torch.equal(r.g_idx[perm].long(), torch.arange(128) // 32)
+    # dequantizing through g_idx reproduces what the solver quantized against
+    assert ((W - r.dequantize()) @ X.T).pow(2).sum() < ((W @ X.T).pow(2).sum() * 0.05)
+
+
+def test_static_groups_keep_natural_g_idx():
+    W, _, H = synthetic_layer()
+    r = gptq_quantize(W, H, 4, 32, True, desc_act=True, static_groups=True)
+    assert torch.equal(r.g_idx.long(), torch.arange(128) // 32)
+
+
+def test_dead_columns_are_zeroed():
+    W, X, _ = synthetic_layer()
+    X[:, :5] = 0
+    H, _ = accumulate_hessian(torch.zeros(128, 128), 0, X)
+    r = gptq_quantize(W, H, 4, 32, False)
+    assert torch.allclose(r.dequantize()[:, :5], torch.zeros(64, 5), atol=1e-6)
+
+
+def test_cholesky_failure_raises_damping_then_falls_back():
+    W, _, H = synthetic_layer()
+    # Strongly indefinite H: 1% damping is not enough, more damping is.
+    H_bad = H - 0.05 * torch.diag(H).mean() * torch.eye(128)
+    r = gptq_quantize(W, H_bad, 4, 32, True)
+    assert r.fallback is None and r.damp_percent > 0.01
+    # Non-finite H: no damping helps; the layer falls back to RTN and says why.
+    H_nan = H.clone()
+    H_nan[0, 0] = float("nan")
+    r = gptq_quantize(W, H_nan, 4, 32, True)
+    assert r.fallback is not None
+    Q, _, _ = quantize_rtn(W, 4, 32, True)
+    assert torch.equal(r.Q, Q)
+
+
+def test_deterministic():
+    W, _, H = synthetic_layer()
+    a = gptq_quantize(W, H, 3, 32, False, desc_act=True)
+    b = gptq_quantize(W, H, 3, 32, False, desc_act=True)
+    assert torch.equal(a.Q, b.Q) and torch.equal(a.scales, b.scales)
+
+
+def test_mse_option_runs_and_helps_rtn_part():
+    W, X, H = synthetic_layer()
+    plain = gptq_quantize(W, H, 3, 32, True)
+    mse = gptq_quantize(W, H, 3, 32, True, mse=True)
+    err = lambda r: ((W - r.dequantize()) @ X.T).pow(2).sum()  # noqa: E731
+    assert err(mse) < err(plain) * 1.05
+
+
+@pytest.mark.parametrize("columns,group_size", [(128, 32), (112, 32)])  # 112: a partial last group
+def test_group_aware_reordering_keeps_natural_groups_and_helps(columns, group_size):
+    W, X, H = synthetic_layer(columns=columns, seed=3)
+    plain = gptq_quantize(W, H, 3, group_size, True)
+    gar = gptq_quantize(W, H, 3, group_size, True, act_group_aware=True)
+    assert torch.equal(gar.g_idx.long(), torch.arange(columns) // group_size)
+    assert gar.scales.shape == plain.scales.shape
+    err = lambda r: ((W - r.dequantize()) @ X.T).pow(2).sum()  # noqa: E731
+    assert err(gar) < err(plain)

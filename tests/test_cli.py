@@ -1,0 +1,149 @@
+"""The CLI end to end on tiny models, and every bad input: one line, exit 2, nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from llmslim.cli import main
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llmslim.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(200)))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_quantize_gptq_end_to_end(tiny_folder, tmp_path, calib_file, arch, capsys):
+    src = tiny_folder(arch)
+    out = tmp_path / "out"
+    rc = main(["quantize", str(src), "--out", str(out), "--method", "gptq", "--bits", "4", "--group-size", "32",
+               "--calib", str(calib_file), "--nsamples", "8", "--seqlen", "32"])
+    assert rc == 0
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    log = json.loads((out / "quant_log.json").read_text())
+    assert len(log["layers"]) == {"llama": 14, "gpt2": 8, "opt": 12}[arch]
+    assert all(layer["layer_loss"] >= 0 for layer in log["layers"])
+    assert "size on disk" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".out.partial"))
+    assert main(["info", str(out)]) == 0
+
+
+def test_rtn_and_lm_head(tiny_folder, tmp_path):
+    src = tiny_folder("llama")
+    out = tmp_path / "rtn"
+    assert main(["quantize", str(src), "--out", str(out), "--method", "rtn", "--bits", "8", "--group-size", "-1",
+                 "--quantize-lm-head"]) == 0
+    t = load_file(out / "model.safetensors")
+    assert "lm_head.qweight" in t
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["lm_head"] is True and cfg["tie_word_embeddings"] is False
+
+
+def test_module_filter(tiny_folder, tmp_path):
+    src = tiny_folder("llama")
+    out = tmp_path / "f"
+    assert main(["quantize", str(src), "--out", str(out), "--method", "rtn", "--group-size", "32",
+                 "--exclude", "*.mlp.*"]) == 0
+    t = load_file(out / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.qweight" in t
+    assert "model.layers.0.mlp.up_proj.weight" in t and "model.layers.0.mlp.up_proj.qweight" not in t
+
+
+def test_resume_after_crash_is_identical(tiny_folder, tmp_path, calib_file, monkeypatch):
+    """Kill the run after the first block is checkpointed; --resume ends with the same checkpoint."""
+    from llmslim.quant import sequential
+
+    src = tiny_folder("llama")
+    args = ["quantize", str(src), "--method", "gptq", "--bits", "3", "--group-size", "32", "--desc-act",
+            "--calib", str(calib_file), "--nsamples", "8", "--seqlen", "32"]
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+
+    real_save = sequential.BlockState.save_block
+    calls = []
+
+    def crash_after_first(self, i, *a):
+        real_save(self, i, *a)
+        calls.append(i)
+        if i == 0:
+            raise KeyboardInterrupt  # like kill -9 right after block 0 hit the disk
+
+    monkeypatch.setattr(sequential.BlockState, "save_block", crash_after_first)
+    assert main([*args, "--out", str(tmp_path / "resumed")]) == 130
+    assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial").exists()
+    assert main([*args, "--out", str(tmp_path / "resumed")]) == 2  # refuses to silently discard the work
+    calls.clear()
+    assert main([*args, "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    assert calls == [1]  # block 0 was not redone
+    a = load_file(tmp_path / "clean" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--bits", "5"], "--bits"),
+        (["--group-size", "0"], "--group-size"),
+        (["--group-size", "-3"], "--group-size"),
+        (["--calib", "nope-corpus"], "nope-corpus"),
+        (["--seqlen", "100000", "--calib", "CALIB"], "token"),
+    ],
+)
+def test_bad_input_one_line_exit_2(tiny_folder, tmp_path, calib_file, extra, needle):
+    src = tiny_folder("llama")
+    extra = [str(calib_file) if e == "CALIB" else e for e in extra]
+    r = run("quantize", src, "--out", tmp_path / "o", "--method", "gptq", *extra)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and r.stderr.strip().endswith(errors[0])
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_model_and_not_causal_lm(tmp_path):
+    r = run("quantize", "no/such-model-here", "--out", tmp_path / "o", "--method", "rtn")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run("quantize", tmp_path / "missing-dir", "--out", tmp_path / "o", "--method", "rtn")
+    assert r.returncode == 2 and "unknown model" in r.stderr
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(
+        tmp_path / "bert")
+    r = run("quantize", tmp_path / "bert", "--out", tmp_path / "o", "--method", "rtn")
+    assert r.returncode == 2 and "causal" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_output_exists_needs_force(tiny_folder, tmp_path):
+    src = tiny_folder("llama")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = run("quantize", src, "--out", out, "--method", "rtn", "--group-size", "32")
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_corrupt_weights_and_pickle_refused(tiny_folder, tmp_path):
+    src = tiny_folder("llama")
+    (src / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    r = run("quantize", src, "--out", tmp_path / "o", "--method", "rtn")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    src2 = tiny_folder("llama", name="pickled")
+    (src2 / "model.safetensors").unlink()
+    from tests.conftest import make_tiny_model
+
+    make_tiny_model("llama").save_pretrained(src2, safe_serialization=False)
+    r = run("quantize", src2, "--out", tmp_path / "o", "--method", "rtn")
+    assert r.returncode == 2 and "pickle" in r.stderr, r.stderr
