@@ -75,8 +75,13 @@ def evaluate_docs(
     if not docs:
         raise UserError("the task has no examples to score")
     pairs = [p for d in docs for p in zip(d.contexts, d.continuations, strict=True)]
-    results = iter(loglikelihoods(model, tokenizer, pairs, token_budget, progress, desc))
-    per_doc = [[next(results) for _ in d.contexts] for d in docs]
+    return score_docs(docs, loglikelihoods(model, tokenizer, pairs, token_budget, progress, desc), kind)
+
+
+def score_docs(docs: list[Doc], results: list[tuple[float, bool]], kind: str = "multiple_choice") -> dict:
+    """The metrics from ``loglikelihoods`` results, in the order of ``docs``' pairs."""
+    it = iter(results)
+    per_doc = [[next(it) for _ in d.contexts] for d in docs]
     if kind == "last_word":
         acc = [float(r[0][1]) for r in per_doc]
         lls = [r[0][0] for r in per_doc]
