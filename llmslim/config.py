@@ -97,3 +97,29 @@ class CalibConfig:
             raise UserError(f"--nsamples must be positive, got {self.nsamples}")
         if self.seqlen <= 1:
             raise UserError(f"--seqlen must be at least 2, got {self.seqlen}")
+
+
+BNB_METHODS = ("nf4", "fp4", "int8")
+
+
+@dataclass(frozen=True)
+class BnbConfig:
+    """bitsandbytes quantization (NF4/FP4 4-bit, LLM.int8), serialized in transformers' format."""
+
+    method: str = "nf4"
+    double_quant: bool = False
+    compute_dtype: str = "bf16"  # bf16 | fp32 (| fp16)
+    int8_threshold: float = 6.0
+    layers: LayerFilter = field(default_factory=LayerFilter)
+
+    def __post_init__(self):
+        if self.method not in BNB_METHODS:
+            raise UserError(f"bitsandbytes method must be one of {', '.join(BNB_METHODS)}, got {self.method!r}")
+        if self.compute_dtype not in ("bf16", "fp32", "fp16"):
+            raise UserError(f"--compute-dtype must be bf16, fp32 or fp16, got {self.compute_dtype!r}")
+        if self.method == "int8" and self.double_quant:
+            raise UserError("--double-quant applies to nf4/fp4 only, not int8")
+        if self.method != "int8" and self.int8_threshold != 6.0:
+            raise UserError("--int8-threshold applies to --method int8 only")
+        if self.int8_threshold < 0:
+            raise UserError(f"--int8-threshold must be >= 0, got {self.int8_threshold}")
