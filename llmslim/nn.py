@@ -70,10 +70,12 @@ class GPTQLinear(nn.Module):
         return Q, zeros
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        Q, zeros = self.codes()
+        """``[out, in]`` weight: scale * (q - zero), per input column's group."""
+        Qt = unpack(self.qweight, self.bits, dim=0)  # [in, out]
+        zeros = (unpack(self.qzeros, self.bits, dim=1) + 1).float()  # [groups, out]
         g = self.g_idx.long()
-        W = (Q.float() - zeros[g].T.float()) * self.scales[g].T.float()
-        return W.to(dtype)
+        Wt = Qt.float().sub_(zeros.index_select(0, g)).mul_(self.scales.float().index_select(0, g))
+        return Wt.T.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -52,6 +52,14 @@ def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of ``pack``: int32 words -> int32 values in ``[0, 2**bits)``."""
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        # Fast path (2/4/8 bits): one broadcast shift. The arithmetic shift of negative words
+        # drags sign bits in from the left, which the mask removes.
+        w = packed.movedim(dim, 0)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32).view(1, -1, *([1] * (w.dim() - 1)))
+        out = (w.unsqueeze(1) >> shifts) & mask
+        return out.reshape(-1, *w.shape[1:]).movedim(0, dim).contiguous()
     w = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
     nwords_total, rest = w.shape[0], w.shape[1:]
     nvalues, nwords = _run(bits)
@@ -59,7 +67,6 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         raise ValueError(f"{nwords_total} words do not hold whole runs of {bits}-bit values")
     w = w.reshape(nwords_total // nwords, nwords, *rest)
     out = torch.empty(w.shape[0], nvalues, *rest, dtype=torch.int64)
-    mask = (1 << bits) - 1
     for j in range(nvalues):
         word, shift = divmod(bits * j, 32)
         x = w[:, word] >> shift
