@@ -1,0 +1,211 @@
+"""A lean batch-1 decode loop: preallocated KV cache, greedy or sampled, stop strings and EOS.
+
+``model.generate`` of transformers is general and pays for it on every token (logits
+processors, stopping criteria objects, a growing ``DynamicCache`` that concatenates each
+step). At SmolLM2-135M scale with int4 kernels the per-token Python work is a large share of
+the time, so this loop does only what batch-1 decoding needs:
+
+- one ``StaticCache`` preallocated for prompt + ``max_new_tokens`` (sized in buckets and
+  kept on the model, so repeated calls reuse the same memory);
+- the next token is chosen from the last position's logits only (``logits_to_keep=1``);
+- sampling uses a local ``torch.Generator`` (a ``seed`` makes it reproducible without
+  touching the global RNG);
+- stop strings are looked for only in the newly decoded tail of the text.
+
+Greedy output is token-for-token what ``model.generate(do_sample=False)`` produces.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, so calls can share one
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # generated ids (an EOS that ended the run included, like transformers)
+    text: str  # decoded generated text, special tokens skipped, cut before a stop string
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)  # prefill_s, decode_s, *_tok_s
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        eos = getattr(src, "eos_token_id", None)
+        if eos is None:
+            continue
+        ids.update([eos] if isinstance(eos, int) else eos)
+    return ids
+
+
+def _static_cache(model: nn.Module, length: int):
+    """A StaticCache of at least ``length`` positions, reused across calls when big enough."""
+    from transformers import StaticCache
+
+    cached = getattr(model, "_llmslim_static_cache", None)
+    if cached is not None and cached.max_cache_len >= length:
+        cached.reset()
+        return cached
+    size = -(-length // CACHE_BUCKET) * CACHE_BUCKET
+    cache = StaticCache(config=model.config, max_cache_len=size)
+    model._llmslim_static_cache = cache
+    return cache
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers 5 calls the cache argument ``cache``; older releases ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def supports_static_cache(model: nn.Module) -> bool:
+    return bool(getattr(model, "_supports_static_cache", True)) and hasattr(model, "config")
+
+
+class Sampler:
+    """Temperature, top-k, top-p (in that order, as transformers applies them), then a draw."""
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.greedy = temperature == 0 or top_k == 1
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """``logits [vocab]`` of the last position -> the next token id."""
+        if self.greedy:
+            return int(logits.argmax())
+        logits = logits.float() / self.temperature
+        if self.top_k:
+            values, idx = logits.topk(min(self.top_k, logits.numel()))
+        else:
+            values, idx = logits.sort(descending=True)
+        if self.top_p < 1:
+            probs = values.softmax(-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            before = probs.cumsum(-1) - probs
+            values = values.masked_fill(before >= self.top_p, float("-inf"))
+        probs = values.softmax(-1)
+        pick = torch.multinomial(probs, 1, generator=self.generator)
+        return int(idx[pick])
+
+
+class StopWatch:
+    """Finds stop strings in text that grows a token at a time, scanning only the new tail."""
+
+    def __init__(self, stop: list[str]):
+        self.stop = [s for s in stop if s]
+        self.longest = max((len(s) for s in self.stop), default=0)
+        self.scanned = 0
+
+    def find(self, text: str) -> int:
+        """Index where the earliest stop string starts in ``text``, or -1."""
+        if not self.stop:
+            return -1
+        start = max(0, self.scanned - self.longest + 1)
+        self.scanned = len(text)
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits, default=-1)
+
+
+def _encode(tokenizer, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    return [int(t) for t in prompt]
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str | list[int],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: str | list[str] | None = None,
+) -> GenerationResult:
+    """Continue ``prompt`` (text, or token ids used as given) with batch-1 decoding.
+
+    ``temperature=0`` is greedy. Ends at an EOS token, at a stop string (the text is cut
+    before it), or after ``max_new_tokens``.
+    """
+    ids = _encode(tokenizer, prompt)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    sampler = Sampler(temperature, top_p, top_k, seed)
+    watch = StopWatch([stop] if isinstance(stop, str) else list(stop or []))
+    eos = _eos_ids(model, tokenizer)
+    step = Stepper(model, len(ids) + max_new_tokens)
+
+    t0 = time.perf_counter()
+    logits = step(ids) if max_new_tokens else None
+    t1 = time.perf_counter()
+    out: list[int] = []
+    text, reason, cut_by_stop = "", "length", False
+    while len(out) < max_new_tokens:
+        token = sampler(logits)
+        out.append(token)
+        if token in eos:
+            reason = "stop"
+            break
+        if watch.stop:
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            cut = watch.find(text)
+            if cut >= 0:
+                text, reason, cut_by_stop = text[:cut], "stop", True
+                break
+        if len(out) == max_new_tokens:
+            break
+        logits = step([token])
+    t2 = time.perf_counter()
+    if not cut_by_stop:
+        text = tokenizer.decode(out, skip_special_tokens=True)
+    decode_steps = max(len(out) - 1, 0)  # forwards after the prefill
+    timings = {
+        "prefill_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "prefill_tok_s": len(ids) / (t1 - t0) if t1 > t0 else 0.0,
+        "decode_tok_s": decode_steps / (t2 - t1) if decode_steps and t2 > t1 else 0.0,
+    }
+    return GenerationResult(out, text, reason, len(ids), timings)
+
+
+class Stepper:
+    """Runs the model one chunk at a time on a preallocated cache; returns the last logits."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        self.model = model
+        self.cache = _static_cache(model, max_len)
+        self.cache_arg = _cache_kwarg(model)
+        self.pos = 0
+
+    def __call__(self, tokens: list[int]) -> torch.Tensor:
+        n = len(tokens)
+        input_ids = torch.tensor([tokens], dtype=torch.long)
+        position_ids = torch.arange(self.pos, self.pos + n).unsqueeze(0)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=1, **{self.cache_arg: self.cache})
+        self.pos += n
+        return out.logits[0, -1]

@@ -1,0 +1,371 @@
+"""Fast CPU linear modules for GPTQ weights, and ``accelerate(model)`` that swaps them in.
+
+``GPTQLinear`` (llmslim/nn.py) dequantizes its whole weight on every call: exact, but slow.
+At load time ``accelerate`` replaces each one, once, by the fastest module that computes the
+same product:
+
+- 2/3/4 bits -> ``Int4Linear``: torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``).
+  2- and 3-bit codes are valid 4-bit codes, so they run there too, exactly (at 4-bit size).
+- 8 bits per channel -> ``Int8Linear``: torch's ``_weight_int8pack_mm`` (per-channel scales).
+- 8 bits with groups -> ``Int8x2Linear``: the 8-bit code split into two 4-bit halves, two
+  int4 kernel calls (see ``benchmarks`` in eval/inference.md for why this beats bf16).
+
+Both torch kernels are fast only with bf16 activations (3-60x slower in fp32), so the
+modules compute in bf16 and cast back when the model runs in another dtype.
+
+The int4 kernel computes ``w = (q - 8) * scale + zero`` per group of ``kg`` input columns,
+``kg`` in {32, 64, 128, 256}, K a multiple of ``kg``, N a multiple of 16. GPTQ's
+``w = (q - z) * s`` with arbitrary ``g_idx`` (act-order), any group size and any K is mapped
+onto that once, at load time (``_int4_layout``): columns are sorted by group, each group
+starts on a kernel-group boundary (zero-padded when its size is not a multiple of ``kg``),
+and N is padded to a multiple of 16. At run time that costs at most one ``index_select`` or
+``F.pad`` of the activation, and nothing at all for the common case (contiguous groups, K a
+multiple of a supported group size).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nn import GPTQLinear
+from .quant.walk import set_module
+
+KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
+N_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu wants N % 16 == 0
+
+
+def _have(op: str) -> bool:
+    return hasattr(torch.ops.aten, op)
+
+
+def int4_available() -> bool:
+    return _have("_weight_int4pack_mm_for_cpu") and _have("_convert_weight_to_int4pack_for_cpu")
+
+
+def int8_available() -> bool:
+    return _have("_weight_int8pack_mm")
+
+
+# ---------------------------------------------------------------------------------------------
+# Column layout: GPTQ groups (any order, any size) -> kernel groups (contiguous, fixed size)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Layout:
+    """Where each kernel input column comes from, and how to build the activation for it.
+
+    ``src[k']`` is the original input column of kernel column ``k'``, or ``K`` for a padding
+    column (its activation is zero, so its weight does not matter). ``group[t]`` is the GPTQ
+    group of kernel group ``t``.
+    """
+
+    def __init__(self, src: torch.Tensor, group: torch.Tensor, kg: int, in_features: int):
+        self.src, self.group, self.kg, self.K = src, group, kg, in_features
+        kp = src.numel()
+        head = src[:in_features] if kp >= in_features else src
+        in_order = kp >= in_features and torch.equal(head, torch.arange(in_features))
+        if in_order and bool((src[in_features:] == in_features).all()):
+            self.mode, self.pad = ("none" if kp == in_features else "pad"), kp - in_features
+        elif kp == in_features:
+            self.mode, self.pad = "perm", 0  # a pure permutation (act-order): one index_select
+        else:
+            self.mode, self.pad = "gather", 0  # permutation and padding: pad one zero column, gather
+
+    @property
+    def padded_k(self) -> int:
+        return self.src.numel()
+
+
+def _int4_layout(g_idx: torch.Tensor, in_features: int) -> _Layout:
+    """Sort columns by group and pick the kernel group size that needs the least padding."""
+    g_idx = g_idx.long()
+    order = torch.argsort(g_idx, stable=True)
+    groups, counts = torch.unique_consecutive(g_idx[order], return_counts=True)
+    best = None
+    for kg in KERNEL_GROUPS:
+        sizes = (counts + kg - 1) // kg * kg
+        total = int(sizes.sum())
+        if best is None or total < best[1]:  # ties keep the larger kg (fewer scales to read)
+            best = (kg, total)
+    kg, total = best
+    src = torch.full((total,), in_features, dtype=torch.long)
+    group = torch.empty(total // kg, dtype=torch.long)
+    pos = start = 0
+    for grp, count in zip(groups.tolist(), counts.tolist(), strict=True):
+        src[pos : pos + count] = order[start : start + count]
+        span = (count + kg - 1) // kg * kg
+        group[pos // kg : (pos + span) // kg] = grp
+        pos, start = pos + span, start + count
+    return _Layout(src, group, kg, in_features)
+
+
+def _prepare_input(x: torch.Tensor, layout_mode: str, index: torch.Tensor | None, pad: int) -> torch.Tensor:
+    if layout_mode == "pad":
+        return F.pad(x, (0, pad))
+    if layout_mode == "perm":
+        return x.index_select(-1, index)
+    if layout_mode == "gather":
+        return F.pad(x, (0, 1)).index_select(-1, index)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Int4Linear: 2/3/4-bit GPTQ (and one half of grouped 8-bit) on _weight_int4pack_mm_for_cpu
+# ---------------------------------------------------------------------------------------------
+
+
+def _int4_params(
+    Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, layout: _Layout, code_bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``Q [N, K]`` (values < 2**code_bits <= 16), per-GPTQ-group ``scale``/``zero [G, N]``
+    -> (packed weight, scale-and-zeros ``[Kp/kg, Np, 2]`` in bf16).
+
+    Each code gets a per-(kernel group, row) shift ``d`` so that ``q + d`` stays in [0, 15] and
+    the kernel's float zero ``(8 - z - d) * s`` is as small as possible: 0 for 2/3 bits and for
+    symmetric 4 bits, i.e. exact there (only the bf16 scale rounds). What cannot be shifted
+    away (asymmetric 4 bits) goes into the float zero.
+    """
+    N, _ = Q.shape
+    kg, kp, ng = layout.kg, layout.padded_k, layout.padded_k // layout.kg
+    # Kernel-ordered codes; padding columns read a code of 8 (finite weight, zero activation).
+    Qe = torch.cat([Q, torch.full((N, 1), 8, dtype=Q.dtype)], dim=1)
+    Qk = Qe.index_select(1, layout.src).view(N, ng, kg)  # [N, ng, kg]
+    real = (layout.src < layout.K).view(1, ng, kg)
+    big = torch.iinfo(Q.dtype).max
+    qmin = torch.where(real, Qk, big).amin(-1).T  # [ng, N]
+    qmax = torch.where(real, Qk, -big).amax(-1).T
+    z = zero.index_select(0, layout.group).to(torch.float32)  # [ng, N]
+    s = scale.index_select(0, layout.group).to(torch.float32)
+    top = (1 << 4) - 1
+    # A whole-number shift (codes stay integers); any fractional rest of z goes to the float zero.
+    d = torch.minimum(torch.maximum(torch.round(8 - z), -qmin.float()), top - qmax.float())
+    d = torch.where(qmin > qmax, 0.0, d)  # an all-padding group (cannot happen; keeps it finite)
+    del qmin, qmax
+    q4 = (Qk + d.T.to(Q.dtype).unsqueeze(-1)).view(N, kp)
+    q4 = torch.where(real.view(1, kp), q4, 8)
+    zf = (8 - z - d) * s
+    del Qk, Qe
+    n_pad = (-N) % N_ALIGN
+    if n_pad:  # zero rows: code 8, scale 0, zero 0 -> weight exactly 0; the output is sliced
+        q4 = torch.cat([q4, torch.full((n_pad, kp), 8, dtype=q4.dtype)])
+        s = torch.cat([s, torch.zeros(ng, n_pad)], 1)
+        zf = torch.cat([zf, torch.zeros(ng, n_pad)], 1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32).contiguous(), 1)
+    sz = torch.stack([s, zf], dim=-1).to(torch.bfloat16).contiguous()
+    return packed, sz
+
+
+class Int4Linear(nn.Module):
+    """``y = x W^T + b`` with W in torch's CPU int4 layout; computes in bf16."""
+
+    def __init__(self, in_features: int, out_features: int, layout: _Layout, packed: torch.Tensor,
+                 scale_zeros: torch.Tensor, bias: torch.Tensor | None, bits: int):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.kg, self.mode, self.pad = layout.kg, layout.mode, layout.pad
+        self.n_pad = packed.shape[0] - out_features
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("scale_zeros", scale_zeros)
+        index = layout.src if layout.mode in ("perm", "gather") else None
+        self.register_buffer("index", index)
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    @classmethod
+    def from_gptq(cls, m: GPTQLinear) -> Int4Linear:
+        if m.bits > 4:
+            raise ValueError(f"Int4Linear holds at most 4-bit codes, got {m.bits}")
+        Q, zeros = m.codes()
+        layout = _int4_layout(m.g_idx, m.in_features)
+        packed, sz = _int4_params(Q, m.scales, zeros, layout, m.bits)
+        return cls(m.in_features, m.out_features, layout, packed, sz, m.bias, m.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, lead = x.dtype, x.shape[:-1]
+        x = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        x = _prepare_input(x, self.mode, self.index, self.pad)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_packed, self.kg, self.scale_zeros)
+        if self.n_pad:
+            y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, kernel_group={self.kg}, "
+                f"input={self.mode}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Int8Linear: per-channel 8-bit on _weight_int8pack_mm
+# ---------------------------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """``y = x W^T + b`` with ``W = (w8 + c) * s`` per output row, ``w8`` int8.
+
+    The kernel knows only symmetric per-channel ``w8 * s``. GPTQ's ``(q - z) * s`` becomes
+    ``(q - 128) * s + (128 - z) * s``: the second term is one number per row, so its product
+    is ``sum(x) * (128 - z) * s``, one reduction per call (kept in fp32; skipped when every
+    ``z`` is 128, i.e. symmetric checkpoints).
+    """
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())
+        self.register_buffer("offset", None if offset is None else offset.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    @classmethod
+    def from_gptq(cls, m: GPTQLinear) -> Int8Linear:
+        if m.bits != 8 or m.scales.shape[0] != 1:
+            raise ValueError("Int8Linear needs 8-bit codes with one group (per-channel)")
+        Q, zeros = m.codes()
+        w8 = (Q - 128).to(torch.int8)
+        z = zeros[0].float()
+        s = m.scales[0].float()
+        offset = None if bool((z == 128).all()) else (128 - z) * s
+        return cls(w8, s, offset, m.bias)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        """Symmetric per-channel RTN of a float weight (for a float lm_head; lossy, ~0.4% of the row max)."""
+        w = weight.detach().float()
+        s = w.abs().amax(1).clamp(min=1e-12) / 127
+        w8 = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        # Round the scale to bf16 first so the codes are chosen for the scale the kernel uses.
+        return cls(w8, s.to(torch.bfloat16), None, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, lead = x.dtype, x.shape[:-1]
+        x = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        if self.offset is not None:
+            y = (y.float() + x.sum(-1, keepdim=True, dtype=torch.float32) * self.offset).to(torch.bfloat16)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits=8, per_channel"
+
+
+# ---------------------------------------------------------------------------------------------
+# Int8x2Linear: grouped 8-bit as two 4-bit halves
+# ---------------------------------------------------------------------------------------------
+
+
+class Int8x2Linear(nn.Module):
+    """Grouped 8-bit: ``q = 16 hi + lo`` so ``(q - z) s = (hi - 8) 16s + (lo - 8) s + (136 - z) s``.
+
+    Two int4 kernel calls on the same (permuted/padded) activation; 1 byte per weight, no
+    float copy. ``_weight_int8pack_mm`` cannot do it: it takes one scale per output row.
+    """
+
+    def __init__(self, hi: Int4Linear, lo: Int4Linear):
+        super().__init__()
+        self.hi, self.lo = hi, lo
+        self.in_features, self.out_features = hi.in_features, hi.out_features
+
+    @classmethod
+    def from_gptq(cls, m: GPTQLinear) -> Int8x2Linear:
+        if m.bits != 8:
+            raise ValueError(f"Int8x2Linear needs 8-bit codes, got {m.bits}")
+        Q, zeros = m.codes()
+        layout = _int4_layout(m.g_idx, m.in_features)
+        s = m.scales.float()
+        # hi half carries the whole zero: lo's zero is 8 (so its kernel zero is exactly 0).
+        packed_hi, sz_hi = _int4_params(Q >> 4, s * 16, (zeros.float() - 8) / 16, layout, 4)
+        packed_lo, sz_lo = _int4_params(Q & 15, s, torch.full_like(s, 8.0), layout, 4)
+        hi = Int4Linear(m.in_features, m.out_features, layout, packed_hi, sz_hi, m.bias, 8)
+        lo = Int4Linear(m.in_features, m.out_features, layout, packed_lo, sz_lo, None, 8)
+        return cls(hi, lo)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, lead = x.dtype, x.shape[:-1]
+        x = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        x = _prepare_input(x, self.hi.mode, self.hi.index, self.hi.pad)
+        op = torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = op(x, self.hi.weight_packed, self.hi.kg, self.hi.scale_zeros)
+        y = y + op(x, self.lo.weight_packed, self.lo.kg, self.lo.scale_zeros)
+        if self.hi.n_pad:
+            y = y[:, : self.out_features]
+        if self.hi.bias is not None:
+            y = y + self.hi.bias
+        return y.reshape(*lead, self.out_features).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The swap
+# ---------------------------------------------------------------------------------------------
+
+
+def dense_linear(m: GPTQLinear, dtype: torch.dtype) -> nn.Linear:
+    """The fallback: dequantize once into an ordinary ``nn.Linear`` of ``dtype``."""
+    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+    lin.weight = nn.Parameter(m.dequantized_weight(dtype), requires_grad=False)
+    if m.bias is not None:
+        lin.bias = nn.Parameter(m.bias.to(dtype), requires_grad=False)
+    return lin
+
+
+def fast_module(m: GPTQLinear, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The fastest correct replacement for one ``GPTQLinear``."""
+    if m.bits <= 4 and int4_available():
+        return Int4Linear.from_gptq(m)
+    if m.bits == 8 and m.scales.shape[0] == 1 and int8_available():
+        return Int8Linear.from_gptq(m)
+    if m.bits == 8 and int4_available():
+        return Int8x2Linear.from_gptq(m)
+    return dense_linear(m, dtype)
+
+
+HEADS = ("keep", "int8")
+
+
+def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str = "keep") -> nn.Module:
+    """Swap every ``GPTQLinear`` of ``model`` for a fast kernel module and cast the rest to ``dtype``.
+
+    In place (returns ``model``). Each layer is converted and its GPTQ buffers dropped before
+    the next, so the peak is one layer's temporaries, never a second model. The float
+    parameters (embeddings, norms, float linears) become ``dtype``; computed buffers such as
+    rotary frequencies stay as they are (the model computes them in fp32 on purpose).
+
+    ``head="int8"`` also quantizes a float ``lm_head`` per channel to int8 (lossy, like
+    llama.cpp, which keeps its output matrix at 6-8 bits): it is the largest matrix of a small
+    model, a fifth of SmolLM2-135M, and in bf16 it dominates the decode time.
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    names = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
+    for name in names:
+        old = model.get_submodule(name)
+        set_module(model, name, fast_module(old, dtype))
+        del old  # the last reference: its packed buffers are freed here
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    if head == "int8":
+        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(lm_head, nn.Linear):
+            name = next(n for n, m in model.named_modules() if m is lm_head)
+            set_module(model, name, Int8Linear.from_float(lm_head.weight, lm_head.bias))
+    if hasattr(model, "config"):
+        model.config.dtype = dtype
+    return model
+
+
+def module_summary(model: nn.Module) -> dict[str, int]:
+    """How many linear modules of each kind the model holds (for logs and tests)."""
+    kinds = (GPTQLinear, Int4Linear, Int8Linear, Int8x2Linear, nn.Linear)
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        for k in kinds:
+            if isinstance(m, k):
+                counts[k.__name__] = counts.get(k.__name__, 0) + 1
+                break
+    return counts
