@@ -13,12 +13,12 @@ Nothing here knows about models or hooks; the driver in ``sequential.py`` feeds 
 
 from __future__ import annotations
 
-import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from ..grid import find_params, maxq_for, quantize, quantize_rtn
+from ..grid import find_params, maxq_for, quantize_rtn
 
 
 def accumulate_hessian(H: torch.Tensor, nsamples: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -31,8 +31,7 @@ def accumulate_hessian(H: torch.Tensor, nsamples: int, X: torch.Tensor) -> tuple
     n = X.shape[0]
     H.mul_(nsamples / (nsamples + n))
     nsamples += n
-    X = X.mul(math.sqrt(2 / nsamples))
-    H.addmm_(X.T, X)
+    H.addmm_(X.T, X, alpha=2 / nsamples)  # the scaling rides on the GEMM instead of a copy of X
     return H, nsamples
 
 
@@ -57,6 +56,18 @@ class GPTQResult:
         return (self.Q.float() - self.zeros[g].T.float()) * self.scales[g].T
 
 
+@contextmanager
+def _one_thread():
+    """Run the per-column loop on one thread: its ops are tiny vectors, and handing each to a
+    thread pool costs more than the work (measured 10-20x slower with 2 threads on 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _inverse_cholesky(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
     """Upper Cholesky factor of (H + damp I)^-1, raising the damping until H is positive definite.
 
@@ -65,13 +76,17 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
     """
     mean_diag = torch.mean(torch.diag(H))
     eye = torch.eye(H.shape[0], dtype=H.dtype)
+    flip = torch.arange(H.shape[0] - 1, -1, -1)
     percent = damp_percent
     for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(H + percent * mean_diag * eye)
+        # chol(H^-1) without forming H^-1: with J the reversal, J H J = L L^T gives
+        # H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular. One Cholesky and one
+        # triangular solve instead of Cholesky, cholesky_inverse and a second Cholesky (~2.5x faster).
+        Hd = H + percent * mean_diag * eye
+        L, info = torch.linalg.cholesky_ex(Hd[flip][:, flip])
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0 and torch.isfinite(U).all():
+            U = torch.linalg.solve_triangular(L, eye, upper=False)[flip][:, flip]
+            if bool(torch.isfinite(U.diagonal()).all()):
                 return U, percent
         percent = min(percent * 2, 1.0)
     return None, percent
@@ -95,7 +110,7 @@ def gptq_quantize(
     H = H.detach().clone().float()
     rows, columns = W.shape
 
-    if not torch.isfinite(H).all():
+    if not bool(torch.isfinite(H.sum())):
         return _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, "Hessian is not finite")
 
     # Dead inputs (always zero in calibration) carry no information: fix their diagonal so H
@@ -140,7 +155,7 @@ def gptq_quantize(
         return _rtn_fallback(W[:, torch.argsort(perm)], bits, group_size, sym, mse, used_damp,
                              "Cholesky failed even at 100% damping")
 
-    Qint = torch.zeros(rows, columns, dtype=torch.int32)
+    Qint = torch.zeros(rows, columns)
     Losses = torch.zeros(rows, columns)
     grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(enumerate(static)) if static else {}
     if group_size == -1:
@@ -149,35 +164,41 @@ def gptq_quantize(
 
     for i1 in range(0, columns, block_size):  # lazy batch updates (paper Sec. 4, "Lazy Batch-Updates")
         i2 = min(i1 + block_size, columns)
-        W1 = W[:, i1:i2].clone()
+        # The block is held transposed ([columns, rows]) so that each column, and each rank-1
+        # update of the columns after it, is one contiguous run of memory.
+        W1 = W[:, i1:i2].T.clone()
+        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = int(gid[col])
-            if g != current:
-                current = g
-                if g not in grids:
-                    # A new group's grid comes from its columns as updated so far.
-                    size = int((gid == g).sum())
-                    grids[g] = params(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :size])
-            scale, zero = grids[g]
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q_int = quantize(w[:, None], scale, zero, maxq)
-            q = (scale * (q_int - zero))[:, 0]
-            Qint[:, col] = q_int[:, 0].to(torch.int32)
-            Losses[:, col] = (w - q) ** 2 / d**2 / 2
-            err1 = (w - q) / d
-            # OBS update of the not-yet-quantized columns of this block (paper eq. 3).
-            W1[:, i:] -= err1[:, None] @ Hinv1[i, i:][None, :]
-            Err1[:, i] = err1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        with _one_thread():
+            for i in range(i2 - i1):
+                g = int(gid[i1 + i])
+                if g != current:
+                    current = g
+                    if g not in grids:
+                        # A new group's grid comes from its columns as updated so far.
+                        size = int((gid == g).sum())
+                        ahead = W1[i:i + size].T
+                        if ahead.shape[1] < size:
+                            ahead = torch.cat([ahead, W[:, i2:i2 + size - ahead.shape[1]]], dim=1)
+                        grids[g] = params(ahead)
+                    scale, zero = grids[g][0][:, 0], grids[g][1][:, 0]
+                # The hot loop (one iteration per input column): few ops, in place.
+                w = W1[i]
+                q = torch.div(w, scale).round_().add_(zero).clamp_(0, maxq)
+                Q1[i] = q
+                err1 = q.sub_(zero).mul_(scale).neg_().add_(w).div_(Hinv1[i, i])  # (w - dequant(q)) / d
+                # OBS update of the not-yet-quantized columns of this block (paper eq. 3).
+                W1[i:].addr_(Hinv1[i, i:], err1, alpha=-1)
+                Err1[i] = err1
+        Qint[:, i1:i2] = Q1.T
+        Losses[:, i1:i2] = Err1.T.square() / 2
+        W[:, i2:] -= Err1.T @ Hinv[i1:i2, i2:]
 
     invperm = torch.argsort(perm)
     ngroups = len(grids)
     return GPTQResult(
-        Q=Qint[:, invperm].contiguous(),
+        Q=Qint[:, invperm].to(torch.int32).contiguous(),
         scales=torch.stack([grids[g][0][:, 0] for g in range(ngroups)]),
         zeros=torch.stack([grids[g][1][:, 0] for g in range(ngroups)]).to(torch.int32),
         g_idx=g_idx.to(torch.int32),
