@@ -8,6 +8,8 @@ every bit width; faster kernels swap in at load time without changing the buffer
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ class GPTQLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
+        self._decoded: torch.Tensor | None = None  # set only inside ``decoded_weights``
 
     @classmethod
     def from_codes(
@@ -79,7 +82,26 @@ class GPTQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        W = self._decoded if self._decoded is not None else self.dequantized_weight(x.dtype)
+        return F.linear(x, W.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+@contextmanager
+def decoded_weights(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[nn.Module]:
+    """Decode every ``GPTQLinear`` weight once and compute with it until the block ends.
+
+    The numbers are exactly those of the reference path (same decoded weight), without paying
+    the decode on every forward: for long evaluations. Costs a float copy of the weights while
+    active, so memory measurements belong outside this block.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
+    try:
+        for m in layers:
+            m._decoded = m.dequantized_weight(dtype)
+        yield model
+    finally:
+        for m in layers:
+            m._decoded = None

@@ -80,3 +80,17 @@ def test_partial_last_group(tmp_path):
     loaded, _ = load(str(tmp_path))
     with torch.inference_mode():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=2e-2, atol=2e-2)
+
+
+def test_decoded_weights_give_identical_outputs():
+    from llmslim.nn import decoded_weights
+
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, 320, (2, 16))
+    quantize(model, RTNConfig(bits=3, group_size=32))
+    with torch.inference_mode():
+        ref = model(ids).logits
+        with decoded_weights(model):
+            fast = model(ids).logits
+        assert all(m._decoded is None for m in model.modules() if isinstance(m, GPTQLinear))
+    assert torch.equal(ref, fast)
