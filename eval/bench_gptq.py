@@ -53,6 +53,7 @@ def run_one(row: str, calib_file: Path, windows: int, seqlen: int) -> dict:
     from llmslim.data import eval_text
     from llmslim.load import load
     from llmslim.metrics.ppl import perplexity
+    from llmslim.nn import decoded_weights
     from llmslim.quant.api import quantize
 
     model, tok = load("smollm2-135m")
@@ -64,9 +65,10 @@ def run_one(row: str, calib_file: Path, windows: int, seqlen: int) -> dict:
         t0 = time.perf_counter()
         quantize(model, config, calib if method == "gptq" else None)
         seconds = time.perf_counter() - t0
-    rss = vm_hwm()
-    r = perplexity(model, tok, eval_text("wiki"), method="gptq", seqlen=seqlen, max_tokens=windows * seqlen,
-                   progress=False)
+    rss = vm_hwm()  # before decoding weights for the evaluation below
+    with decoded_weights(model):
+        r = perplexity(model, tok, eval_text("wiki"), method="gptq", seqlen=seqlen, max_tokens=windows * seqlen,
+                       progress=False)
     return {"row": row, "ppl": r["perplexity"], "tokens": r.get("tokens_scored"), "seconds": seconds,
             "peak_rss": rss, "load": os.getloadavg()[0]}
 
