@@ -69,6 +69,8 @@ def add_quantize(sub) -> None:
                    help="only quantize linears whose full name matches (repeatable), e.g. '*.mlp.*'")
     f.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never quantize these (repeatable)")
     f.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (off by default)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept .bin (pickle) weights; only for files you trust (safetensors are always preferred)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=cmd_quantize)
@@ -88,7 +90,7 @@ def cmd_quantize(args) -> int:
         config = RTNConfig(**common)
     calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
     s = quantize_to_folder(args.model, args.out, config, calib, force=args.force, resume=args.resume,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, allow_pickle=args.allow_pickle)
     before = f"{s['bytes_before'] / 2**20:.1f} MiB" if s["bytes_before"] else "n/a"
     print(f"\n{s['method']} {config.bits}-bit g{config.group_size} {'sym' if config.sym else 'asym'}: "
           f"{len(s['layers'])} layers quantized, {len(s['skipped'])} kept in float, {s['seconds']:.0f} s")

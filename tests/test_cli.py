@@ -147,3 +147,5 @@ def test_corrupt_weights_and_pickle_refused(tiny_folder, tmp_path):
     make_tiny_model("llama").save_pretrained(src2, safe_serialization=False)
     r = run("quantize", src2, "--out", tmp_path / "o", "--method", "rtn")
     assert r.returncode == 2 and "pickle" in r.stderr, r.stderr
+    assert main(["quantize", str(src2), "--out", str(tmp_path / "o"), "--method", "rtn", "--group-size", "32",
+                 "--allow-pickle"]) == 0

@@ -134,6 +134,7 @@ def quantize_to_folder(
     force: bool = False,
     resume: bool = False,
     batch_size: int | None = None,
+    allow_pickle: bool = False,
 ) -> dict:
     """Load ``source``, quantize it, write a GPTQ checkpoint to ``out`` (atomically). Returns a summary."""
     from ..data import calibration_tokens
@@ -150,7 +151,7 @@ def quantize_to_folder(
         from ..data import load_documents
 
         load_documents((calib or CalibConfig()).dataset, "calib", (calib or CalibConfig()).text_field)  # fail fast
-    model, tokenizer = load(source)
+    model, tokenizer = load(source, allow_pickle=allow_pickle)
     if getattr(model.config, "quantization_config", None):
         raise UserError(f"{source} is already quantized; quantize the original float model")
     tokens = None
