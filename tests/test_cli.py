@@ -144,7 +144,9 @@ def test_corrupt_weights_and_pickle_refused(tiny_folder, tmp_path):
     (src2 / "model.safetensors").unlink()
     from tests.conftest import make_tiny_model
 
-    make_tiny_model("llama").save_pretrained(src2, safe_serialization=False)
+    import torch
+
+    torch.save(make_tiny_model("llama").state_dict(), src2 / "pytorch_model.bin")
     r = run("quantize", src2, "--out", tmp_path / "o", "--method", "rtn")
     assert r.returncode == 2 and "pickle" in r.stderr, r.stderr
     assert main(["quantize", str(src2), "--out", str(tmp_path / "o"), "--method", "rtn", "--group-size", "32",
