@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 
 import pytest
 
@@ -55,6 +56,9 @@ def test_write_json_is_atomic_and_readable(tmp_path):
     write_json(path, result("a", 10, ppl=5.0))
     assert read_result(path)["perplexity"]["perplexity"] == 5.0
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temp file left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # permissions like any new file, not mkstemp's 0600
 
 
 @pytest.mark.parametrize("content, message", [
