@@ -94,7 +94,8 @@ def compare_markdown(results: list[dict]) -> str:
         task_names += [t["task"] for t in r.get("tasks", []) if t["task"] not in task_names]
     has_kl = any((r.get("perplexity") or {}).get("divergence") for r in results)
     has_speed = any(r.get("speed") for r in results)
-    head = ["model", "size (MB)"] + (["perplexity"] if setups else [])
+    mixed = len(setups) > 1
+    head = ["model", "size (MB)"] + (["perplexity"] if setups else []) + (["perplexity setup"] if mixed else [])
     head += ["KL", "top-1 agree"] if has_kl else []
     head += [f"{n} acc" for n in task_names]
     head += ["prefill tok/s", "decode tok/s"] if has_speed else []
@@ -105,6 +106,7 @@ def compare_markdown(results: list[dict]) -> str:
         tasks = {t["task"]: t for t in r.get("tasks", [])}
         cells = [r["name"], _num(size_mb(r), 1)]
         cells += [_num(ppl.get("perplexity"), 3)] if setups else []
+        cells += [ppl_setup(ppl) if ppl else "-"] if mixed else []
         cells += [_num(div.get("kl_mean"), 4), _num(div.get("top1_agreement"), 4)] if has_kl else []
         cells += [_task_cell(tasks[n]) if n in tasks else "-" for n in task_names]
         sp = r.get("speed") or {}
@@ -132,12 +134,16 @@ def plot_quality_vs_size(results: list[dict], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     panels = []
-    if any(r.get("perplexity") for r in results):
-        panels.append(("perplexity (lower is better)", lambda r: (r.get("perplexity") or {}).get("perplexity")))
-    if any(r.get("tasks") for r in results):
-        panels.append(("mean task accuracy (higher is better)", _mean_acc))
+    setups = {ppl_setup(r["perplexity"]) for r in results if r.get("perplexity")}
+    if setups:
+        what = setups.pop() if len(setups) == 1 else "MIXED SETUPS, not comparable"
+        panels.append((f"perplexity (lower is better)\n{what}", lambda r: (r.get("perplexity") or {}).get("perplexity")))
+    common = _common_tasks(results)
+    if common:
+        label = ", ".join(common) if len(common) <= 2 else f"{len(common)} tasks"
+        panels.append((f"mean accuracy (higher is better)\n{label}", lambda r: _mean_acc(r, common)))
     if not panels:
-        raise UserError("the results have neither perplexity nor task accuracy to plot")
+        raise UserError("the results have neither perplexity nor a task they all share to plot")
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--plot {path} is a folder; give a file name such as quality_vs_size.png")
@@ -147,6 +153,7 @@ def plot_quality_vs_size(results: list[dict], path: str | Path) -> Path:
         ax.scatter([p[0] for p in points], [p[1] for p in points])
         for x, y, name in points:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlim(left=0)  # sizes relative to zero show the real saving
         ax.set_xlabel("size (MB)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
@@ -164,9 +171,15 @@ def size_mb(result: dict) -> float | None:
     return b / 1e6 if b else None
 
 
-def _mean_acc(result: dict) -> float | None:
-    accs = [t["acc"] for t in result.get("tasks", [])]
-    return sum(accs) / len(accs) if accs else None
+def _common_tasks(results: list[dict]) -> list[str]:
+    """Tasks every result with tasks has: a mean over different task sets compares nothing."""
+    sets = [[t["task"] for t in r["tasks"]] for r in results if r.get("tasks")]
+    return [n for n in sets[0] if all(n in s for s in sets[1:])] if sets else []
+
+
+def _mean_acc(result: dict, tasks: list[str]) -> float | None:
+    accs = [t["acc"] for t in result.get("tasks", []) if t["task"] in tasks]
+    return sum(accs) / len(accs) if len(accs) == len(tasks) else None
 
 
 def _task_cell(t: dict) -> str:

@@ -86,7 +86,8 @@ def test_compare_renders_one_table():
 
 def test_compare_warns_when_perplexities_are_not_comparable():
     table = compare_markdown([result("a", 1e6, 10.0), result("b", 1e6, 11.0, setup=("sliding", 1024))])
-    assert "not comparable" in table
+    assert "not comparable" in table and "| perplexity setup |" in table
+    assert "| sliding wiki seqlen=1024 stride=1024 no-BOS |" in table
 
 
 def test_plot_is_a_png_written_by_matplotlib(tmp_path):
