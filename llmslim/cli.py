@@ -11,7 +11,7 @@ import sys
 
 from .errors import UserError
 
-QUANT_METHODS = ("rtn", "gptq")
+QUANT_METHODS = ("gptq", "rtn", "nf4", "fp4", "int8")
 
 
 def _positive_int_or_minus_one(text: str) -> int:
@@ -25,9 +25,10 @@ def _positive_int_or_minus_one(text: str) -> int:
 def add_quantize(sub) -> None:
     p = sub.add_parser(
         "quantize",
-        help="quantize a model to a GPTQ-format checkpoint (RTN or GPTQ)",
-        description="Quantize a Hugging Face causal LM and write a standard GPTQ v1 checkpoint "
-        "(loads in vLLM, transformers+gptqmodel, AutoGPTQ, and llmslim).",
+        help="quantize a model: GPTQ/RTN (GPTQ v1 checkpoint) or bitsandbytes nf4/fp4/int8",
+        description="Quantize a Hugging Face causal LM. gptq/rtn write a standard GPTQ v1 checkpoint "
+        "(loads in vLLM, transformers+gptqmodel, AutoGPTQ, and llmslim); nf4/fp4/int8 write a serialized "
+        "bitsandbytes checkpoint (loads in transformers and llmslim; needs pip install 'llmslim[bnb]').",
         epilog="examples:\n  llmslim quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out out/smol-g64\n"
         "  llmslim quantize ./my-model --method rtn --bits 8 --group-size -1 --out out/rtn8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -35,6 +36,11 @@ def add_quantize(sub) -> None:
     p.add_argument("model", help="hub id (org/name), local HF folder, .gguf file, or alias smollm2-135m")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--method", choices=QUANT_METHODS, default="gptq", help="quantization method (default gptq)")
+    b = p.add_argument_group("bitsandbytes (--method nf4|fp4|int8)")
+    b.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize the absmax constants too")
+    b.add_argument("--compute-dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
+                   help="nf4/fp4 compute dtype (default bf16: the fast path on CPU)")
+    b.add_argument("--int8-threshold", type=float, default=6.0, help="int8: LLM.int8 outlier threshold (default 6.0)")
     g = p.add_argument_group("grid")
     g.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     g.add_argument("--group-size", type=_positive_int_or_minus_one, default=128,
@@ -81,6 +87,8 @@ def cmd_quantize(args) -> int:
     from .quant.api import quantize_to_folder
 
     layers = LayerFilter(tuple(args.include), tuple(args.exclude), args.quantize_lm_head)
+    if args.method in ("nf4", "fp4", "int8"):
+        return _quantize_bnb(args, layers)
     common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse, layers=layers)
     if args.method == "gptq":
         config = GPTQConfig(**common, desc_act=args.desc_act, static_groups=args.static_groups,
@@ -93,6 +101,19 @@ def cmd_quantize(args) -> int:
                            batch_size=args.batch_size, allow_pickle=args.allow_pickle)
     before = f"{s['bytes_before'] / 2**20:.1f} MiB" if s["bytes_before"] else "n/a"
     print(f"\n{s['method']} {config.bits}-bit g{config.group_size} {'sym' if config.sym else 'asym'}: "
+          f"{len(s['layers'])} layers quantized, {len(s['skipped'])} kept in float, {s['seconds']:.0f} s")
+    print(f"size on disk: {before} -> {s['bytes_after'] / 2**20:.1f} MiB   written to {args.out}")
+    return 0
+
+
+def _quantize_bnb(args, layers) -> int:
+    from .config import BnbConfig
+    from .quant.bnb import quantize_bnb_to_folder
+
+    config = BnbConfig(args.method, args.double_quant, args.compute_dtype, args.int8_threshold, layers)
+    s = quantize_bnb_to_folder(args.model, args.out, config, force=args.force)
+    before = f"{s['bytes_before'] / 2**20:.1f} MiB" if s.get("bytes_before") else "n/a"
+    print(f"\nbitsandbytes {args.method}{' +double-quant' if args.double_quant else ''}: "
           f"{len(s['layers'])} layers quantized, {len(s['skipped'])} kept in float, {s['seconds']:.0f} s")
     print(f"size on disk: {before} -> {s['bytes_after'] / 2**20:.1f} MiB   written to {args.out}")
     return 0

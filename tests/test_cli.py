@@ -142,12 +142,23 @@ def test_corrupt_weights_and_pickle_refused(tiny_folder, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     src2 = tiny_folder("llama", name="pickled")
     (src2 / "model.safetensors").unlink()
-    from tests.conftest import make_tiny_model
-
     import torch
+
+    from tests.conftest import make_tiny_model
 
     torch.save(make_tiny_model("llama").state_dict(), src2 / "pytorch_model.bin")
     r = run("quantize", src2, "--out", tmp_path / "o", "--method", "rtn")
     assert r.returncode == 2 and "pickle" in r.stderr, r.stderr
     assert main(["quantize", str(src2), "--out", str(tmp_path / "o"), "--method", "rtn", "--group-size", "32",
                  "--allow-pickle"]) == 0
+
+
+def test_bnb_methods_through_the_cli(tiny_folder, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    src = tiny_folder("llama")
+    out = tmp_path / "nf4"
+    assert main(["quantize", str(src), "--method", "nf4", "--double-quant", "--out", str(out)]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["bnb_4bit_use_double_quant"] is True
+    r = run("quantize", src, "--method", "int8", "--double-quant", "--out", tmp_path / "bad")
+    assert r.returncode == 2 and "double-quant" in r.stderr and not (tmp_path / "bad").exists()
