@@ -99,6 +99,10 @@ def cmd_eval(args) -> int:
         text = eval_text(args.ppl, text_field=args.text_field)  # before loading: a bad source fails fast
         if not text.strip():
             raise UserError(f"--ppl {args.ppl} has no text")
+    from .tasks import get_task
+
+    # Fetch task data (hub tasks may be unreachable) before minutes go into loading models.
+    task_docs = {name: get_task(name).load(args.limit) for name in tasks}
     from ..load import load
     from .efficiency import peak_rss_bytes
     from .report import format_result, write_json
@@ -110,7 +114,7 @@ def cmd_eval(args) -> int:
     result = evaluate(
         model, tokenizer, args.model, ppl_text=text, ppl_source=args.ppl, ppl_method=args.ppl_method,
         seqlen=args.seqlen, stride=args.stride, add_bos=args.bos, ppl_tokens=args.ppl_tokens,
-        baseline=baseline, baseline_source=args.baseline, tasks=tasks, limit=args.limit,
+        baseline=baseline, baseline_source=args.baseline, tasks=tasks, limit=args.limit, task_docs=task_docs,
         measure_speed=args.speed, peak_rss=peak, token_budget=args.batch_tokens, name=args.name,
         progress=not args.no_progress,
     )

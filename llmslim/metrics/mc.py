@@ -106,13 +106,17 @@ def evaluate_task(
     limit: int | None = None,
     token_budget: int = TOKEN_BUDGET,
     progress: bool = True,
+    docs: list[Doc] | None = None,
 ) -> dict:
-    """Run one named task (``available_tasks()``); ``limit`` keeps its first N examples."""
+    """Run one named task (``available_tasks()``); ``limit`` keeps its first N examples.
+
+    ``docs``: the task's examples if already loaded (the CLI fetches hub tasks before the model).
+    """
     if limit is not None and limit <= 0:
         raise UserError(f"--limit must be positive, got {limit}")
     task = get_task(task) if isinstance(task, str) else task
     started = time.perf_counter()
-    docs = task.load(limit)
+    docs = task.load(limit) if docs is None else docs
     out = {"task": task.name, "source": task.source, "formulation": task.formulation, "limit": limit}
     out.update(evaluate_docs(model, tokenizer, docs, task.kind, token_budget, progress, desc=task.name))
     out["seconds"] = round(time.perf_counter() - started, 2)

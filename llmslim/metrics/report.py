@@ -7,7 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, missing_extra
 
 FORMAT = "llmslim-eval/1"
 
@@ -128,7 +128,10 @@ def compare_markdown(results: list[dict]) -> str:
 
 def plot_quality_vs_size(results: list[dict], path: str | Path) -> Path:
     """A PNG with one panel per quality measure (perplexity, mean task accuracy) against size."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise missing_extra("matplotlib", "eval") from None
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt

@@ -13,6 +13,7 @@ from .mc import evaluate_task
 from .ppl import perplexity
 from .report import FORMAT
 from .scoring import TOKEN_BUDGET, model_context
+from .tasks import Doc
 
 
 def evaluate(
@@ -30,6 +31,7 @@ def evaluate(
     baseline_source: str | None = None,
     tasks: list[str] = (),
     limit: int | None = None,
+    task_docs: dict[str, list[Doc]] | None = None,
     measure_speed: bool = False,
     peak_rss: int | None = None,
     token_budget: int = TOKEN_BUDGET,
@@ -38,7 +40,8 @@ def evaluate(
 ) -> dict:
     """Size always; perplexity (+ divergence from ``baseline``) if ``ppl_text``; each task; speed.
 
-    ``source`` is what the model was loaded from (for its size on disk and the record).
+    ``source`` is what the model was loaded from (for its size on disk and the record);
+    ``task_docs`` maps task names to examples already loaded with ``limit``.
     """
     result = {
         "format": FORMAT,
@@ -58,7 +61,9 @@ def evaluate(
         ppl = perplexity(model, tokenizer, ppl_text, ppl_method, seqlen, stride, add_bos, ppl_tokens,
                          baseline, token_budget, progress)
         result["perplexity"] = {"source": ppl_source, **ppl}
-    result["tasks"] = [evaluate_task(model, tokenizer, t, limit, token_budget, progress) for t in tasks]
+    task_docs = task_docs or {}
+    result["tasks"] = [evaluate_task(model, tokenizer, t, limit, token_budget, progress, task_docs.get(t))
+                       for t in tasks]
     if measure_speed:
         context = model_context(model)  # 128 + 32 tokens, or less for a model with a tiny context
         result["speed"] = speed(model, prompt_tokens=min(128, context // 2), new_tokens=min(32, context // 4))
