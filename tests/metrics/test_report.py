@@ -170,3 +170,16 @@ def test_compare_missing_file(tmp_path):
     args = parse(["compare", str(tmp_path / "missing.json")])
     with pytest.raises(UserError, match="does not exist"):
         args.func(args)
+
+
+def test_unreachable_hub_task_fails_before_loading(monkeypatch, fake_load):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    args = parse(["eval", "tiny", "--tasks", "hellaswag", "--limit", "3"])
+    with pytest.raises(UserError, match="needs the hub"):
+        args.func(args)
+    assert fake_load == []
