@@ -70,7 +70,8 @@ def perplexity(
         raise UserError(f"--ppl-tokens must be at least 2, got {max_tokens}")
     seqlen = resolve_seqlen(model, seqlen)
     bos = _special(tokenizer, "bos") if add_bos and method != "rolling" else None
-    tokens = encode(tokenizer, text, add_special_tokens=method == "rolling")[:max_tokens]
+    all_tokens = encode(tokenizer, text, add_special_tokens=method == "rolling")
+    tokens = all_tokens[:max_tokens]
     if baseline is not None:
         check_same_tokenizer(tokenizer, baseline[1], text, tokens, method == "rolling")
 
@@ -97,7 +98,7 @@ def perplexity(
         perplexity=math.exp(nll / n), seconds=round(time.perf_counter() - started, 2),
     )
     if method == "rolling":
-        result.update(rolling_metrics(text if max_tokens is None else None, nll))
+        result.update(rolling_metrics(text if len(tokens) == len(all_tokens) else None, nll))
     if baseline is not None:
         result["divergence"] = {
             "kl_mean": math.fsum(s.kl for s in scores) / n,
