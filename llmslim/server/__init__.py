@@ -1,0 +1,58 @@
+"""OpenAI-compatible serving: an embedded continuous-batching engine, or vLLM.
+
+``build(checkpoint, ...)`` loads a model and returns a ready ``(app, engine)``; the
+``llmslim serve`` command (``commands.py``) runs it under uvicorn. See serve/README.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("llmslim.server")
+
+
+def build(
+    checkpoint: str,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    max_model_len: int | None = None,
+    max_tokens_cap: int | None = None,
+    fast: bool = True,
+    batched: bool = True,
+    model=None,
+    tokenizer=None,
+):
+    """Load ``checkpoint`` (or use ``model``/``tokenizer`` given) and wire engine and app.
+
+    The engine is started; stop it with ``engine.stop()`` when the server exits.
+    """
+    from .app import ServerState, create_app
+    from .engine import Engine
+
+    if model is None:
+        from ..load import load
+
+        model, tokenizer = load(checkpoint)
+    if fast:
+        model = accelerate(model)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                    max_model_len=max_model_len, batched=batched)
+    name = served_model_name or os.path.basename(os.path.normpath(checkpoint)) or checkpoint
+    names = [name] + ([checkpoint] if checkpoint != name else [])
+    state = ServerState(engine, tokenizer, names, api_key=api_key, max_tokens_cap=max_tokens_cap)
+    app = create_app(state)
+    engine.start()
+    return app, engine
+
+
+def accelerate(model):
+    """The fast CPU path (int4/int8 kernels, bf16) when llmslim.kernels provides it."""
+    try:
+        from ..kernels import accelerate as fast_path
+    except ImportError:  # the kernels module is optional; the reference path is always correct
+        log.warning("llmslim.kernels is not available; serving on the reference (float) path")
+        return model
+    return fast_path(model)

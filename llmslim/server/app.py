@@ -1,0 +1,248 @@
+"""The HTTP side: FastAPI app, OpenAI-shaped errors, API-key auth, and the small routes.
+
+``create_app`` wires an ``Engine`` to the routes. Completions and chat live in
+``completions.py``; this module holds what every route shares (``ServerState``, ``APIError``,
+tokenizer access) and the routes that need no engine step (models, tokenize, health, metrics).
+
+Every error leaves as ``{"error": {"message", "type", "param", "code"}}``, including
+validation errors (400, not FastAPI's 422), unknown routes and unexpected exceptions, so a
+client never has to parse two shapes, and a bad request never harms the engine thread.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .engine import Engine
+from .metrics import render
+from .schemas import ChatMessage, DetokenizeRequest, TokenizeRequest
+
+log = logging.getLogger("llmslim.server")
+
+MAX_BODY_BYTES = 32 * 2**20  # far above any prompt the context allows; refuses memory bombs early
+PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    tokenizer: object
+    model_names: list[str]  # the first is the served name; the others are accepted aliases
+    api_key: str | None = None
+    max_tokens_cap: int | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    http_errors: dict[int, int] = field(default_factory=dict)
+    token_lock: threading.Lock = field(default_factory=threading.Lock)
+    _token_text: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.model_names[0]
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model", "model_not_found")
+
+    # Tokenizer calls run in the threadpool (they can take a while on long prompts); a fast
+    # tokenizer is not safe to share between threads in every call, hence the lock.
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        with self.token_lock:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        with self.token_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token: int) -> str:
+        """One token as text, for log-probs (cached: the same ids come back all the time)."""
+        text = self._token_text.get(token)
+        if text is None:
+            with self.token_lock:
+                text = self.tokenizer.decode([token])
+            self._token_text[token] = text
+        return text
+
+    def apply_template(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        plain = [{"role": m.role, "content": _text_content(m)} | ({"name": m.name} if m.name else {})
+                 for m in messages]
+        try:
+            with self.token_lock:
+                text = self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja errors raised by the template itself ("roles must alternate")
+            raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
+        # The template writes any BOS itself; adding special tokens again would double it.
+        return self.encode(text, add_special_tokens=False)
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.engine.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param=param)
+
+
+def _text_content(m: ChatMessage) -> str:
+    if m.content is None or isinstance(m.content, str):
+        return m.content or ""
+    parts = []
+    for part in m.content:
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"only text content is supported, got a {part.type!r} part", param="messages")
+        parts.append(part.text)
+    return "\n".join(parts)
+
+
+class Guard:
+    """ASGI middleware: body size limit and API-key check, before any parsing happens.
+
+    Doing auth here (not as a route dependency) means a request without the key is refused
+    with 401 even when its body is malformed, and it costs no JSON parsing.
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        if self.state.api_key is not None and path.startswith(PROTECTED) and not self._authorized(headers):
+            return await self._reject(scope, send, 401, "Incorrect API key provided.", "invalid_api_key", "authentication_error")
+        length = headers.get("content-length", b"")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return await self._reject(scope, send, 413, f"request body over {MAX_BODY_BYTES} bytes", "request_too_large")
+        await self.app(scope, receive, send)
+
+    def _authorized(self, headers: dict[str, bytes]) -> bool:
+        scheme, _, token = headers.get("authorization", b"").partition(b" ")
+        # compare_digest on bytes: constant time, and no TypeError on non-ASCII input
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.state.api_key.encode())
+
+    async def _reject(self, scope: Scope, send: Send, status: int, message: str, code: str,
+                      type_: str = "invalid_request_error") -> None:
+        self.state.http_errors[status] = self.state.http_errors.get(status, 0) + 1
+        response = JSONResponse(error_body(message, type_, None, code), status_code=status)
+        await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> dict:
+    return {"type": "http.disconnect"}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    param = ".".join(loc) or None
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}", param
+
+
+def create_app(state: ServerState) -> FastAPI:
+    from .completions import router
+
+    app = FastAPI(title="llmslim", description="OpenAI-compatible server for llmslim models")
+    app.state.llmslim = state
+
+    def count(status: int) -> None:
+        state.http_errors[status] = state.http_errors.get(status, 0) + 1
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        count(exc.status)
+        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        count(400)
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, "BadRequestError", param, None), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        count(exc.status_code)
+        kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error in %s", request.url.path)
+        count(500)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "InternalServerError"), 500)
+
+    app.include_router(router)
+
+    @app.get("/health")
+    async def health():
+        if not state.engine.healthy:
+            raise APIError(503, f"engine down: {state.engine.error or 'not running'}", "server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        e = state.engine
+        text = render(e.stats, e.running, e.waiting, state.http_errors)
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(state, state.name)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        state.check_model(model_id)
+        return _model_card(state, model_id)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of `prompt` or `messages`")
+        if body.messages is not None:
+            ids = await run_in_threadpool(state.apply_template, body.messages, body.add_generation_prompt)
+        else:
+            special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = await run_in_threadpool(state.encode, body.prompt, special)
+        return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        state.check_model(body.model)
+        state.check_ids(body.tokens, "tokens")
+        return {"prompt": await run_in_threadpool(state.decode, body.tokens)}
+
+    app.add_middleware(Guard, state=state)
+    return app
+
+
+def _model_card(state: ServerState, name: str) -> dict:
+    return {"id": name, "object": "model", "created": state.created, "owned_by": "llmslim",
+            "root": state.model_names[-1], "max_model_len": state.engine.max_model_len}

@@ -1,0 +1,407 @@
+"""``POST /v1/completions`` and ``POST /v1/chat/completions``: requests in, engine events out.
+
+A handler turns the body into prompt token ids and ``SamplingParams``, submits one engine
+request per prompt, and then either collects every event into one JSON response or streams
+them as server-sent events ending with ``data: [DONE]``. Whatever way the handler ends
+(finished, error, client gone), unfinished engine requests are aborted, so a disconnected
+client frees its batch slots at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
+
+from .app import APIError, ServerState, error_body
+from .engine import Done, Event, Failed, LengthError, Output, PromptLogprobs, QueueFull
+from .sampling import SamplingParams, TopLogprobs
+from .schemas import ChatRequest, CompletionRequest
+
+router = APIRouter()
+
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks for its client
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
+
+
+def _lp(x: float) -> float:
+    return x if x > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Submission:
+    """The engine requests of one HTTP request, and their events on this event loop."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.rids: list[str] = []
+        self.ended: set[int] = set()
+        self.closed = False
+
+    def _sink(self, k: int) -> Callable[[Event], None]:
+        def put(event: Event) -> None:  # called on the engine thread
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (k, event))
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+        return put
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], param: str) -> None:
+        try:
+            for k, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+                self.rids.append(self.state.engine.submit(ids, p, self._sink(k)))
+        except QueueFull as e:
+            self.close()
+            raise APIError(503, str(e), "server_overloaded", None, "queue_full") from None
+        except LengthError as e:
+            self.close()
+            raise APIError(400, str(e), "BadRequestError", param, "context_length_exceeded") from None
+        except ValueError as e:
+            self.close()
+            raise APIError(400, str(e), "BadRequestError", param) from None
+
+    async def events(self, request: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
+        """Events until every request is done; with ``request``, stops if its client leaves."""
+        while len(self.ended) < len(self.rids):
+            try:
+                k, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S if request else None)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise ClientGone() from None
+                continue
+            if isinstance(event, Done | Failed):
+                self.ended.add(k)
+            yield k, event
+
+    def close(self) -> None:
+        """Abort whatever has not finished (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        for k, rid in enumerate(self.rids):
+            if k not in self.ended:
+                self.state.engine.abort(rid)
+
+
+class EngineStream(StreamingResponse):
+    """SSE response that notices a client disconnect even while no token is flowing.
+
+    Starlette, under ASGI spec 2.4, only learns of a disconnect when a send fails; a request
+    still waiting in the queue would then keep its place. Listening for ``http.disconnect``
+    alongside the stream, as Starlette does for older servers, ends it at once; ``on_close``
+    then aborts the engine requests.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client went away mid-write
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self.on_close()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _failure(event: Failed) -> APIError:
+    shutting = "shutting down" in event.message
+    return APIError(503 if shutting else 500, event.message, "server_error" if shutting else "InternalServerError")
+
+
+def _max_tokens(state: ServerState, requested: int | None, prompt_len: int, param: str) -> int:
+    """The request's max_tokens, or what is left of the context; over the server's cap -> 400."""
+    cap = state.max_tokens_cap
+    if requested is None:
+        left = max(state.engine.max_model_len - prompt_len, 0)
+        return min(left, cap) if cap else left
+    if cap and requested > cap:
+        raise APIError(400, f"{param}={requested} is more than this server allows ({cap})", param=param)
+    return requested
+
+
+# --- completions --------------------------------------------------------------------------------
+
+
+class TextChoice:
+    """One choice of a completion, in OpenAI's ``text_completion`` shape."""
+
+    def __init__(self, state: ServerState, logprobs: bool):
+        self.state, self.want_lp = state, logprobs
+        self.text: list[str] = []
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top: list[dict | None] = []
+        self.offsets: list[int] = []
+        self.offset = 0
+        self.finish_reason: str | None = None
+
+    def add_logprobs(self, ids: list[int], entries: Iterable[tuple[float, TopLogprobs] | None]) -> None:
+        for token, entry in zip(ids, entries, strict=True):
+            s = self.state.token_text(token)
+            self.tokens.append(s)
+            self.offsets.append(self.offset)
+            self.offset += len(s)
+            if entry is None:
+                self.token_logprobs.append(None)
+                self.top.append(None)
+                continue
+            lp, tops = entry
+            self.token_logprobs.append(_lp(lp))
+            top = {self.state.token_text(t): _lp(v) for t, v in tops}
+            top.setdefault(s, _lp(lp))  # the chosen token is always listed, as in vLLM
+            self.top.append(top)
+
+    def logprobs_block(self, start: int = 0) -> dict | None:
+        if not self.want_lp:
+            return None
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top[start:], "text_offset": self.offsets[start:]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state: ServerState = request.app.state.llmslim
+    state.check_model(body.model)
+    prompts, texts = await _completion_prompts(state, body.prompt)
+    want_lp = body.logprobs is not None
+    params = [body.sampling(_max_tokens(state, body.max_tokens, len(ids), "max_tokens"), body.logprobs,
+                            body.logprobs if body.echo and want_lp else None) for ids in prompts]
+    sub = Submission(state)
+    sub.submit(prompts, params, "prompt")
+    rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.n
+    choices = {k * n + i: TextChoice(state, want_lp) for k in range(len(prompts)) for i in range(n)}
+    prompt_tokens = sum(len(p) for p in prompts)
+
+    def echo_prefix(k: int, i: int, event: PromptLogprobs | None) -> None:
+        c = choices[k * n + i]
+        c.text.append(texts[k] if texts[k] is not None else state.decode(prompts[k]))
+        if event is not None:
+            c.add_logprobs(prompts[k], event.entries)
+
+    def apply(k: int, event: Event, pending_echo: dict) -> int | None:
+        """Fold ``event`` into its choice; returns the choice index it changed, if any."""
+        if isinstance(event, PromptLogprobs):
+            pending_echo[k] = event
+            return None
+        if not isinstance(event, Output):
+            return None
+        idx = k * n + event.index
+        if body.echo and idx not in echoed:
+            echoed.add(idx)
+            echo_prefix(k, event.index, pending_echo.get(k))
+        c = choices[idx]
+        c.text.append(event.text)
+        if want_lp and event.logprobs is not None:
+            c.add_logprobs(event.token_ids, event.logprobs)
+        c.finish_reason = event.finish_reason or c.finish_reason
+        return idx
+
+    echoed: set[int] = set()
+    pending: dict[int, PromptLogprobs] = {}
+    completion_tokens = 0
+
+    if not body.stream:
+        try:
+            async for k, event in sub.events(request):
+                if isinstance(event, Failed):
+                    raise _failure(event)
+                if isinstance(event, Done):
+                    completion_tokens += event.completion_tokens
+                apply(k, event, pending)
+        except ClientGone:
+            return JSONResponse(error_body("client disconnected", "invalid_request_error"), 499)
+        finally:
+            sub.close()
+        return {"id": rid, "object": "text_completion", "created": created, "model": state.name,
+                "choices": [{"index": i, "text": "".join(c.text), "logprobs": c.logprobs_block(),
+                             "finish_reason": c.finish_reason} for i, c in sorted(choices.items())],
+                "usage": _usage(prompt_tokens, completion_tokens)}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def stream() -> AsyncIterator[str]:
+        nonlocal completion_tokens
+        sent_lp = dict.fromkeys(choices, 0)  # log-prob entries already streamed per choice
+        sent_text = dict.fromkeys(choices, 0)
+        try:
+            async for k, event in sub.events():
+                if isinstance(event, Failed):
+                    yield _sse(error_body(event.message, "server_error"))
+                    break
+                if isinstance(event, Done):
+                    completion_tokens += event.completion_tokens
+                idx = apply(k, event, pending)
+                if idx is None:
+                    continue
+                c = choices[idx]
+                text = "".join(c.text[sent_text[idx]:])
+                if not text and not want_lp and c.finish_reason is None:
+                    continue
+                sent_text[idx] = len(c.text)
+                chunk = {"id": rid, "object": "text_completion", "created": created, "model": state.name,
+                         "choices": [{"index": idx, "text": text, "logprobs": c.logprobs_block(sent_lp[idx]),
+                                      "finish_reason": c.finish_reason}]}
+                sent_lp[idx] = len(c.tokens)
+                if include_usage:
+                    chunk["usage"] = None
+                yield _sse(chunk)
+            if include_usage:
+                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": state.name,
+                            "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+            yield "data: [DONE]\n\n"
+        finally:
+            sub.close()
+
+    return EngineStream(stream(), sub.close)
+
+
+async def _completion_prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str | None]]:
+    """Token ids of each prompt, and its text when it came as text (for echo)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty", param="prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    if isinstance(prompt[0], str):
+        ids = [await run_in_threadpool(_encode_bounded, state, p) for p in prompt]
+        return ids, list(prompt)
+    for p in prompt:
+        if not p:
+            raise APIError(400, "a token-id prompt is empty", param="prompt")
+        state.check_ids(p, "prompt")
+    return [list(p) for p in prompt], [None] * len(prompt)
+
+
+def _encode_bounded(state: ServerState, text: str) -> list[int]:
+    # A token covers at least one character of ordinary text, so text far beyond
+    # max_model_len * (longest token) cannot fit; refuse it before spending time tokenizing.
+    limit = state.engine.max_model_len * 64
+    if len(text) > limit:
+        raise APIError(400, f"the prompt ({len(text)} characters) is far longer than the model's context "
+                       f"({state.engine.max_model_len} tokens)", param="prompt", code="context_length_exceeded")
+    ids = state.encode(text)
+    if not ids:
+        raise APIError(400, "the prompt is empty after tokenization", param="prompt")
+    return ids
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+
+def _chat_logprobs(state: ServerState, ids: list[int], entries: list[tuple[float, TopLogprobs]]) -> list[dict]:
+    def item(token: int, lp: float) -> dict:
+        s = state.token_text(token)
+        return {"token": s, "logprob": _lp(lp), "bytes": list(s.encode("utf-8"))}
+
+    return [item(t, lp) | {"top_logprobs": [item(a, v) for a, v in tops]}
+            for t, (lp, tops) in zip(ids, entries, strict=True)]
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatRequest, request: Request):
+    state: ServerState = request.app.state.llmslim
+    state.check_model(body.model)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    ids = await run_in_threadpool(state.apply_template, body.messages, body.add_generation_prompt)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    params = body.sampling(_max_tokens(state, requested, len(ids), param),
+                           (body.top_logprobs or 0) if body.logprobs else None, None)
+    sub = Submission(state)
+    sub.submit([ids], [params], "messages")
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "created": created, "model": state.name}
+
+    if not body.stream:
+        text = {i: [] for i in range(body.n)}
+        lps: dict[int, list] = {i: [] for i in range(body.n)}
+        reasons: dict[int, str | None] = {}
+        completion_tokens = 0
+        try:
+            async for _, event in sub.events(request):
+                if isinstance(event, Failed):
+                    raise _failure(event)
+                if isinstance(event, Done):
+                    completion_tokens = event.completion_tokens
+                if isinstance(event, Output):
+                    text[event.index].append(event.text)
+                    if event.logprobs is not None:
+                        lps[event.index] += _chat_logprobs(state, event.token_ids, event.logprobs)
+                    reasons[event.index] = event.finish_reason
+        except ClientGone:
+            return JSONResponse(error_body("client disconnected", "invalid_request_error"), 499)
+        finally:
+            sub.close()
+        return head | {"object": "chat.completion", "choices": [
+            {"index": i, "message": {"role": "assistant", "content": "".join(text[i])},
+             "logprobs": {"content": lps[i]} if body.logprobs else None, "finish_reason": reasons.get(i)}
+            for i in range(body.n)], "usage": _usage(len(ids), completion_tokens)}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def stream() -> AsyncIterator[str]:
+        chunk_head = head | {"object": "chat.completion.chunk"}
+        extra = {"usage": None} if include_usage else {}
+        started: set[int] = set()
+        try:
+            async for _, event in sub.events():
+                if isinstance(event, Failed):
+                    yield _sse(error_body(event.message, "server_error"))
+                    break
+                if isinstance(event, Done) and include_usage:
+                    yield _sse(chunk_head | {"choices": [], "usage": _usage(len(ids), event.completion_tokens)})
+                if not isinstance(event, Output):
+                    continue
+                if event.index not in started:
+                    started.add(event.index)
+                    yield _sse(chunk_head | {"choices": [{"index": event.index, "delta": {"role": "assistant",
+                               "content": ""}, "logprobs": None, "finish_reason": None}]} | extra)
+                if not event.text and event.finish_reason is None and event.logprobs is None:
+                    continue
+                lp = ({"content": _chat_logprobs(state, event.token_ids, event.logprobs)}
+                      if event.logprobs is not None else None)
+                delta = {"content": event.text} if event.text or event.finish_reason is None else {}
+                yield _sse(chunk_head | {"choices": [{"index": event.index, "delta": delta, "logprobs": lp,
+                                                      "finish_reason": event.finish_reason}]} | extra)
+            yield "data: [DONE]\n\n"
+        finally:
+            sub.close()
+
+    return EngineStream(stream(), sub.close)
