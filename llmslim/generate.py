@@ -5,8 +5,9 @@ processors, stopping criteria objects, a growing ``DynamicCache`` that concatena
 step). At SmolLM2-135M scale with int4 kernels the per-token Python work is a large share of
 the time, so this loop does only what batch-1 decoding needs:
 
-- one ``StaticCache`` preallocated for prompt + ``max_new_tokens`` (sized in buckets and
-  kept on the model, so repeated calls reuse the same memory);
+- a KV cache preallocated for prompt + ``max_new_tokens`` (``PreallocLayer``: written in
+  place, read as views of the filled part; sized in buckets and kept on the model, so
+  repeated calls reuse the same memory);
 - the next token is chosen from the last position's logits only (``logits_to_keep=1``);
 - sampling uses a local ``torch.Generator`` (a ``seed`` makes it reproducible without
   touching the global RNG);
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import CacheLayerMixin
 
 CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, so calls can share one
 
@@ -45,17 +47,96 @@ def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
-def _static_cache(model: nn.Module, length: int):
-    """A StaticCache of at least ``length`` positions, reused across calls when big enough."""
-    from transformers import StaticCache
+class PreallocLayer(CacheLayerMixin):
+    """One layer's keys/values in buffers allocated once; ``update`` copies in and returns views.
 
-    cached = getattr(model, "_llmslim_static_cache", None)
-    if cached is not None and cached.max_cache_len >= length:
-        cached.reset()
-        return cached
+    transformers' ``DynamicLayer`` concatenates on every step (a new tensor per layer per
+    token); its ``StaticLayer`` never reallocates but makes every step attend over the whole
+    buffer behind a mask (on CPU, SDPA's cost grows with the buffer, not the text). This
+    layer does neither: the returned keys/values are views of the filled part only, so the
+    attention sees exactly the tokens so far and needs no mask when decoding.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len, self.length = max_len, 0
+        self._k = self._v = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device = key_states.device
+        self._k = torch.empty(b, h, self.max_len, d, dtype=key_states.dtype, device=self.device)
+        self._v = torch.empty(b, value_states.shape[1], self.max_len, value_states.shape[-1],
+                              dtype=value_states.dtype, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self._k[:, :, start:end].copy_(key_states)
+        self._v[:, :, start:end].copy_(value_states)
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def reset(self) -> None:
+        self.length = 0  # the buffers stay; stale entries are never read (views stop at length)
+        self.keys = self.values = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove")
+        self.length = max(0, self.length + tokens_to_remove)
+        if self.is_initialized:
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+
+def _full_attention_only(config) -> bool:
+    """Whether every layer is plain full attention (sliding-window/hybrid models keep HF's caches)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if types:
+        return all(t == "full_attention" for t in types)
+    return getattr(text, "sliding_window", None) is None
+
+
+def make_cache(model: nn.Module, length: int):
+    """A KV cache for ``length`` positions, reused across calls on the same model when big enough.
+
+    ``PreallocLayer``s for plain full-attention models, transformers' ``StaticCache`` otherwise.
+    Sizes are rounded up to ``CACHE_BUCKET`` so that calls of similar length share one.
+    """
+    from transformers import StaticCache
+    from transformers.cache_utils import Cache
+
+    size, cache = getattr(model, "_llmslim_kv_cache", (0, None))
+    if cache is not None and size >= length:
+        cache.reset()
+        return cache
     size = -(-length // CACHE_BUCKET) * CACHE_BUCKET
-    cache = StaticCache(config=model.config, max_cache_len=size)
-    model._llmslim_static_cache = cache
+    config = model.config
+    if _full_attention_only(config):
+        n = config.get_text_config(decoder=True).num_hidden_layers
+        cache = Cache(layers=[PreallocLayer(size) for _ in range(n)])
+    else:
+        cache = StaticCache(config=config, max_cache_len=size)
+    model._llmslim_kv_cache = (size, cache)
     return cache
 
 
@@ -65,10 +146,6 @@ def _cache_kwarg(model: nn.Module) -> str:
 
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-def supports_static_cache(model: nn.Module) -> bool:
-    return bool(getattr(model, "_supports_static_cache", True)) and hasattr(model, "config")
 
 
 class Sampler:
@@ -143,11 +220,12 @@ def generate(
     top_k: int = 0,
     seed: int | None = None,
     stop: str | list[str] | None = None,
+    ignore_eos: bool = False,
 ) -> GenerationResult:
     """Continue ``prompt`` (text, or token ids used as given) with batch-1 decoding.
 
-    ``temperature=0`` is greedy. Ends at an EOS token, at a stop string (the text is cut
-    before it), or after ``max_new_tokens``.
+    ``temperature=0`` is greedy. Ends at an EOS token (unless ``ignore_eos``, for
+    benchmarks), at a stop string (the text is cut before it), or after ``max_new_tokens``.
     """
     ids = _encode(tokenizer, prompt)
     if not ids:
@@ -156,7 +234,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sampler = Sampler(temperature, top_p, top_k, seed)
     watch = StopWatch([stop] if isinstance(stop, str) else list(stop or []))
-    eos = _eos_ids(model, tokenizer)
+    eos = set() if ignore_eos else _eos_ids(model, tokenizer)
     step = Stepper(model, len(ids) + max_new_tokens)
 
     t0 = time.perf_counter()
@@ -197,7 +275,7 @@ class Stepper:
 
     def __init__(self, model: nn.Module, max_len: int):
         self.model = model
-        self.cache = _static_cache(model, max_len)
+        self.cache = make_cache(model, max_len)
         self.cache_arg = _cache_kwarg(model)
         self.pos = 0
 

@@ -300,6 +300,57 @@ class Int8x2Linear(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention for one new token
+# ---------------------------------------------------------------------------------------------
+
+ATTENTION = "llmslim_sdpa"
+
+
+def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, with a faster path for decoding one token without a mask.
+
+    On CPU, ``scaled_dot_product_attention`` with a single query runs its flash kernel
+    (tiled for long queries) at several times the cost of two small matmuls and a softmax.
+    Grouped-query heads are folded into the matmul (``[kv_heads, group, d]``) instead of
+    repeating keys and values. Anything unusual (a mask, several queries, soft-capping,
+    attention sinks, position biases, dropout) goes to transformers' own SDPA function.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, hq, q_len, d = query.shape
+    hk = key.shape[1]
+    plain = all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias", "sliding_window"))
+    if q_len != 1 or attention_mask is not None or dropout or not plain or hq % hk or kwargs.get("output_attentions"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = d**-0.5 if scaling is None else scaling
+    q = query.reshape(b, hk, hq // hk, d)  # query head h reads kv head h // group, as repeat_kv does
+    scores = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scale)
+    probs = scores.softmax(-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # [b, hk, group, d]
+    return out.reshape(b, 1, hq, value.shape[-1]), None
+
+
+def use_decode_attention(model: nn.Module) -> bool:
+    """Route a model that runs transformers' SDPA attention through ``decode_attention``."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, decode_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # masks are built exactly as for SDPA
+    try:
+        model.set_attn_implementation(ATTENTION)
+    except (ValueError, AttributeError):
+        return False
+    return getattr(model.config, "_attn_implementation", None) == ATTENTION
+
+
+# ---------------------------------------------------------------------------------------------
 # The swap
 # ---------------------------------------------------------------------------------------------
 
@@ -327,7 +378,8 @@ def fast_module(m: GPTQLinear, dtype: torch.dtype = torch.bfloat16) -> nn.Module
 HEADS = ("keep", "int8")
 
 
-def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str = "keep") -> nn.Module:
+def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str = "keep",
+               attention: bool = True) -> nn.Module:
     """Swap every ``GPTQLinear`` of ``model`` for a fast kernel module and cast the rest to ``dtype``.
 
     In place (returns ``model``). Each layer is converted and its GPTQ buffers dropped before
@@ -338,6 +390,9 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
     ``head="int8"`` also quantizes a float ``lm_head`` per channel to int8 (lossy, like
     llama.cpp, which keeps its output matrix at 6-8 bits): it is the largest matrix of a small
     model, a fifth of SmolLM2-135M, and in bf16 it dominates the decode time.
+
+    ``attention`` routes SDPA models through ``decode_attention`` (same results, faster
+    single-token steps).
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -356,6 +411,8 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
             set_module(model, name, Int8Linear.from_float(lm_head.weight, lm_head.bias))
     if hasattr(model, "config"):
         model.config.dtype = dtype
+    if attention:
+        use_decode_attention(model)
     return model
 
 

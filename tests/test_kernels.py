@@ -1,0 +1,209 @@
+"""Fast CPU modules: same product as GPTQLinear's reference (within bf16), every layout, no leftovers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmslim.kernels import (
+    Int4Linear,
+    Int8Linear,
+    Int8x2Linear,
+    _int4_layout,
+    accelerate,
+    fast_module,
+    int4_available,
+    int8_available,
+    module_summary,
+)
+from llmslim.nn import GPTQLinear
+
+from .conftest import make_tiny_model
+
+pytestmark = pytest.mark.skipif(not (int4_available() and int8_available()), reason="torch lacks the CPU int kernels")
+
+
+def make_layer(out_f, in_f, bits, group_size, act_order=False, sym=True, bias=False, seed=0) -> GPTQLinear:
+    g = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else math.ceil(in_f / group_size)
+    maxq = (1 << bits) - 1
+    Q = torch.randint(0, maxq + 1, (out_f, in_f), generator=g)
+    scales = torch.rand(groups, out_f, generator=g) * 0.02 + 0.005
+    if sym:
+        zeros = torch.full((groups, out_f), (maxq + 1) // 2)
+    else:
+        zeros = torch.randint(1, maxq + 1, (groups, out_f), generator=g)
+    size = in_f if group_size == -1 else group_size
+    g_idx = torch.arange(in_f) // size
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_f, generator=g)]
+    b = torch.randn(out_f, generator=g) if bias else None
+    return GPTQLinear.from_codes(Q, scales, zeros, g_idx, group_size, bits, b)
+
+
+def assert_close_bf16(fast, ref: GPTQLinear, in_f: int, rows: int = 4, strict: bool = True):
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1))
+    want = ref(x)  # fp32 reference: dequantize and F.linear
+    got = fast(x.to(torch.bfloat16)).float()
+    # bf16 carries 8 significant bits: allow a few roundings of the largest output.
+    tol = 3 * 2**-8 * want.abs().max()
+    err = (got - want).abs().max()
+    assert err <= tol, f"max error {err:.4g} > {tol:.4g}"
+    if not strict:
+        return
+    # and the fast path is as close as bf16 dequantization itself, within a factor
+    bf16_ref = torch.nn.functional.linear(x.bfloat16(), ref.dequantized_weight(torch.bfloat16),
+                                          None if ref.bias is None else ref.bias.bfloat16()).float()
+    assert err <= 3 * (bf16_ref - want).abs().max() + 1e-6
+
+
+CASES_4BIT = [
+    # (out, in, group, act_order, sym, bias)
+    (64, 128, 32, False, True, False),  # the plain case: no input rearrangement
+    (64, 128, 64, True, True, True),  # act-order: one permutation of the activation
+    (48, 96, 64, False, False, False),  # K=96 not a multiple of 64 (like 576 at g128) -> kernel group 32
+    (64, 136, 128, False, True, False),  # K=136: no kernel group divides it -> zero-padded K
+    (64, 136, 128, True, False, True),  # act-order and padding together
+    (40, 64, 16, False, True, False),  # group 16 (< kernel minimum) and N=40 (not a multiple of 16)
+    (64, 64, -1, False, False, False),  # per-channel
+    (64, 512, 512, False, True, False),  # group larger than any kernel group
+]
+
+
+@pytest.mark.parametrize("out_f,in_f,group,act,sym,bias", CASES_4BIT)
+def test_int4_matches_reference(out_f, in_f, group, act, sym, bias):
+    ref = make_layer(out_f, in_f, 4, group, act, sym, bias)
+    fast = fast_module(ref)
+    assert isinstance(fast, Int4Linear)
+    assert_close_bf16(fast, ref, in_f)
+
+
+def test_int4_layouts_cost_nothing_when_they_can():
+    assert _int4_layout(torch.arange(576) // 128, 576).mode == "none"  # SmolLM2: kernel group 64
+    assert _int4_layout(torch.arange(576) // 128, 576).kg == 64
+    assert _int4_layout(torch.arange(1536) // 128, 1536).kg == 128
+    assert _int4_layout(torch.arange(136) // 128, 136).mode == "pad"
+    assert _int4_layout((torch.arange(136) // 128)[torch.randperm(136)], 136).mode == "gather"
+    assert _int4_layout((torch.arange(128) // 64)[torch.randperm(128)], 128).mode == "perm"
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("act", [False, True])
+def test_low_bits_run_on_the_int4_kernel(bits, act):
+    ref = make_layer(64, 128, bits, 32, act, sym=False, bias=True)
+    fast = fast_module(ref)
+    assert isinstance(fast, Int4Linear)
+    assert_close_bf16(fast, ref, 128)
+
+
+def test_low_bit_codes_are_exact_in_the_kernel():
+    # 2/3-bit codes shift into the 4-bit range with a zero of exactly 0: only the bf16 scale rounds.
+    ref = make_layer(32, 64, 3, 32, sym=False)
+    fast = fast_module(ref)
+    assert (fast.scale_zeros[..., 1] == 0).all()
+
+
+@pytest.mark.parametrize("sym,bias", [(True, False), (False, True)])
+def test_int8_per_channel(sym, bias):
+    ref = make_layer(64, 96, 8, -1, sym=sym, bias=bias)
+    fast = fast_module(ref)
+    assert isinstance(fast, Int8Linear)
+    assert (fast.offset is None) == sym
+    assert_close_bf16(fast, ref, 96)
+
+
+@pytest.mark.parametrize("act,sym", [(False, False), (True, True)])
+def test_int8_grouped(act, sym):
+    ref = make_layer(64, 136, 8, 64, act, sym=sym, bias=True)
+    fast = fast_module(ref)
+    assert isinstance(fast, Int8x2Linear)
+    # Asymmetric zeros far from 128 leave a per-group offset (136 - z) * s that the kernel holds
+    # in bf16: still within bf16 output tolerance, but not as tight as per-weight rounding.
+    assert_close_bf16(fast, ref, 136, strict=sym)
+
+
+def test_leading_dims_and_dtypes():
+    ref = make_layer(32, 64, 4, 32)
+    fast = fast_module(ref)
+    x = torch.randn(2, 3, 64)
+    y = fast(x)  # fp32 in -> fp32 out (bf16 inside)
+    assert y.shape == (2, 3, 32) and y.dtype == torch.float32
+    assert torch.allclose(y, ref(x), atol=3 * 2**-8 * ref(x).abs().max().item())
+
+
+def test_int8_head_from_float():
+    w = torch.randn(96, 64)
+    head = Int8Linear.from_float(w)
+    x = torch.randn(3, 64)
+    want = x @ w.T
+    assert (head(x) - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def _quantized_tiny(arch: str, bits: int, group_size: int, desc_act: bool = False):
+    from llmslim.config import GPTQConfig, RTNConfig
+    from llmslim.quant.api import quantize
+
+    model = make_tiny_model(arch)
+    if desc_act:
+        calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+        quantize(model, GPTQConfig(bits=bits, group_size=group_size, desc_act=True), calib)
+    else:
+        quantize(model, RTNConfig(bits=bits, group_size=group_size, sym=False))
+    return model
+
+
+def _state_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("bits,group,desc_act", [(4, 32, False), (4, 32, True), (8, -1, False), (3, 32, False)])
+def test_accelerate_swaps_every_layer_and_keeps_the_logits(arch, bits, group, desc_act):
+    model = _quantized_tiny(arch, bits, group, desc_act)
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = model(ids).logits.float()
+    n_quant = module_summary(model)["GPTQLinear"]
+    before = _state_bytes(model)
+    accelerate(model)
+    counts = module_summary(model)
+    assert "GPTQLinear" not in counts
+    assert counts.get("Int4Linear", 0) + counts.get("Int8Linear", 0) == n_quant
+    with torch.inference_mode():
+        got = model(ids).logits.float()
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    # no float copy of the quantized weights stays around: the float parts halve (fp32 -> bf16)
+    # and the quantized weights stay at their packed size
+    assert _state_bytes(model) < before
+
+
+def test_accelerate_memory_matches_packed_size():
+    model = _quantized_tiny("llama", 4, 32)
+    packed = sum(m.qweight.numel() * 4 for m in model.modules() if isinstance(m, GPTQLinear))
+    accelerate(model)
+    held = sum(m.weight_packed.numel() for m in model.modules() if isinstance(m, Int4Linear))
+    assert held == packed  # 4-bit stays 4-bit: half a byte per weight, nothing dequantized
+
+
+def test_accelerate_int8_head_and_float_model():
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, 320, (1, 8))
+    with torch.inference_mode():
+        want = model(ids).logits.float()
+    accelerate(model, head="int8")
+    assert isinstance(model.get_output_embeddings(), Int8Linear)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        got = model(ids).logits.float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    with pytest.raises(ValueError):
+        accelerate(model, head="int3")
