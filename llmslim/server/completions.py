@@ -76,12 +76,18 @@ class Submission:
 
     async def events(self, request: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
         """Events until every request is done; with ``request``, stops if its client leaves."""
+        next_check = self.loop.time() + DISCONNECT_POLL_S
         while len(self.ended) < len(self.rids):
             try:
                 k, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S if request else None)
             except TimeoutError:
+                k, event = -1, None
+            # Checked on a clock, not only when idle: tokens may arrive faster than the poll interval.
+            if request is not None and self.loop.time() >= next_check:
+                next_check = self.loop.time() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
-                    raise ClientGone() from None
+                    raise ClientGone()
+            if event is None:
                 continue
             if isinstance(event, Done | Failed):
                 self.ended.add(k)
