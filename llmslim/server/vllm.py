@@ -74,10 +74,12 @@ def check_group_size(folder: str | Path) -> None:
         return
     good = largest_dividing_group(sorted(set(sizes.values())), group)
     example = ", ".join(f"{n} ({s})" for n, s in bad[:3])
+    fix = (f"--group-size {good} (the largest size at most {group} dividing every layer) or --group-size -1"
+           if good >= 16 else "--group-size -1 (per channel)")
     raise UserError(
         f"{folder}: group size {group} does not divide the input size of {len(bad)} quantized layers "
-        f"(e.g. {example}); vLLM refuses such GPTQ checkpoints. Re-quantize with --group-size {good} "
-        f"(the largest size dividing every layer) or --group-size -1, or serve this one with --engine embedded."
+        f"(e.g. {example}); vLLM refuses such GPTQ checkpoints. Re-quantize with {fix}, "
+        f"or serve this one with --engine embedded."
     )
 
 
