@@ -31,7 +31,7 @@ from .schemas import ChatMessage, DetokenizeRequest, TokenizeRequest
 log = logging.getLogger("llmslim.server")
 
 MAX_BODY_BYTES = 32 * 2**20  # far above any prompt the context allows; refuses memory bombs early
-PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 class APIError(Exception):
@@ -232,6 +232,16 @@ def create_app(state: ServerState) -> FastAPI:
             special = True if body.add_special_tokens is None else body.add_special_tokens
             ids = await run_in_threadpool(state.encode, body.prompt, special)
         return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """vLLM's endpoint; lm-eval's remote tokenizer backend reads it, so no local copy is needed."""
+        tok = state.tokenizer
+        template = getattr(tok, "chat_template", None)
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "unk_token": getattr(tok, "unk_token", None),
+                "chat_template": template if isinstance(template, str) else None,
+                "model_max_length": state.engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):

@@ -36,14 +36,18 @@ class Running:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120, **kw)
 
 
-def start(api_key: str | None = API_KEY, arch: str = "llama", **options) -> Running:
+def start(api_key: str | None = API_KEY, arch: str = "llama", checkpoint: str | None = None, **options) -> Running:
+    """Serve a tiny model of ``arch`` built in memory, or ``checkpoint`` loaded from disk."""
     import uvicorn
 
     from llmslim.server import build
     from tests.conftest import make_tiny_model, make_tiny_tokenizer
 
-    app, engine = build(MODEL, api_key=api_key, fast=False, model=make_tiny_model(arch),
-                        tokenizer=make_tiny_tokenizer(), **options)
+    if checkpoint is not None:
+        app, engine = build(checkpoint, MODEL, api_key=api_key, fast=False, **options)
+    else:
+        app, engine = build(MODEL, api_key=api_key, fast=False, model=make_tiny_model(arch),
+                            tokenizer=make_tiny_tokenizer(), **options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # the kernel picks a free port; uvicorn serves on this very socket
