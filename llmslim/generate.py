@@ -271,19 +271,142 @@ def generate(
 
 
 class Stepper:
-    """Runs the model one chunk at a time on a preallocated cache; returns the last logits."""
+    """Runs the model one chunk at a time on a preallocated cache; returns the last logits.
+
+    Llama-family models prepared by ``llmslim.kernels.accelerate`` run through ``LeanLlama``;
+    every other model through its own ``forward``.
+    """
 
     def __init__(self, model: nn.Module, max_len: int):
         self.model = model
         self.cache = make_cache(model, max_len)
         self.cache_arg = _cache_kwarg(model)
+        self.lean = LeanLlama.for_model(model, self.cache)
         self.pos = 0
 
     def __call__(self, tokens: list[int]) -> torch.Tensor:
         n = len(tokens)
-        input_ids = torch.tensor([tokens], dtype=torch.long)
-        position_ids = torch.arange(self.pos, self.pos + n).unsqueeze(0)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                         logits_to_keep=1, **{self.cache_arg: self.cache})
+        input_ids = torch.tensor(tokens, dtype=torch.long)
+        if self.lean is not None:
+            logits = self.lean(input_ids, self.pos, self.cache)
+        else:
+            position_ids = torch.arange(self.pos, self.pos + n).unsqueeze(0)
+            out = self.model(input_ids=input_ids[None], position_ids=position_ids, use_cache=True,
+                             logits_to_keep=1, **{self.cache_arg: self.cache})
+            logits = out.logits[0, -1]
         self.pos += n
-        return out.logits[0, -1]
+        return logits
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, op for op (fp32 statistics, cast back, then the weight)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class LeanLlama:
+    """The forward of a Llama-family decoder (Llama, Mistral, Qwen2) in as few ops as possible.
+
+    At batch 1 and SmolLM2-135M size the int4 kernels take a few microseconds per layer and
+    transformers' modular forward (module calls, decorators, mask and cache bookkeeping,
+    separate q/k/v and gate/up calls) costs several times that. This forward does the same
+    arithmetic on the same modules with the Python around it stripped: fused q/k/v and
+    gate/up projections (made by ``accelerate``), rotary embedding applied to q and k in one
+    go, keys/values written straight into the ``PreallocLayer`` buffers, single-query
+    attention with grouped heads folded into the query axis. It is used only when the model
+    has exactly that structure; the results match the model's own forward (tests compare).
+    """
+
+    ARCHS = ("llama", "mistral", "qwen2")
+
+    def __init__(self, model: nn.Module):
+        from torch.nn.functional import scaled_dot_product_attention
+
+        inner = model.model
+        config = model.config
+        attn = inner.layers[0].self_attn
+        self.sdpa = scaled_dot_product_attention
+        self.embed, self.norm, self.rotary, self.head = inner.embed_tokens, inner.norm, inner.rotary_emb, model.lm_head
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.layers = [
+            (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, layer.self_attn.qkv_proj.inner,
+             layer.self_attn.o_proj, layer.post_attention_layernorm.weight,
+             layer.post_attention_layernorm.variance_epsilon, layer.mlp.gate_up_proj.inner,
+             layer.mlp.gate_up_proj.sizes[0], layer.mlp.down_proj)
+            for layer in inner.layers
+        ]
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cache) -> LeanLlama | None:
+        """A ``LeanLlama`` for ``model`` if its structure is exactly the one this forward computes."""
+        from .kernels import FusedLinear
+
+        if getattr(model, "_llmslim_no_lean", False):
+            return None
+        lean = getattr(model, "_llmslim_lean", None)
+        if lean is not None:
+            return lean
+        config = getattr(model, "config", None)
+        inner = getattr(model, "model", None)
+        if config is None or inner is None or getattr(config, "model_type", None) not in cls.ARCHS:
+            return None
+        if not all(isinstance(layer, PreallocLayer) for layer in cache.layers):
+            return None
+        if getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+            return None
+        for part in ("embed_tokens", "norm", "rotary_emb", "layers"):
+            if not hasattr(inner, part):
+                return None
+        if len(cache.layers) != len(inner.layers):
+            return None
+        for layer in inner.layers:
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            if not isinstance(getattr(attn, "qkv_proj", None), FusedLinear):
+                return None
+            if not isinstance(getattr(mlp, "gate_up_proj", None), FusedLinear):
+                return None
+            if type(mlp).__name__ not in ("LlamaMLP", "MistralMLP", "Qwen2MLP"):
+                return None
+            if type(attn).__name__ not in ("LlamaAttention", "MistralAttention", "Qwen2Attention"):
+                return None
+        lean = cls(model)
+        model._llmslim_lean = lean
+        return lean
+
+    def __call__(self, input_ids: torch.Tensor, pos: int, cache) -> torch.Tensor:
+        """``input_ids [T]`` at positions ``pos..pos+T-1`` -> logits of the last position ``[vocab]``."""
+        T = input_ids.shape[0]
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        x = self.embed(input_ids)  # [T, hidden]
+        cos, sin = self.rotary(x, torch.arange(pos, pos + T).unsqueeze(0))
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, d]: broadcast over heads
+        half = d // 2
+        mask = None
+        if T > 1 and pos > 0:  # a chunk after earlier tokens: causal, shifted by what is cached
+            mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)
+        for i, (w1, eps1, qkv_proj, o_proj, w2, eps2, gate_up, inter, down) in enumerate(self.layers):
+            h = _rms_norm(x, w1, eps1)
+            qkv = qkv_proj(h)
+            qk = qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d)
+            v = qkv[:, (nh + nkv) * d :].view(T, nkv, d)
+            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos + rotated * sin
+            keys, values = cache.layers[i].update(qk[:, nh:].transpose(0, 1)[None], v.transpose(0, 1)[None])
+            q = qk[:, :nh]
+            if T == 1:  # grouped heads folded into the query axis: [1, kv_heads, group, d]
+                a = self.sdpa(q.reshape(1, nkv, nh // nkv, d), keys, values, scale=self.scaling)
+                a = a.reshape(1, nh * d)
+            else:
+                a = self.sdpa(q.transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=mask is None,
+                              scale=self.scaling, enable_gqa=nkv != nh)
+                a = a[0].transpose(0, 1).reshape(T, nh * d)
+            x = x + o_proj(a)
+            h = _rms_norm(x, w2, eps2)
+            gu = gate_up(h)
+            x = x + down(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:])
+        x = self.norm(x[-1:])
+        return self.head(x)[0]

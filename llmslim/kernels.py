@@ -311,11 +311,12 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, with a faster path for decoding one token without a mask.
 
-    On CPU, ``scaled_dot_product_attention`` with a single query runs its flash kernel
-    (tiled for long queries) at several times the cost of two small matmuls and a softmax.
-    Grouped-query heads are folded into the matmul (``[kv_heads, group, d]``) instead of
-    repeating keys and values. Anything unusual (a mask, several queries, soft-capping,
-    attention sinks, position biases, dropout) goes to transformers' own SDPA function.
+    With grouped-query attention transformers calls SDPA with ``enable_gqa=True``; on CPU that
+    costs ~5x more for a single query than folding the query heads of each group into the
+    query-length axis (``[b, kv_heads, group, d]``), which is the same computation (no mask,
+    so the group's rows are independent). Anything unusual (a mask, several queries,
+    soft-capping, attention sinks, position biases, dropout) goes to transformers' own
+    SDPA function unchanged.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -325,11 +326,8 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if q_len != 1 or attention_mask is not None or dropout or not plain or hq % hk or kwargs.get("output_attentions"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    scale = d**-0.5 if scaling is None else scaling
     q = query.reshape(b, hk, hq // hk, d)  # query head h reads kv head h // group, as repeat_kv does
-    scores = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scale)
-    probs = scores.softmax(-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # [b, hk, group, d]
+    out = F.scaled_dot_product_attention(q, key, value, scale=scaling)  # [b, hk, group, dv]
     return out.reshape(b, 1, hq, value.shape[-1]), None
 
 
@@ -348,6 +346,125 @@ def use_decode_attention(model: nn.Module) -> bool:
     except (ValueError, AttributeError):
         return False
     return getattr(model.config, "_attn_implementation", None) == ATTENTION
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused sibling projections (q/k/v, gate/up): one kernel call instead of three or two
+# ---------------------------------------------------------------------------------------------
+
+# Children of one parent that read the very same input in every transformers model that has them.
+FUSE_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class FusedLinear(nn.Module):
+    """One linear module over the concatenated outputs of sibling projections.
+
+    The model's own code still calls ``q_proj``/``k_proj``/``v_proj`` one by one: each is a
+    ``FusedPart`` that returns its slice of the fused output. The fused product is computed
+    when a part asks for an input it has not seen, and dropped as soon as every part has
+    taken its slice, so a result is only ever reused within one q/k/v (gate/up) sequence on
+    the very same tensor object. Code that knows about the fusion (``llmslim.generate``)
+    calls ``inner`` directly.
+    """
+
+    def __init__(self, inner: nn.Module, sizes: list[int]):
+        super().__init__()
+        self.inner = inner
+        self.sizes = list(sizes)
+        self._x: torch.Tensor | None = None  # held, so its id cannot be reused by another tensor
+        self._out: torch.Tensor | None = None
+        self._served: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+    def part(self, x: torch.Tensor, index: int, start: int, end: int) -> torch.Tensor:
+        if self._x is not x or index in self._served:
+            self._x, self._out, self._served = x, self.inner(x), set()
+        out = self._out[..., start:end]
+        self._served.add(index)
+        if len(self._served) == len(self.sizes):
+            self._x = self._out = None
+        return out
+
+
+class FusedPart(nn.Module):
+    """``q_proj`` (say) of a ``FusedLinear``: its slice of the fused output."""
+
+    def __init__(self, fused: FusedLinear, index: int, start: int, end: int, in_features: int):
+        super().__init__()
+        self.__dict__["fused"] = fused  # not a registered child: the parent registers it once
+        self.index, self.start, self.end = index, start, end
+        self.in_features, self.out_features = in_features, end - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.part(x, self.index, self.start, self.end)
+
+    def extra_repr(self) -> str:
+        return f"slice [{self.start}:{self.end}] of the fused projection"
+
+
+def _concat_gptq(mods: list[GPTQLinear]) -> GPTQLinear | None:
+    """One GPTQLinear with the outputs of ``mods`` side by side, or None when they do not share a layout.
+
+    Both packed tensors concatenate as they are: ``qweight`` packs along the input dimension and
+    ``qzeros`` along outputs in whole words (every output size here is a multiple of the run).
+    """
+    first = mods[0]
+    same = all(m.bits == first.bits and m.group_size == first.group_size and m.in_features == first.in_features
+               and torch.equal(m.g_idx, first.g_idx) for m in mods)
+    if not same:
+        return None
+    out = sum(m.out_features for m in mods)
+    bias = any(m.bias is not None for m in mods)
+    fused = GPTQLinear(first.in_features, out, first.bits, first.group_size, bias)
+    fused.qweight = torch.cat([m.qweight for m in mods], 1)
+    fused.qzeros = torch.cat([m.qzeros for m in mods], 1)
+    fused.scales = torch.cat([m.scales for m in mods], 1)
+    fused.g_idx = first.g_idx.clone()
+    if bias:
+        fused.bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=torch.float16)
+                                for m in mods])
+    return fused
+
+
+def _concat_float(mods: list[nn.Linear]) -> nn.Linear | None:
+    first = mods[0]
+    if not all(type(m) is nn.Linear and m.in_features == first.in_features and m.weight.dtype == first.weight.dtype
+               for m in mods):
+        return None
+    out = sum(m.out_features for m in mods)
+    bias = any(m.bias is not None for m in mods)
+    lin = nn.Linear(first.in_features, out, bias=bias, device="meta")
+    lin.weight = nn.Parameter(torch.cat([m.weight.detach() for m in mods]), requires_grad=False)
+    if bias:
+        lin.bias = nn.Parameter(torch.cat([m.bias.detach() if m.bias is not None else
+                                           torch.zeros(m.out_features, dtype=first.weight.dtype) for m in mods]),
+                                requires_grad=False)
+    return lin
+
+
+def fuse_projections(model: nn.Module, build) -> int:
+    """Fuse q/k/v and gate/up siblings everywhere in ``model``; ``build(mods)`` makes the fused
+    inner module or returns None to leave them alone. Returns how many groups were fused."""
+    count = 0
+    for parent in list(model.modules()):
+        for fused_name, names in FUSE_GROUPS.items():
+            mods = [getattr(parent, n, None) for n in names]
+            if any(m is None for m in mods) or hasattr(parent, fused_name):
+                continue
+            inner = build(mods)
+            if inner is None:
+                continue
+            sizes = [m.out_features for m in mods]
+            fused = FusedLinear(inner, sizes)
+            setattr(parent, fused_name, fused)
+            start = 0
+            for i, (name, size) in enumerate(zip(names, sizes, strict=True)):
+                setattr(parent, name, FusedPart(fused, i, start, start + size, mods[0].in_features))
+                start += size
+            count += 1
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +496,7 @@ HEADS = ("keep", "int8")
 
 
 def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str = "keep",
-               attention: bool = True) -> nn.Module:
+               attention: bool = True, fuse: bool = True) -> nn.Module:
     """Swap every ``GPTQLinear`` of ``model`` for a fast kernel module and cast the rest to ``dtype``.
 
     In place (returns ``model``). Each layer is converted and its GPTQ buffers dropped before
@@ -392,10 +509,19 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
     model, a fifth of SmolLM2-135M, and in bf16 it dominates the decode time.
 
     ``attention`` routes SDPA models through ``decode_attention`` (same results, faster
-    single-token steps).
+    single-token steps). ``fuse`` merges q/k/v and gate/up projections that share a layout
+    into one module each (``FusedLinear``; the old names stay as slices of it).
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if fuse:
+        def build_gptq(mods):
+            if not all(isinstance(m, GPTQLinear) for m in mods):
+                return None
+            combined = _concat_gptq(mods)
+            return None if combined is None else fast_module(combined, dtype)
+
+        fuse_projections(model, build_gptq)
     names = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
     for name in names:
         old = model.get_submodule(name)
@@ -404,6 +530,8 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
+    if fuse:
+        fuse_projections(model, _concat_float)  # float models (and layers left in float) too
     if head == "int8":
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(lm_head, nn.Linear):

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from llmslim.kernels import (
+    FusedLinear,
+    FusedPart,
     Int4Linear,
     Int8Linear,
     Int8x2Linear,
@@ -170,12 +172,14 @@ def test_accelerate_swaps_every_layer_and_keeps_the_logits(arch, bits, group, de
     ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         want = model(ids).logits.float()
-    n_quant = module_summary(model)["GPTQLinear"]
+    names = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
     before = _state_bytes(model)
     accelerate(model)
-    counts = module_summary(model)
-    assert "GPTQLinear" not in counts
-    assert counts.get("Int4Linear", 0) + counts.get("Int8Linear", 0) == n_quant
+    assert "GPTQLinear" not in module_summary(model)
+    for name in names:  # every quantized layer is now a fast module, or a slice of a fused one
+        m = model.get_submodule(name)
+        inner = m.fused.inner if isinstance(m, FusedPart) else m
+        assert isinstance(inner, Int4Linear | Int8Linear), name
     with torch.inference_mode():
         got = model(ids).logits.float()
     assert got.dtype == torch.float32
@@ -192,6 +196,27 @@ def test_accelerate_memory_matches_packed_size():
     accelerate(model)
     held = sum(m.weight_packed.numel() for m in model.modules() if isinstance(m, Int4Linear))
     assert held == packed  # 4-bit stays 4-bit: half a byte per weight, nothing dequantized
+
+
+def test_fused_projections_compute_each_slice_once():
+    model = _quantized_tiny("llama", 4, 32)
+    attn = model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    x = torch.randn(1, 5, 64)
+    want = [q(x), k(x), v(x)]
+    accelerate(model)
+    assert isinstance(attn.qkv_proj, FusedLinear) and isinstance(attn.k_proj, FusedPart)
+    calls = []
+    attn.qkv_proj.inner.register_forward_hook(lambda *a: calls.append(1))
+    xb = x.bfloat16()
+    got = [attn.q_proj(xb), attn.k_proj(xb), attn.v_proj(xb)]
+    assert len(calls) == 1  # one kernel call for the three
+    for g, w in zip(got, want, strict=True):
+        assert (g.float() - w).abs().max() <= 0.02 * w.abs().max()
+    attn.q_proj(xb)  # same input again: a new sequence, computed again (never a stale reuse)
+    attn.q_proj(xb * 2)
+    assert len(calls) == 3
+    assert torch.allclose(attn.k_proj(xb * 2).float(), 2 * got[1].float(), rtol=0.02, atol=0.02)
 
 
 def test_accelerate_int8_head_and_float_model():
