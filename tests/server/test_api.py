@@ -152,6 +152,8 @@ def test_tokenize_detokenize(server, http):
     assert http.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == PROMPT
     chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     assert chat["count"] > 1
+    info = http.get("/tokenizer_info").json()  # what lm-eval's remote tokenizer reads
+    assert info["eos_token"] == "<|endoftext|>" and "im_start" in info["chat_template"]
 
 
 @pytest.mark.parametrize("path", ["/health", "/metrics"])
