@@ -89,7 +89,7 @@ def quantize(
 def _gptq_lm_head(model: nn.Module, config: GPTQConfig, calib: torch.Tensor, batch_size: int | None) -> dict:
     """lm_head with GPTQ: its inputs are the final hidden states, so run the quantized model once."""
     from .gptq import accumulate_hessian, gptq_quantize, layer_loss
-    from .walk import StopForward
+    from .walk import StopForward, feed_until
 
     head = model.get_output_embeddings()
     name = next(n for n, m in model.named_modules() if m is head)
@@ -101,16 +101,7 @@ def _gptq_lm_head(model: nn.Module, config: GPTQConfig, calib: torch.Tensor, bat
         H, count = accumulate_hessian(H, count, args[0])
         raise StopForward
 
-    handle = head.register_forward_pre_hook(hook)
-    try:
-        with torch.inference_mode():
-            for ids in tqdm(calib.split(batch_size or 8), desc="lm_head inputs"):
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except StopForward:
-                    pass
-    finally:
-        handle.remove()
+    feed_until(model, head, hook, tqdm(calib.split(batch_size or 8), desc="lm_head inputs"))
     W = head.weight.detach().float()
     from .sequential import solver_options
 

@@ -114,7 +114,14 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
         captured.kwargs.append(kwargs)
         raise StopForward
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    feed_until(model, blocks[0], hook, batches, with_kwargs=True)
+    return captured
+
+
+def feed_until(model: nn.Module, module: nn.Module, hook: Callable, batches, with_kwargs: bool = False) -> None:
+    """Run ``model`` on each batch of input ids with ``hook`` as a pre-hook on ``module``; the
+    hook raises ``StopForward`` once it has what it needs, which ends that batch's forward."""
+    handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
     try:
         with torch.inference_mode():
             for ids in batches:
@@ -124,7 +131,6 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
                     pass
     finally:
         handle.remove()
-    return captured
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -94,3 +94,21 @@ def test_decoded_weights_give_identical_outputs():
             fast = model(ids).logits
         assert all(m._decoded is None for m in model.modules() if isinstance(m, GPTQLinear))
     assert torch.equal(ref, fast)
+
+
+def test_gptq_lm_head_round_trip(tmp_path):
+    from llmslim.config import LayerFilter
+
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, 320, (4, 24))
+    config = GPTQConfig(bits=8, group_size=32, layers=LayerFilter(quantize_lm_head=True))
+    report = quantize(model, config, ids)
+    assert isinstance(model.lm_head, GPTQLinear) and report.layers[-1]["name"] == "lm_head"
+    with torch.inference_mode():
+        expected = model(ids).logits
+    save_gptq(model, make_tiny_tokenizer(), tmp_path, config)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["lm_head"] is True
+    loaded, _ = load(str(tmp_path))
+    assert isinstance(loaded.lm_head, GPTQLinear)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=2e-2, atol=2e-2)
