@@ -34,7 +34,7 @@ fi
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+trap cleanup EXIT INT TERM
 
 # 3. vLLM through `llmslim serve --engine vllm`; flags it does not know (--dtype) go to vLLM.
 #    VLLM_CPU_OMP_THREADS_BIND: vLLM computes on one core unless told otherwise.
@@ -48,17 +48,18 @@ llmslim serve "$CKPT" --host 127.0.0.1 --port "$PORT_EMBEDDED" --served-model-na
   > /tmp/llmslim-embedded-demo.log 2>&1 &
 pids+=($!)
 
-wait_ready() {  # port, name, log
+wait_ready() {  # port, name, log, pid
   for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$1/health" > /dev/null && return 0
+    kill -0 "$4" 2>/dev/null || break  # the server exited
     sleep 1
   done
   echo "$2 did not come up; see $3" >&2
   tail -20 "$3" >&2
   exit 1
 }
-wait_ready "$PORT_EMBEDDED" "llmslim" /tmp/llmslim-embedded-demo.log
-wait_ready "$PORT_VLLM" "vLLM" /tmp/llmslim-vllm-demo.log
+wait_ready "$PORT_EMBEDDED" "llmslim" /tmp/llmslim-embedded-demo.log "${pids[1]}"
+wait_ready "$PORT_VLLM" "vLLM" /tmp/llmslim-vllm-demo.log "${pids[0]}"
 
 REQUEST='{"model": "'$NAME'", "messages": [{"role": "user", "content": "What is the capital of France?"}],
           "max_tokens": 32, "temperature": 0}'

@@ -84,7 +84,9 @@ def check_group_size(folder: str | Path) -> None:
 
 
 def vllm_installed(python: str) -> bool:
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
+    # abspath, not realpath: every venv's python is a symlink to the same base interpreter,
+    # but each sees its own site-packages.
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
         return importlib.util.find_spec("vllm") is not None
     try:
         probe = subprocess.run([python, "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"],

