@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
@@ -82,6 +83,17 @@ class PreallocLayer(CacheLayerMixin):
             raise RuntimeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
         self._k[:, :, start:end].copy_(key_states)
         self._v[:, :, start:end].copy_(value_states)
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``update`` for keys/values laid out ``[T, heads, d]`` (batch 1), fewer ops: the decode path."""
+        start, end = self.length, self.length + k.shape[0]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self._k[0, :, start:end] = k.transpose(0, 1)
+        self._v[0, :, start:end] = v.transpose(0, 1)
         self.length = end
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         return self.keys, self.values
@@ -299,10 +311,23 @@ class Stepper:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm, op for op (fp32 statistics, cast back, then the weight)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    """transformers' LlamaRMSNorm (normalize in fp32, cast back, then the weight) in four ops."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _direct(module: nn.Module, dtype: torch.dtype):
+    """A plain function for a linear module whose forward is one kernel call, else the module.
+
+    Calling ``_weight_int4pack_mm_for_cpu`` directly skips the module's reshapes, casts and
+    ``nn.Module.__call__``: four calls per layer per token add up at this size.
+    """
+    from .kernels import Int4Linear
+
+    if isinstance(module, Int4Linear) and module.mode == "none" and not module.n_pad and module.bias is None \
+            and dtype == torch.bfloat16:
+        op, w, kg, sz = torch.ops.aten._weight_int4pack_mm_for_cpu, module.weight_packed, module.kg, module.scale_zeros
+        return lambda x: op(x, w, kg, sz)
+    return module
 
 
 class LeanLlama:
@@ -332,11 +357,13 @@ class LeanLlama:
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
+        dtype = self.embed.weight.dtype
         self.layers = [
-            (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, layer.self_attn.qkv_proj.inner,
-             layer.self_attn.o_proj, layer.post_attention_layernorm.weight,
-             layer.post_attention_layernorm.variance_epsilon, layer.mlp.gate_up_proj.inner,
-             layer.mlp.gate_up_proj.sizes[0], layer.mlp.down_proj)
+            (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+             _direct(layer.self_attn.qkv_proj.inner, dtype), _direct(layer.self_attn.o_proj, dtype),
+             layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+             _direct(layer.mlp.gate_up_proj.inner, dtype), layer.mlp.gate_up_proj.sizes[0],
+             _direct(layer.mlp.down_proj, dtype))
             for layer in inner.layers
         ]
 
@@ -381,32 +408,34 @@ class LeanLlama:
         """``input_ids [T]`` at positions ``pos..pos+T-1`` -> logits of the last position ``[vocab]``."""
         T = input_ids.shape[0]
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        nqk = (nh + nkv) * d
         x = self.embed(input_ids)  # [T, hidden]
         cos, sin = self.rotary(x, torch.arange(pos, pos + T).unsqueeze(0))
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, d]: broadcast over heads
+        cos = cos[0, :, None, :]  # [T, 1, d]: broadcast over heads
+        # rotate_half(x) * sin == roll(x, d/2) * (sin with its first half negated): one op fewer per layer
         half = d // 2
+        sin = torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
         mask = None
         if T > 1 and pos > 0:  # a chunk after earlier tokens: causal, shifted by what is cached
             mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)
+        sdpa, scaling = self.sdpa, self.scaling
         for i, (w1, eps1, qkv_proj, o_proj, w2, eps2, gate_up, inter, down) in enumerate(self.layers):
-            h = _rms_norm(x, w1, eps1)
-            qkv = qkv_proj(h)
-            qk = qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d)
-            v = qkv[:, (nh + nkv) * d :].view(T, nkv, d)
-            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-            qk = qk * cos + rotated * sin
-            keys, values = cache.layers[i].update(qk[:, nh:].transpose(0, 1)[None], v.transpose(0, 1)[None])
-            q = qk[:, :nh]
-            if T == 1:  # grouped heads folded into the query axis: [1, kv_heads, group, d]
-                a = self.sdpa(q.reshape(1, nkv, nh // nkv, d), keys, values, scale=self.scaling)
-                a = a.reshape(1, nh * d)
+            qkv = qkv_proj(_rms_norm(x, w1, eps1))
+            qk = qkv[:, :nqk].view(T, nh + nkv, d)
+            qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)
+            v = qkv[:, nqk:].view(T, nkv, d)
+            layer = cache.layers[i]
+            if T == 1 and layer.is_initialized:
+                keys, values = layer.append(qk[:, nh:], v)
+                # grouped heads folded into the query axis: [1, kv_heads, group, d]
+                a = sdpa(qk[:, :nh].reshape(1, nkv, nh // nkv, d), keys, values, scale=scaling).view(1, nh * d)
             else:
-                a = self.sdpa(q.transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=mask is None,
-                              scale=self.scaling, enable_gqa=nkv != nh)
+                keys, values = layer.update(qk[:, nh:].transpose(0, 1)[None], v.transpose(0, 1)[None])
+                a = sdpa(qk[:, :nh].transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=mask is None,
+                         scale=scaling, enable_gqa=nkv != nh)
                 a = a[0].transpose(0, 1).reshape(T, nh * d)
             x = x + o_proj(a)
-            h = _rms_norm(x, w2, eps2)
-            gu = gate_up(h)
-            x = x + down(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:])
+            gu = gate_up(_rms_norm(x, w2, eps2))
+            x = x + down(F.silu(gu[:, :inter]) * gu[:, inter:])
         x = self.norm(x[-1:])
         return self.head(x)[0]
