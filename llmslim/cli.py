@@ -111,7 +111,7 @@ def _quantize_bnb(args, layers) -> int:
     from .quant.bnb import quantize_bnb_to_folder
 
     config = BnbConfig(args.method, args.double_quant, args.compute_dtype, args.int8_threshold, layers)
-    s = quantize_bnb_to_folder(args.model, args.out, config, force=args.force)
+    s = quantize_bnb_to_folder(args.model, args.out, config, force=args.force, allow_pickle=args.allow_pickle)
     before = f"{s['bytes_before'] / 2**20:.1f} MiB" if s.get("bytes_before") else "n/a"
     print(f"\nbitsandbytes {args.method}{' +double-quant' if args.double_quant else ''}: "
           f"{len(s['layers'])} layers quantized, {len(s['skipped'])} kept in float, {s['seconds']:.0f} s")

@@ -98,12 +98,14 @@ def test_resume_after_crash_is_identical(tiny_folder, tmp_path, calib_file, monk
         (["--group-size", "0"], "--group-size"),
         (["--group-size", "-3"], "--group-size"),
         (["--calib", "nope-corpus"], "nope-corpus"),
-        (["--seqlen", "100000", "--calib", "CALIB"], "token"),
+        (["--seqlen", "64", "--calib", "SHORT"], "token"),
     ],
 )
 def test_bad_input_one_line_exit_2(tiny_folder, tmp_path, calib_file, extra, needle):
     src = tiny_folder("llama")
-    extra = [str(calib_file) if e == "CALIB" else e for e in extra]
+    short = tmp_path / "short.txt"
+    short.write_text("too few words")
+    extra = [str(short) if e == "SHORT" else e for e in extra]
     r = run("quantize", src, "--out", tmp_path / "o", "--method", "gptq", *extra)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
@@ -117,10 +119,9 @@ def test_unknown_model_and_not_causal_lm(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = run("quantize", tmp_path / "missing-dir", "--out", tmp_path / "o", "--method", "rtn")
     assert r.returncode == 2 and "unknown model" in r.stderr
-    from transformers import BertConfig, BertModel
+    from transformers import DistilBertConfig, DistilBertModel
 
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(
-        tmp_path / "bert")
+    DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(tmp_path / "bert")
     r = run("quantize", tmp_path / "bert", "--out", tmp_path / "o", "--method", "rtn")
     assert r.returncode == 2 and "causal" in r.stderr and "Traceback" not in r.stderr
 
