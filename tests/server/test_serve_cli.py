@@ -101,6 +101,28 @@ def test_fast_path_serves_a_gptq_checkpoint(gptq_dir):
         engine.stop()
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_bitsandbytes_checkpoint(tiny_folder, tmp_path, fast):
+    """bitsandbytes checkpoints serve too, batched, on either path."""
+    pytest.importorskip("bitsandbytes")
+    bnb = pytest.importorskip("llmslim.quant.bnb")
+    from fastapi.testclient import TestClient
+
+    from llmslim.config import BnbConfig
+    from llmslim.server import build
+
+    out = tmp_path / "nf4"
+    bnb.quantize_bnb_to_folder(str(tiny_folder("llama")), out, BnbConfig(method="nf4"))
+    app, engine = build(str(out), fast=fast)
+    try:
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", json={"prompt": ["Once upon", "The quick brown fox"], "max_tokens": 4,
+                                                     "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    finally:
+        engine.stop()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
