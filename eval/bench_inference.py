@@ -15,6 +15,7 @@ Rows (``--rows``):
   llmslim-bf16           the float model through ``accelerate`` (bf16) and llmslim's decode loop
   llmslim-4bit           GPTQ 4-bit g128 checkpoint, ``accelerate`` (int4 kernel), llmslim loop
   llmslim-4bit-int8head  the same with the float lm_head quantized to int8 at load time
+  llmslim-4bit-int4head  ... or to 4 bits in groups of 32 (like llama.cpp's Q4_1)
   llmslim-8bit           GPTQ 8-bit per-channel checkpoint, ``accelerate`` (int8 kernel)
   llamacpp-q4_0          llama.cpp Q4_0 through llama-cpp-python (skipped if unavailable)
 
@@ -40,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ROWS = ["hf-fp32", "hf-bf16", "bnb-nf4", "llmslim-bf16", "llmslim-4bit", "llmslim-4bit-int8head",
-        "llmslim-8bit", "llamacpp-q4_0"]
+        "llmslim-4bit-int4head", "llmslim-8bit", "llamacpp-q4_0"]
 LABELS = {
     "hf-fp32": "transformers fp32",
     "hf-bf16": "transformers bf16",
@@ -48,6 +49,7 @@ LABELS = {
     "llmslim-bf16": "llmslim bf16 (lean loop)",
     "llmslim-4bit": "llmslim 4-bit GPTQ g128",
     "llmslim-4bit-int8head": "llmslim 4-bit GPTQ g128 + int8 head",
+    "llmslim-4bit-int4head": "llmslim 4-bit GPTQ g128 + int4 head",
     "llmslim-8bit": "llmslim 8-bit per-channel",
     "llamacpp-q4_0": "llama.cpp Q4_0",
 }
@@ -138,10 +140,10 @@ def torch_worker(args) -> None:
         else:
             from llmslim.kernels import accelerate
 
-            source = {"llmslim-bf16": MODEL, "llmslim-4bit": args.ckpt_4bit,
-                      "llmslim-4bit-int8head": args.ckpt_4bit, "llmslim-8bit": args.ckpt_8bit}[row]
+            source = {"llmslim-bf16": MODEL, "llmslim-8bit": args.ckpt_8bit}.get(row, args.ckpt_4bit)
             model, tok = load_model(source, dtype=torch.bfloat16)
-            accelerate(model, torch.bfloat16, head="int8" if row.endswith("int8head") else "keep")
+            head = "int8" if row.endswith("int8head") else "int4" if row.endswith("int4head") else "keep"
+            accelerate(model, torch.bfloat16, head=head)
         model.eval()
         return model, tok, _prompt_ids(tok, args.prompt_tokens)
 
@@ -227,7 +229,7 @@ def match_worker(args) -> None:
 
     from llmslim.data import load_documents
     from llmslim.generate import generate
-    from llmslim.kernels import accelerate
+    from llmslim.kernels import HEADS, accelerate
     from llmslim.load import load as load_model
 
     torch.set_num_threads(args.threads)
@@ -236,7 +238,7 @@ def match_worker(args) -> None:
     prompts = [tok(d)["input_ids"][:args.match_prompt_tokens] for d in docs[: args.match_prompts]]
     window = torch.tensor([_prompt_ids(tok, 256)])
     report = {"prompts": len(prompts), "tokens": args.match_tokens}
-    for head in ("keep", "int8"):
+    for head in HEADS:
         fast = accelerate(copy.deepcopy(ref), torch.bfloat16, head=head)
         same, prefix = 0, []
         for p in prompts:
@@ -473,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
           f"median of {args.repeats} interleaved rounds")
     print(md)
     if match:
-        for head in ("keep", "int8"):
+        for head in [h for h in match if isinstance(match[h], dict)]:
             m = match[head]
             print(f"greedy match (lm_head {head}): {m['identical']}/{match['prompts']} prompts identical over "
                   f"{match['tokens']} tokens (mean common prefix {m['mean_common_prefix']:.1f}); "

@@ -25,6 +25,9 @@ multiple of a supported group size).
 
 from __future__ import annotations
 
+import ctypes
+import gc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +36,7 @@ from .nn import GPTQLinear
 from .quant.walk import set_module
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
+HEAD_CHUNK = 4096  # rows of a float lm_head quantized at a time (a multiple of 64: packs concatenate)
 N_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu wants N % 16 == 0
 
 
@@ -181,6 +185,21 @@ class Int4Linear(nn.Module):
         packed, sz = _int4_params(Q, m.scales, zeros, layout, m.bits)
         return cls(m.in_features, m.out_features, layout, packed, sz, m.bias, m.bits)
 
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32) -> Int4Linear:
+        """Asymmetric RTN at 4 bits in groups of ``group_size`` (like llama.cpp's Q4_1), by row chunks."""
+        from .grid import quantize_rtn
+
+        out_f, in_f = weight.shape
+        layout = _int4_layout(torch.arange(in_f) // group_size, in_f)
+        packed, sz = [], []
+        for rows in weight.detach().split(HEAD_CHUNK):
+            Q, scales, zeros = quantize_rtn(rows.float(), 4, group_size, sym=False)
+            p, z = _int4_params(Q, scales, zeros, layout, 4)
+            packed.append(p)
+            sz.append(z)
+        return cls(in_f, out_f, layout, torch.cat(packed), torch.cat(sz, dim=1), bias, 4)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, lead = x.dtype, x.shape[:-1]
         x = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -233,12 +252,18 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
-        """Symmetric per-channel RTN of a float weight (for a float lm_head; lossy, ~0.4% of the row max)."""
-        w = weight.detach().float()
-        s = w.abs().amax(1).clamp(min=1e-12) / 127
-        w8 = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
-        # Round the scale to bf16 first so the codes are chosen for the scale the kernel uses.
-        return cls(w8, s.to(torch.bfloat16), None, bias)
+        """Symmetric per-channel RTN of a float weight (for a float lm_head; lossy, ~0.4% of the row max).
+
+        Row chunks at a time, so that a large vocabulary never needs a full fp32 copy.
+        """
+        codes, scales = [], []
+        for rows in weight.detach().split(HEAD_CHUNK):
+            w = rows.float()
+            # Round the scale to bf16 first so the codes are chosen for the scale the kernel uses.
+            s = (w.abs().amax(1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+            codes.append(torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8))
+            scales.append(s)
+        return cls(torch.cat(codes), torch.cat(scales), None, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, lead = x.dtype, x.shape[:-1]
@@ -492,7 +517,7 @@ def fast_module(m: GPTQLinear, dtype: torch.dtype = torch.bfloat16) -> nn.Module
     return dense_linear(m, dtype)
 
 
-HEADS = ("keep", "int8")
+HEADS = ("keep", "int8", "int4")
 
 
 def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str = "keep",
@@ -504,9 +529,10 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
     parameters (embeddings, norms, float linears) become ``dtype``; computed buffers such as
     rotary frequencies stay as they are (the model computes them in fp32 on purpose).
 
-    ``head="int8"`` also quantizes a float ``lm_head`` per channel to int8 (lossy, like
-    llama.cpp, which keeps its output matrix at 6-8 bits): it is the largest matrix of a small
-    model, a fifth of SmolLM2-135M, and in bf16 it dominates the decode time.
+    ``head="int8"`` also quantizes a float ``lm_head`` per channel to int8, ``head="int4"`` to
+    4 bits in groups of 32 (asymmetric RTN, like llama.cpp's Q4_1). Both are lossy (llama.cpp
+    keeps its output matrix at 6-8 bits), and both matter: the head is the largest matrix of a
+    small model, a fifth of SmolLM2-135M, and in bf16 it dominates the decode time.
 
     ``attention`` routes SDPA models through ``decode_attention`` (same results, faster
     single-token steps). ``fuse`` merges q/k/v and gate/up projections that share a layout
@@ -532,16 +558,32 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
             p.data = p.data.to(dtype)
     if fuse:
         fuse_projections(model, _concat_float)  # float models (and layers left in float) too
-    if head == "int8":
+    if head != "keep":
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(lm_head, nn.Linear):
             name = next(n for n, m in model.named_modules() if m is lm_head)
-            set_module(model, name, Int8Linear.from_float(lm_head.weight, lm_head.bias))
+            make = Int8Linear.from_float if head == "int8" else Int4Linear.from_float
+            set_module(model, name, make(lm_head.weight, lm_head.bias))
     if hasattr(model, "config"):
         model.config.dtype = dtype
     if attention:
         use_decode_attention(model)
+    gc.collect()
+    release_free_memory()
     return model
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by the conversion back to the OS (glibc keeps freed heap pages otherwise).
+
+    The packed GPTQ buffers and the conversion temporaries are freed, but glibc's allocator
+    holds on to the pages, so the process's resident size would still count them.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
 
 
 def module_summary(model: nn.Module) -> dict[str, int]:

@@ -135,12 +135,18 @@ def test_leading_dims_and_dtypes():
     assert torch.allclose(y, ref(x), atol=3 * 2**-8 * ref(x).abs().max().item())
 
 
-def test_int8_head_from_float():
-    w = torch.randn(96, 64)
-    head = Int8Linear.from_float(w)
+@pytest.mark.parametrize("kind,tol", [(Int8Linear, 0.02), (Int4Linear, 0.15)])
+def test_head_from_float(kind, tol, monkeypatch):
+    import llmslim.kernels as K
+
+    monkeypatch.setattr(K, "HEAD_CHUNK", 64)  # several chunks, like a real vocabulary
+    w = torch.randn(200, 64)
+    head = kind.from_float(w)
     x = torch.randn(3, 64)
     want = x @ w.T
-    assert (head(x) - want).abs().max() <= 0.02 * want.abs().max()
+    got = head(x)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= tol * want.abs().max()
 
 
 def _quantized_tiny(arch: str, bits: int, group_size: int, desc_act: bool = False):
@@ -226,6 +232,7 @@ def test_accelerate_int8_head_and_float_model():
         want = model(ids).logits.float()
     accelerate(model, head="int8")
     assert isinstance(model.get_output_embeddings(), Int8Linear)
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj.inner, torch.nn.Linear)  # float layers fuse too
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     with torch.inference_mode():
         got = model(ids).logits.float()
