@@ -99,3 +99,13 @@ def test_schemathesis_finds_no_5xx(fuzz_server):
     with httpx.Client(base_url=fuzz_server.url, headers=AUTH, timeout=60) as http:
         assert http.get("/health").status_code == 200
         assert http.post("/v1/completions", json={"prompt": "Once", "max_tokens": 2}).status_code == 200
+
+
+def test_max_tokens_cap(fuzz_server):
+    """``--max-tokens`` refuses bigger requests and bounds the default of chat."""
+    with httpx.Client(base_url=fuzz_server.url, headers=AUTH, timeout=60) as http:
+        r = http.post("/v1/completions", json={"prompt": "Once", "max_tokens": 17})
+        assert r.status_code == 400 and "16" in r.json()["error"]["message"]
+        chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "ignore_eos": True}).json()
+        assert chat["usage"]["completion_tokens"] == 16
