@@ -59,8 +59,14 @@ def save_gptq(
     # Float tensors are stored in fp16 like every GPTQ checkpoint (bf16 models stay bf16).
     src_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     dtype = torch.bfloat16 if src_dtype == torch.bfloat16 else torch.float16
-    state = {k: (v.to(dtype) if v.is_floating_point() and v.dtype != torch.float16 else v).contiguous()
-             for k, v in model.state_dict().items()}
+    # Tied tensors (embeddings shared with lm_head) are stored once: converting each name's tensor
+    # separately would write a second copy of the embedding matrix.
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen and v.numel():
+            continue
+        seen.add(v.data_ptr())
+        state[k] = (v.to(dtype) if v.is_floating_point() and v.dtype != torch.float16 else v).contiguous()
     if lm_head:
         model.config.tie_word_embeddings = False
     model.config.quantization_config = qc

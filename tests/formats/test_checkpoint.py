@@ -112,3 +112,21 @@ def test_gptq_lm_head_round_trip(tmp_path):
     assert isinstance(loaded.lm_head, GPTQLinear)
     with torch.inference_mode():
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_tied_embeddings_stored_once(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 320, (2, 16))
+    config = RTNConfig(bits=4, group_size=32)
+    quantize(model, config)
+    save_gptq(model, make_tiny_tokenizer(), tmp_path, config)
+    t = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in t and "model.embed_tokens.weight" in t
+    loaded, _ = load(str(tmp_path))
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=2e-2, atol=2e-2)
