@@ -78,7 +78,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         probs = values.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
         values = values.masked_fill(before >= params.top_p, float("-inf"))  # the top token always stays
-    pick = torch.multinomial(values.softmax(-1), 1, generator=generator)
+    probs = values.softmax(-1)
+    if not bool(torch.isfinite(probs).all()):
+        # Extreme parameters (a temperature near 0 overflowing the logits, penalties leaving no
+        # finite logit) have no distribution to draw from: they degenerate to greedy.
+        return int(idx[values.nan_to_num(nan=float("-inf")).argmax()])
+    pick = torch.multinomial(probs, 1, generator=generator)
     return int(idx[pick])
 
 
