@@ -76,8 +76,8 @@ class PreallocLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        if not self.is_initialized or self._k.dtype != key_states.dtype or self._k.shape[1] != key_states.shape[1]:
+            self.lazy_initialization(key_states, value_states)  # first use, or a model of another dtype
         start, end = self.length, self.length + key_states.shape[-2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")

@@ -540,6 +540,8 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    for attr in ("_llmslim_kv_cache", "_llmslim_lean"):  # state of llmslim.generate built for the old modules
+        model.__dict__.pop(attr, None)
     if fuse:
         def build_gptq(mods):
             if not all(isinstance(m, GPTQLinear) for m in mods):

@@ -133,3 +133,17 @@ def test_cache_is_preallocated_and_reused():
     keys, _ = layer.update(k[:, :, :1], k[:, :, :1])
     assert keys.shape[2] == 4 and layer._k.data_ptr() == buffer  # written in place, no reallocation
     assert torch.equal(keys[:, :, :3], k)
+
+
+def test_cache_follows_the_model_after_accelerate(tok):
+    # a cache made for the fp32 model must not be reused by its bf16 copy (dtype) or by the
+    # accelerated model (its modules changed)
+    import copy
+
+    model = make_tiny_model("llama")
+    generate(model, tok, PROMPT, max_new_tokens=4)
+    fast = accelerate(copy.deepcopy(model), torch.bfloat16)
+    r = generate(fast, tok, PROMPT, max_new_tokens=4, ignore_eos=True)
+    assert len(r.tokens) == 4
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert len(generate(half, tok, PROMPT, max_new_tokens=4, ignore_eos=True).tokens) == 4
