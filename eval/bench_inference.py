@@ -15,7 +15,8 @@ Rows (``--rows``):
   llmslim-bf16           the float model through ``accelerate`` (bf16) and llmslim's decode loop
   llmslim-4bit           GPTQ 4-bit g128 checkpoint, ``accelerate`` (int4 kernel), llmslim loop
   llmslim-4bit-int8head  the same with the float lm_head quantized to int8 at load time
-  llmslim-4bit-int4head  ... or to 4 bits in groups of 32 (like llama.cpp's Q4_1)
+  llmslim-4bit-fp32      accelerate(dtype=float32): the kernels still take bf16 inputs, everything
+                         else (residual stream, norms, attention) stays fp32; int8 head
   llmslim-8bit           GPTQ 8-bit per-channel checkpoint, ``accelerate`` (int8 kernel)
   llamacpp-q4_0          llama.cpp Q4_0 through llama-cpp-python (skipped if unavailable)
 
@@ -41,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ROWS = ["hf-fp32", "hf-bf16", "bnb-nf4", "llmslim-bf16", "llmslim-4bit", "llmslim-4bit-int8head",
-        "llmslim-4bit-int4head", "llmslim-8bit", "llamacpp-q4_0"]
+        "llmslim-4bit-fp32", "llmslim-8bit", "llamacpp-q4_0"]
 LABELS = {
     "hf-fp32": "transformers fp32",
     "hf-bf16": "transformers bf16",
@@ -49,7 +50,7 @@ LABELS = {
     "llmslim-bf16": "llmslim bf16 (lean loop)",
     "llmslim-4bit": "llmslim 4-bit GPTQ g128",
     "llmslim-4bit-int8head": "llmslim 4-bit GPTQ g128 + int8 head",
-    "llmslim-4bit-int4head": "llmslim 4-bit GPTQ g128 + int4 head",
+    "llmslim-4bit-fp32": "llmslim 4-bit GPTQ g128, fp32 residual + int8 head",
     "llmslim-8bit": "llmslim 8-bit per-channel",
     "llamacpp-q4_0": "llama.cpp Q4_0",
 }
@@ -141,9 +142,10 @@ def torch_worker(args) -> None:
             from llmslim.kernels import accelerate
 
             source = {"llmslim-bf16": MODEL, "llmslim-8bit": args.ckpt_8bit}.get(row, args.ckpt_4bit)
-            model, tok = load_model(source, dtype=torch.bfloat16)
-            head = "int8" if row.endswith("int8head") else "int4" if row.endswith("int4head") else "keep"
-            accelerate(model, torch.bfloat16, head=head)
+            dtype = torch.float32 if row.endswith("fp32") else torch.bfloat16
+            model, tok = load_model(source, dtype=dtype)
+            head = "int8" if row.endswith(("int8head", "fp32")) else "keep"
+            accelerate(model, dtype, head=head)
         model.eval()
         return model, tok, _prompt_ids(tok, args.prompt_tokens)
 
@@ -240,7 +242,8 @@ def match_worker(args) -> None:
     report = {"prompts": len(prompts), "tokens": args.match_tokens}
     # The bf16 noise floor: the same reference modules, only computing in bf16.
     variants = [("reference-bf16", lambda: copy.deepcopy(ref).to(torch.bfloat16))]
-    variants += [(head, lambda head=head: accelerate(copy.deepcopy(ref), torch.bfloat16, head=head)) for head in HEADS]
+    variants += [(f"{name}, head {head}", lambda dtype=dtype, head=head: accelerate(copy.deepcopy(ref), dtype, head=head))
+                 for name, dtype in (("bf16", torch.bfloat16), ("fp32 residual", torch.float32)) for head in HEADS]
     for head, make in variants:
         fast = make()
         same, prefix = 0, []
@@ -480,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     if match:
         for head in [h for h in match if isinstance(match[h], dict)]:
             m = match[head]
-            what = "dequantized reference in bf16" if head == "reference-bf16" else f"fast path, lm_head {head}"
+            what = "dequantized reference in bf16" if head == "reference-bf16" else f"fast path, {head}"
             print(f"greedy match ({what}): {m['identical']}/{match['prompts']} prompts identical over "
                   f"{match['tokens']} tokens (mean common prefix {m['mean_common_prefix']:.1f}); "
                   f"logits max rel err {m['logit_rel_err']:.4f}, top-1 agreement {m['top1_agreement']:.3f}")
