@@ -12,6 +12,7 @@ text, then ``--tokens`` greedy tokens (EOS ignored), with ``--threads`` threads 
 Rows (``--rows``):
   hf-fp32, hf-bf16       transformers, ``model.generate``, the float reference model
   bnb-nf4                bitsandbytes NF4 through transformers (compute bf16), ``model.generate``
+  bnb-fp4, bnb-nf4-dq, bnb-int8   (opt-in) the other bitsandbytes variants the same way
   llmslim-bf16           the float model through ``accelerate`` (bf16) and llmslim's decode loop
   llmslim-4bit           GPTQ 4-bit g128 checkpoint, ``accelerate`` (int4 kernel), llmslim loop
   llmslim-4bit-int8head  the same with the float lm_head quantized to int8 at load time
@@ -43,10 +44,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ROWS = ["hf-fp32", "hf-bf16", "bnb-nf4", "llmslim-bf16", "llmslim-4bit", "llmslim-4bit-int8head",
         "llmslim-4bit-fp32", "llmslim-8bit", "llamacpp-q4_0"]
+BNB_ROWS = {"bnb-nf4": ("nf4", False), "bnb-fp4": ("fp4", False), "bnb-nf4-dq": ("nf4", True),
+            "bnb-int8": ("int8", False)}
 LABELS = {
     "hf-fp32": "transformers fp32",
     "hf-bf16": "transformers bf16",
     "bnb-nf4": "bitsandbytes NF4 (transformers)",
+    "bnb-fp4": "bitsandbytes FP4 (transformers)",
+    "bnb-nf4-dq": "bitsandbytes NF4 + double quant (transformers)",
+    "bnb-int8": "bitsandbytes LLM.int8 (transformers)",
     "llmslim-bf16": "llmslim bf16 (lean loop)",
     "llmslim-4bit": "llmslim 4-bit GPTQ g128",
     "llmslim-4bit-int8head": "llmslim 4-bit GPTQ g128 + int8 head",
@@ -86,12 +92,13 @@ def _reply(obj: dict) -> None:
 
 def _serve(load, run) -> None:
     """Load, warm up, then answer "run" lines with one measurement each until "quit"."""
+    base, _ = _rss_mb()  # the runtime alone (interpreter, torch/transformers or llama_cpp imported)
     t0 = time.perf_counter()
     state = load()
     load_s = time.perf_counter() - t0
     run(state)  # warm-up: first-call repacks, allocator growth, lazy init
     current, peak = _rss_mb()
-    _reply({"ready": True, "load_s": load_s, "rss_mb": current, "peak_rss_mb": peak})
+    _reply({"ready": True, "load_s": load_s, "rss_mb": current, "peak_rss_mb": peak, "base_rss_mb": base})
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "run":
@@ -125,6 +132,10 @@ class _FirstToken:
 
 def torch_worker(args) -> None:
     import torch
+    import transformers  # noqa: F401  (imported before the baseline RSS is taken, like llmslim)
+
+    import llmslim.generate  # noqa: F401
+    import llmslim.load  # noqa: F401
 
     torch.set_num_threads(args.threads)
     row = args.worker
@@ -136,8 +147,8 @@ def torch_worker(args) -> None:
             model, tok = load_model(MODEL, dtype=torch.float32)
         elif row == "hf-bf16":
             model, tok = load_model(MODEL, dtype=torch.bfloat16)
-        elif row == "bnb-nf4":
-            model, tok = _load_bnb(args, torch)
+        elif row in BNB_ROWS:
+            model, tok = _load_bnb(args, torch, *BNB_ROWS[row])
         else:
             from llmslim.kernels import accelerate
 
@@ -173,11 +184,11 @@ def torch_worker(args) -> None:
     _serve(load, run)
 
 
-def _load_bnb(args, torch):
-    """NF4 with bf16 compute: llmslim's bnb checkpoint when that module exists, else transformers directly."""
+def _load_bnb(args, torch, method: str = "nf4", double_quant: bool = False):
+    """bf16 compute: llmslim's bnb checkpoint when that module exists, else transformers directly."""
     from llmslim.load import load as load_model
 
-    folder = Path(args.work) / "bnb-nf4"
+    folder = Path(args.work) / ("bnb-" + method + ("-dq" if double_quant else ""))
     try:
         from llmslim.config import BnbConfig
         from llmslim.quant.bnb import quantize_bnb_to_folder
@@ -188,12 +199,13 @@ def _load_bnb(args, torch):
         from llmslim.models import resolve
 
         src = resolve(MODEL)
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=torch.bfloat16)
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method,
+                                    bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, quantization_config=config)
         return model.eval(), load_tokenizer(src)
     if not (folder / "config.json").exists():
-        quantize_bnb_to_folder(MODEL, folder, BnbConfig(method="nf4", compute_dtype="bf16"), force=True)
+        quantize_bnb_to_folder(MODEL, folder, BnbConfig(method=method, double_quant=double_quant,
+                                                        compute_dtype="bf16"), force=True)
     return load_model(str(folder), dtype=torch.bfloat16)
 
 
@@ -233,6 +245,7 @@ def match_worker(args) -> None:
     from llmslim.generate import generate
     from llmslim.kernels import HEADS, accelerate
     from llmslim.load import load as load_model
+    from llmslim.nn import decoded_weights
 
     torch.set_num_threads(args.threads)
     ref, tok = load_model(args.ckpt_4bit, dtype=torch.float32)
@@ -244,16 +257,18 @@ def match_worker(args) -> None:
     variants = [("reference-bf16", lambda: copy.deepcopy(ref).to(torch.bfloat16))]
     variants += [(f"{name}, head {head}", lambda dtype=dtype, head=head: accelerate(copy.deepcopy(ref), dtype, head=head))
                  for name, dtype in (("bf16", torch.bfloat16), ("fp32 residual", torch.float32)) for head in HEADS]
+    # The reference continuations once, with each weight decoded once (same numbers as decoding per call).
+    with decoded_weights(ref), torch.inference_mode():
+        wanted = [generate(ref, tok, p, max_new_tokens=args.match_tokens, ignore_eos=True).tokens for p in prompts]
+        want = ref(window).logits.float()
     for head, make in variants:
         fast = make()
         same, prefix = 0, []
-        for p in prompts:
-            a = generate(ref, tok, p, max_new_tokens=args.match_tokens, ignore_eos=True).tokens
+        for p, a in zip(prompts, wanted, strict=True):
             b = generate(fast, tok, p, max_new_tokens=args.match_tokens, ignore_eos=True).tokens
             same += a == b
             prefix.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)))
         with torch.inference_mode():
-            want = ref(window).logits.float()
             got = fast(window).logits.float()
         report[head] = {
             "identical": same,
@@ -370,6 +385,7 @@ def summarize(w: Worker) -> dict:
         "peak_rss_mb": max(r["peak_rss_mb"] for r in w.results),
         "rss_mb": w.results[-1]["rss_mb"],
         "load_s": w.ready["load_s"],
+        "base_rss_mb": w.ready.get("base_rss_mb", float("nan")),
         "first_tokens": w.results[-1]["tokens"],
     }
 
@@ -378,25 +394,27 @@ def table(rows: list[dict]) -> str:
     by = {r["row"]: r for r in rows}
     fp32 = by.get("hf-fp32")
     llama = by.get("llamacpp-q4_0")
-    head = ("| row | decode tok/s | x fp32 | x llama.cpp | prefill tok/s | x fp32 | peak RSS MiB | x fp32 |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| row | decode tok/s | x fp32 | x llama.cpp | prefill tok/s | x fp32 | peak RSS MiB | x fp32 "
+            "| model MiB | x fp32 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
 
     def ratio(a, b, key):
         return f"{a[key] / b[key]:.2f}" if b else "-"
 
     for r in rows:
+        r["model_mb"] = r["peak_rss_mb"] - r["base_rss_mb"]  # what loading and running the model added
         lines.append(
             f"| {r['label']} | {r['decode_tok_s']:.1f} | {ratio(r, fp32, 'decode_tok_s')} | "
             f"{ratio(r, llama, 'decode_tok_s')} | {r['prefill_tok_s']:.0f} | {ratio(r, fp32, 'prefill_tok_s')} | "
-            f"{r['peak_rss_mb']:.0f} | {ratio(r, fp32, 'peak_rss_mb')} |"
+            f"{r['peak_rss_mb']:.0f} | {ratio(r, fp32, 'peak_rss_mb')} | {r['model_mb']:.0f} | "
+            f"{ratio(r, fp32, 'model_mb')} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS + [r for r in BNB_ROWS if r not in ROWS])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tokens", type=int, default=128, help="decoded tokens per measurement")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (the prefill)")
