@@ -34,7 +34,10 @@ def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool) ->
         "checkpoint_format": "gptq",
         "lm_head": lm_head,
         "meta": {"quantizer": [f"llmslim:{__version__}"], "method": getattr(config, "method", "gptq"),
-                 "mse": config.mse, "act_group_aware": bool(getattr(config, "act_group_aware", False))},
+                 "mse": config.mse,
+                 # GAR is off under desc_act (the solver ignores it); GPTQModel refuses a config with both on.
+                 "act_group_aware": bool(getattr(config, "act_group_aware", False))
+                 and not bool(getattr(config, "desc_act", False))},
     }
     if skipped:
         # GPTQModel/vLLM "dynamic" rules: a "-:" regex excludes a module from quantization.

@@ -130,3 +130,14 @@ def test_tied_embeddings_stored_once(tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     with torch.inference_mode():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=2e-2, atol=2e-2)
+
+
+def test_config_records_the_reordering_actually_used():
+    """desc_act switches group-aware reordering off; the saved config must say so (GPTQModel
+    refuses to load a config with both on)."""
+    from llmslim.formats.gptq import quantization_config
+
+    meta = quantization_config(GPTQConfig(bits=4, group_size=32, desc_act=True), [], False)["meta"]
+    assert meta["act_group_aware"] is False
+    meta = quantization_config(GPTQConfig(bits=4, group_size=32), [], False)["meta"]
+    assert meta["act_group_aware"] is True
