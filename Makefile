@@ -26,8 +26,18 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q
 
-test-slow: setup
-	$(PY) -m pytest -q -m slow
+# lm-evaluation-harness in a venv of its own (its pins clash with ours) for the server test that
+# scores a task through `local-completions`; same torch and transformers as .venv.
+LMEVAL_VENV ?= .lmeval-venv
+$(LMEVAL_VENV)/.installed: $(VENV)/.installed
+	python3 -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LMEVAL_VENV)/bin/python -m pip install -q 'lm-eval[api]==0.4.13' torch==2.13.0 \
+		transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')
+	touch $@
+
+test-slow: setup $(LMEVAL_VENV)/.installed
+	LMEVAL_PYTHON=$(CURDIR)/$(LMEVAL_VENV)/bin/python $(PY) -m pytest -q -m slow
 
 demo: setup
 	$(VENV)/bin/llmslim quantize smollm2-135m --method gptq --bits 4 --group-size 64 \
@@ -36,4 +46,4 @@ demo: setup
 		--output $(OUT)/smollm2-gptq-4bit-g64.json
 
 clean:
-	rm -rf $(VENV) $(OUT)
+	rm -rf $(VENV) $(LMEVAL_VENV) $(OUT)

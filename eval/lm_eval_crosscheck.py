@@ -126,7 +126,7 @@ def ensure_venv(venv: Path) -> Path:
     pip = [str(python), "-m", "pip", "install", "-q"]
     # torch first and pinned: lm-eval would otherwise pull whatever torch the index has newest.
     subprocess.run([*pip, f"torch=={TORCH}"], check=True)
-    subprocess.run([*pip, f"lm-eval=={LM_EVAL}", f"transformers=={transformers.__version__}",
+    subprocess.run([*pip, f"lm-eval[api]=={LM_EVAL}", f"transformers=={transformers.__version__}",
                     f"accelerate=={accelerate.__version__}", f"torch=={TORCH}"], check=True)
     return python
 

@@ -1,0 +1,77 @@
+"""The padded KV batch: rows joining, leaving and growing give what each row gives alone."""
+
+import pytest
+import torch
+
+from llmslim.server.kvbatch import BatchLayer, PaddedBatch, cache_kwarg, new_cache, prefill
+from tests.conftest import make_tiny_model
+
+
+def alone(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """Greedy next-token logits of ``prompt`` decoded by itself (transformers' own cache)."""
+    cache, logits = prefill(model, prompt, all_logits=False)
+    out, ids = [logits[-1]], list(prompt)
+    with torch.inference_mode():
+        for _ in range(steps):
+            ids.append(int(out[-1].argmax()))
+            r = model(input_ids=torch.tensor([[ids[-1]]]), position_ids=torch.tensor([[len(ids) - 1]]),
+                      use_cache=True, **{cache_kwarg(model): cache})
+            out.append(r.logits[0, -1])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rows_join_leave_and_grow(arch):
+    model = make_tiny_model(arch).eval()
+    prompts = [[5, 9, 17], [3, 4, 5, 6, 7, 8, 9, 10], [11] * 5, list(range(20, 40))]
+    want = [alone(model, p, 12) for p in prompts]
+
+    batch = PaddedBatch(model)
+    live: list[tuple[int, int]] = []  # (prompt index, tokens decoded so far)
+
+    def join(i: int) -> None:
+        cache, logits = prefill(model, prompts[i], all_logits=False)
+        torch.testing.assert_close(logits[-1], want[i][0], rtol=1e-4, atol=1e-4)
+        batch.add(cache, len(prompts[i]))
+        live.append((i, 0))
+
+    def step() -> None:
+        tokens = [int(want[i][k].argmax()) for i, k in live]
+        logits = batch.step(tokens)
+        for row, (i, k) in enumerate(live):
+            torch.testing.assert_close(logits[row], want[i][k + 1], rtol=1e-4, atol=1e-4)
+        live[:] = [(i, k + 1) for i, k in live]
+
+    join(0)
+    join(2)  # longer than row 0: row 0 gets more left padding
+    for _ in range(3):
+        step()
+    join(1)  # shorter than the running rows
+    step()
+    batch.remove([0])  # the first row leaves: padding nobody needs is trimmed
+    live.pop(0)
+    step()
+    join(3)  # much longer: the buffers grow on the left
+    for _ in range(6):  # and on the right, past the first allocation
+        step()
+    batch.remove([0, 2])
+    live[:] = [live[1]]
+    step()
+    assert len(batch) == 1
+
+
+def test_batch_layer_reuses_its_buffers():
+    k = torch.randn(1, 2, 4, 8)
+    layer = BatchLayer(k, k.clone(), copies=2)
+    layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))  # first step: room doubles
+    buffer = layer._k
+    for _ in range(3):
+        keys, _ = layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+    assert layer._k is buffer  # steps write in place, no new allocation
+    assert keys.shape == (2, 2, 8, 8) and keys.data_ptr() == buffer.data_ptr()
+    assert layer.get_seq_length() == 8
+
+
+def test_new_cache_is_dynamic():
+    model = make_tiny_model("llama")
+    assert type(new_cache(model)).__name__ == "DynamicCache"
