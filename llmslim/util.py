@@ -50,6 +50,7 @@ def staged_output(out: Path, force: bool, resume: bool = False) -> Iterator[Path
         shutil.rmtree(part)
     part.mkdir(parents=True, exist_ok=True)
     yield part
+    _usual_permissions(part)
     if out.exists():
         old = out.parent / f".{out.name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -58,3 +59,16 @@ def staged_output(out: Path, force: bool, resume: bool = False) -> Iterator[Path
         shutil.rmtree(old)
     else:
         part.rename(out)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Give every file the mode a plain ``open`` would (0644 under the usual umask).
+
+    Some writers (transformers' safetensors saving among them) create files through ``mkstemp``,
+    which makes them 0600: a checkpoint another user or a serving container cannot read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)

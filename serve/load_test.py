@@ -56,7 +56,7 @@ async def one_request(client: httpx.AsyncClient, model: str, max_tokens: int, ig
     body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, chunks = None, 0, 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -66,10 +66,13 @@ async def one_request(client: httpx.AsyncClient, model: str, max_tokens: int, ig
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"])
-            if chunk.get("choices") and ttft is None and chunk["choices"][0].get("text"):
-                ttft = time.perf_counter() - t0
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+    tokens = tokens or chunks  # servers without stream usage (llama-cpp-python): one token per chunk
     latency = time.perf_counter() - t0
     return {"latency": latency, "ttft": ttft if ttft is not None else latency, "tokens": tokens}
 
