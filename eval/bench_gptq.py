@@ -7,7 +7,7 @@ same run. Prints a markdown table and writes JSON next to it.
     python eval/bench_gptq.py                                # the whole table (long: ~1-2 h on 2 cores)
     python eval/bench_gptq.py --rows rtn-4-g128-sym gptq-4-g128-sym gptq-4-g128-sym-descact
 
-Row names: METHOD-BITS-gGROUP-SYM[-descact|-nogar|-mse|-static].
+Row names: METHOD-BITS-gGROUP-SYM[-descact|-nogar|-mse|-static|-dampPCT].
 Defaults follow issue 3: calibration 128 x 512-token windows from the first 80% of the built-in
 wiki corpus (seed 0); evaluation = first 44 non-overlapping 1024-token windows of the last 20%, no BOS.
 """
@@ -34,6 +34,9 @@ def parse_row(row: str) -> tuple[str, dict]:
     if method == "gptq":
         opts |= dict(desc_act="descact" in flags, act_group_aware="nogar" not in flags,
                      static_groups="static" in flags)
+        for f in flags:
+            if f.startswith("damp"):  # damp5 = damp_percent 0.05
+                opts["damp_percent"] = float(f[4:]) / 100
     opts["mse"] = "mse" in flags
     return method, opts
 

@@ -28,6 +28,15 @@ def test_running_mean_hessian_equals_batch_formula():
     torch.testing.assert_close(H2, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("columns", [96, 576, 777])  # wide inputs take the symmetric-block path
+def test_hessian_of_wide_layers_matches_the_formula(columns):
+    X = torch.randn(500, columns, generator=torch.Generator().manual_seed(1))
+    H, n = torch.zeros(columns, columns), 0
+    for chunk in X.split(200):
+        H, n = accumulate_hessian(H, n, chunk)
+    torch.testing.assert_close(H, 2 * X.T @ X / 500, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 32), (2, 64), (8, -1), (4, -1)])
 @pytest.mark.parametrize("sym", [True, False])
 def test_gptq_beats_rtn_on_layer_objective(bits, group_size, sym):
