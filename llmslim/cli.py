@@ -48,7 +48,10 @@ def add_quantize(sub) -> None:
     sym = g.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
-    g.add_argument("--mse", action="store_true", help="search the MSE-optimal clipping range per group")
+    mse = g.add_mutually_exclusive_group()
+    mse.add_argument("--mse", dest="mse", action="store_true", default=None,
+                     help="search the MSE-optimal clipping range per group (default for gptq, not for rtn)")
+    mse.add_argument("--no-mse", dest="mse", action="store_false", help="plain min/max ranges")
     q = p.add_argument_group("GPTQ")
     q.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by descending Hessian diagonal")
     gar = q.add_mutually_exclusive_group()
@@ -87,9 +90,12 @@ def cmd_quantize(args) -> int:
     from .quant.api import quantize_to_folder
 
     layers = LayerFilter(tuple(args.include), tuple(args.exclude), args.quantize_lm_head)
+    _refuse_foreign_options(args)
     if args.method in ("nf4", "fp4", "int8"):
         return _quantize_bnb(args, layers)
-    common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse, layers=layers)
+    common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, layers=layers)
+    if args.mse is not None:  # else each method's own default
+        common["mse"] = args.mse
     if args.method == "gptq":
         config = GPTQConfig(**common, desc_act=args.desc_act, static_groups=args.static_groups,
                             true_sequential=args.true_sequential, damp_percent=args.damp_percent,
@@ -104,6 +110,30 @@ def cmd_quantize(args) -> int:
           f"{len(s['layers'])} layers quantized, {len(s['skipped'])} kept in float, {s['seconds']:.0f} s")
     print(f"size on disk: {before} -> {s['bytes_after'] / 2**20:.1f} MiB   written to {args.out}")
     return 0
+
+
+# Options that only one family of methods reads, with their defaults: given to another method
+# they would be silently ignored, so they are refused instead.
+_GRID_OPTIONS = {"bits": 4, "group_size": 128, "sym": True, "mse": None}
+_GPTQ_OPTIONS = {"desc_act": False, "static_groups": False, "act_group_aware": True, "true_sequential": True,
+                 "damp_percent": 0.01, "block_size": 128}
+_CALIB_OPTIONS = {"batch_size": None, "resume": False, "calib": "wiki", "nsamples": 128, "seqlen": 2048}
+_BNB_OPTIONS = {"double_quant": False, "compute_dtype": "bf16", "int8_threshold": 6.0}
+
+
+def _refuse_foreign_options(args) -> None:
+    from .errors import UserError
+
+    if args.method in ("nf4", "fp4", "int8"):
+        foreign = _GRID_OPTIONS | _GPTQ_OPTIONS | _CALIB_OPTIONS
+    elif args.method == "rtn":  # calibration options are harmless there (scripts pass them to every method)
+        foreign = _BNB_OPTIONS | _GPTQ_OPTIONS
+    else:
+        foreign = _BNB_OPTIONS
+    given = [k for k, default in foreign.items() if getattr(args, k) != default]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UserError(f"--method {args.method} does not use {flags}")
 
 
 def _quantize_bnb(args, layers) -> int:

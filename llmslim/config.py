@@ -65,6 +65,10 @@ class GPTQConfig(IntConfig):
     """GPTQ (Frantar et al. 2022, arXiv:2210.17323) with the options GPTQ tools expose."""
 
     method = "gptq"
+    # MSE-optimal clipping of each group's range (the GPTQ reference's search). On by default:
+    # measured on SmolLM2-135M, 4-bit g128 11.87 -> 11.38 and 3-bit g128 29.17 -> 18.53 perplexity,
+    # for ~10% more quantization time (eval/bench_gptq.py). RTN keeps plain min/max as its baseline.
+    mse: bool = True
     desc_act: bool = False
     static_groups: bool = False
     true_sequential: bool = True

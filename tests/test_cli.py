@@ -163,3 +163,27 @@ def test_bnb_methods_through_the_cli(tiny_folder, tmp_path):
     assert qc["quant_method"] == "bitsandbytes" and qc["bnb_4bit_use_double_quant"] is True
     r = run("quantize", src, "--method", "int8", "--double-quant", "--out", tmp_path / "bad")
     assert r.returncode == 2 and "double-quant" in r.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method,flags,named", [
+    ("nf4", ["--desc-act"], "--desc-act"),
+    ("int8", ["--bits", "8", "--asym"], "--bits, --sym"),
+    ("nf4", ["--nsamples", "16"], "--nsamples"),
+    ("gptq", ["--double-quant"], "--double-quant"),
+    ("rtn", ["--damp-percent", "0.05", "--int8-threshold", "4"], "--int8-threshold, --damp-percent"),
+])
+def test_options_another_method_would_ignore_are_refused(tiny_folder, tmp_path, method, flags, named):
+    r = run("quantize", tiny_folder("llama"), "--method", method, *flags, "--out", tmp_path / "o")
+    assert r.returncode == 2 and f"does not use {named}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_mse_defaults_per_method(tiny_folder, tmp_path):
+    src = tiny_folder("llama")
+    for method, extra, want in [("gptq", [], True), ("gptq", ["--no-mse"], False), ("rtn", [], False),
+                                ("rtn", ["--mse"], True)]:
+        out = tmp_path / f"{method}{len(extra)}"
+        assert main(["quantize", str(src), "--method", method, "--group-size", "32", "--nsamples", "4",
+                     "--seqlen", "32", *extra, "--out", str(out)]) == 0
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qc["meta"]["mse"] is want, (method, extra)
