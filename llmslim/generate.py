@@ -381,8 +381,8 @@ class LeanLlama:
         inner = getattr(model, "model", None)
         if config is None or inner is None or getattr(config, "model_type", None) not in cls.ARCHS:
             return None
-        if not all(isinstance(layer, PreallocLayer) for layer in cache.layers):
-            return None
+        if not all(isinstance(layer, PreallocLayer) or hasattr(layer, "append") for layer in cache.layers):
+            return None  # caches it can write into directly (PreallocLayer, the server's BatchLayer)
         if getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1:
             return None
         for part in ("embed_tokens", "norm", "rotary_emb", "layers"):

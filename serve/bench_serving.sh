@@ -33,7 +33,10 @@ if [ ! -f "$CKPT/config.json" ]; then
 fi
 
 pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; pid=; }
+cleanup() {
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  pid=
+}
 trap cleanup EXIT INT TERM
 
 wait_ready() {  # name log

@@ -325,8 +325,9 @@ class Engine:
         rows = 0
         for g in self._groups:
             logits = g.batch.step([s.out[-1] for s in g.seqs])
-            for s, row in zip(g.seqs, logits, strict=True):
-                self._advance(s, row)
+            best = logits.argmax(-1).tolist()  # one call for every greedy row instead of one per row
+            for s, row, token in zip(g.seqs, logits, best, strict=True):
+                self._advance(s, row, token)
             done = [i for i, s in enumerate(g.seqs) if s.finish_reason is not None]
             g.batch.remove(done)
             rows += len(g.seqs)
@@ -334,12 +335,18 @@ class Engine:
         self._groups = [g for g in self._groups if g.seqs]
         self.stats.observe_step(rows, time.perf_counter() - t0)
 
-    def _advance(self, s: Sequence, logits: torch.Tensor) -> None:
-        """Choose ``s``'s next token from its raw ``logits [vocab]``, update its text, send it."""
+    def _advance(self, s: Sequence, logits: torch.Tensor, argmax: int | None = None) -> None:
+        """Choose ``s``'s next token from its raw ``logits [vocab]``, update its text, send it.
+
+        ``argmax``: the raw logits' argmax if already known, the greedy choice when nothing
+        (penalties, a min_tokens ban) changes the logits."""
         req, p = s.req, s.req.params
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
         processed = process(logits, p, req.prompt, s.out, stop_ids)
-        token = sample(processed, p, s.generator)
+        if p.greedy and argmax is not None and processed is logits:
+            token = argmax
+        else:
+            token = sample(processed, p, s.generator)
         lp = None
         if p.logprobs is not None:
             lp = token_logprobs(torch.log_softmax(logits.float(), -1).view(1, -1), [token], p.logprobs)

@@ -130,6 +130,17 @@ class BatchLayer(CacheLayerMixin):
         self._view()
         return self.keys, self.values
 
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``update`` for a single row and keys/values laid out ``[T, heads, d]`` (``LeanLlama``'s
+        decode path)."""
+        T = k.shape[0]
+        self.reserve(self.rows, 0, T)
+        self._k[0, :, self.end:self.end + T] = k.transpose(0, 1)
+        self._v[0, :, self.end:self.end + T] = v.transpose(0, 1)
+        self.end += T
+        self._view()
+        return self.keys, self.values
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.end - self.start + query_length, 0
 
@@ -195,6 +206,16 @@ class PaddedBatch:
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row; returns the next-token logits ``[rows, vocab]``."""
         rows = len(self.pad)
+        if rows == 1 and self.pad[0] == 0:
+            # One sequence alone: llmslim's lean batch-1 forward when the model has one (about
+            # twice the speed of the model's own forward at this size), same numbers otherwise.
+            from ..generate import LeanLlama
+
+            lean = LeanLlama.for_model(self.model, self.cache)
+            if lean is not None:
+                logits = lean(torch.tensor(tokens, dtype=torch.long), self.length, self.cache)
+                self.length += 1
+                return logits.view(1, -1)
         input_ids = torch.tensor(tokens, dtype=torch.long).view(rows, 1)
         position_ids = torch.tensor(self.positions(), dtype=torch.long).view(rows, 1)
         pad = torch.tensor(self.pad).view(rows, 1)

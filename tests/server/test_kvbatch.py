@@ -75,3 +75,18 @@ def test_batch_layer_reuses_its_buffers():
 def test_new_cache_is_dynamic():
     model = make_tiny_model("llama")
     assert type(new_cache(model)).__name__ == "DynamicCache"
+
+
+def test_a_single_row_takes_the_lean_path_with_the_same_logits():
+    from llmslim.kernels import accelerate
+
+    model = accelerate(make_tiny_model("llama").eval(), torch.float32)
+    prompt = [5, 9, 17, 3, 8]
+    want = alone(model, prompt, 6)  # transformers' own forward on the same modules
+    batch = PaddedBatch(model)
+    cache, _ = prefill(model, prompt, all_logits=False)
+    batch.add(cache, len(prompt))
+    for k in range(6):
+        got = batch.step([int(want[k].argmax())])
+        torch.testing.assert_close(got[0], want[k + 1], rtol=1e-4, atol=1e-4)
+    assert getattr(model, "_llmslim_lean", None) is not None  # the lean forward was used
