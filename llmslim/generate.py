@@ -439,3 +439,33 @@ class LeanLlama:
             x = x + down(F.silu(gu[:, :inter]) * gu[:, inter:])
         x = self.norm(x[-1:])
         return self.head(x)[0]
+
+    def decode_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: torch.Tensor,
+                     cache) -> torch.Tensor:
+        """One token for each of ``B`` rows of a left-padded batch -> next-token logits ``[B, vocab]``.
+
+        ``positions [B]`` are each row's own positions; ``attend [B, L+1]`` (bool) says which cache
+        columns, the new one included, each row sees (its padding not). The cache layers take
+        ``update(keys [B, kv, 1, d], values)`` and return every column (the server's ``BatchLayer``).
+        """
+        B = input_ids.shape[0]
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        nqk = (nh + nkv) * d
+        x = self.embed(input_ids)  # [B, hidden]
+        cos, sin = self.rotary(x, positions.view(B, 1))  # [B, 1, d]: broadcast over heads
+        half = d // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        mask = attend[:, None, None, :]  # [B, 1, 1, L+1] against queries [B, kv_heads, group, 1]
+        sdpa, scaling = self.sdpa, self.scaling
+        for i, (w1, eps1, qkv_proj, o_proj, w2, eps2, gate_up, inter, down) in enumerate(self.layers):
+            qkv = qkv_proj(_rms_norm(x, w1, eps1))
+            qk = qkv[:, :nqk].view(B, nh + nkv, d)
+            qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)
+            v = qkv[:, nqk:].view(B, nkv, 1, d)
+            keys, values = cache.layers[i].update(qk[:, nh:, None, :], v)
+            # grouped heads folded into the query axis: [B, kv_heads, group, d]
+            a = sdpa(qk[:, :nh].reshape(B, nkv, nh // nkv, d), keys, values, attn_mask=mask, scale=scaling)
+            x = x + o_proj(a.reshape(B, nh * d))
+            gu = gate_up(_rms_norm(x, w2, eps2))
+            x = x + down(F.silu(gu[:, :inter]) * gu[:, inter:])
+        return self.head(self.norm(x))

@@ -206,20 +206,27 @@ class PaddedBatch:
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row; returns the next-token logits ``[rows, vocab]``."""
         rows = len(self.pad)
-        if rows == 1 and self.pad[0] == 0:
-            # One sequence alone: llmslim's lean batch-1 forward when the model has one (about
-            # twice the speed of the model's own forward at this size), same numbers otherwise.
-            from ..generate import LeanLlama
+        # llmslim's lean forward when the model has one (Llama family after ``accelerate``): the
+        # same arithmetic without transformers' per-module Python, which at this model size costs
+        # about as much as the batch-1 compute.
+        from ..generate import LeanLlama
 
-            lean = LeanLlama.for_model(self.model, self.cache)
-            if lean is not None:
-                logits = lean(torch.tensor(tokens, dtype=torch.long), self.length, self.cache)
-                self.length += 1
-                return logits.view(1, -1)
-        input_ids = torch.tensor(tokens, dtype=torch.long).view(rows, 1)
-        position_ids = torch.tensor(self.positions(), dtype=torch.long).view(rows, 1)
+        lean = LeanLlama.for_model(self.model, self.cache)
+        input_ids = torch.tensor(tokens, dtype=torch.long)
         pad = torch.tensor(self.pad).view(rows, 1)
-        mask = (torch.arange(self.length + 1).view(1, -1) >= pad).long()
+        if lean is not None and rows == 1 and self.pad[0] == 0:
+            logits = lean(input_ids, self.length, self.cache).view(1, -1)
+            self.length += 1
+            return logits
+        attend = torch.arange(self.length + 1).view(1, -1) >= pad
+        if lean is not None:
+            positions = torch.tensor(self.positions(), dtype=torch.long)
+            logits = lean.decode_batch(input_ids, positions, attend, self.cache)
+            self.length += 1
+            return logits
+        input_ids = input_ids.view(rows, 1)
+        position_ids = torch.tensor(self.positions(), dtype=torch.long).view(rows, 1)
+        mask = attend.long()
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
         self.length += 1

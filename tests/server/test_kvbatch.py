@@ -20,9 +20,13 @@ def alone(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-lean"])
 def test_rows_join_leave_and_grow(arch):
-    model = make_tiny_model(arch).eval()
+    model = make_tiny_model(arch.removesuffix("-lean")).eval()
+    if arch.endswith("-lean"):  # fused modules: the batch decodes through LeanLlama.decode_batch
+        from llmslim.kernels import accelerate
+
+        accelerate(model, torch.float32)
     prompts = [[5, 9, 17], [3, 4, 5, 6, 7, 8, 9, 10], [11] * 5, list(range(20, 40))]
     want = [alone(model, p, 12) for p in prompts]
 
@@ -58,6 +62,7 @@ def test_rows_join_leave_and_grow(arch):
     live[:] = [live[1]]
     step()
     assert len(batch) == 1
+    assert (getattr(model, "_llmslim_lean", None) is not None) == arch.endswith("-lean")
 
 
 def test_batch_layer_reuses_its_buffers():
