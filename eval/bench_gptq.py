@@ -84,12 +84,21 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=44)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--out", type=Path, default=HERE / "results" / "gptq_table.json")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: print the table of every row in --out and write it next to it as .md")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--calib-file", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.one:
         print(json.dumps(run_one(args.one, args.calib_file, args.windows, args.seqlen)))
+        return
+
+    if args.report:
+        results = json.loads(args.out.read_text())
+        md = table(results, sorted(results, key=_order))
+        args.out.with_suffix(".md").write_text(md + "\n")
+        print(md)
         return
 
     import torch
@@ -115,6 +124,14 @@ def main() -> None:
         results[row] = json.loads(out.strip().splitlines()[-1])
         args.out.write_text(json.dumps(results, indent=1))  # keep what is done if interrupted
     print(table(results, [r for r in ["fp32", *args.rows] if r in results]))
+
+
+def _order(row: str) -> tuple:
+    """fp32 first, then by setting (4-bit sym, 4-bit asym, 3-bit, 2-bit), RTN before GPTQ."""
+    if row == "fp32":
+        return (0,)
+    method, bits, group, sym, *flags = row.split("-")
+    return (1, -int(bits), sym != "sym", method != "rtn", len(flags), flags)
 
 
 def table(results: dict, rows: list[str]) -> str:
