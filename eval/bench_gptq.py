@@ -24,8 +24,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = [(4, 128, "sym"), (4, 128, "asym"), (3, 128, "sym"), (2, 64, "sym")]
+# RTN, then GPTQ as llmslim runs it by default (MSE clipping, group-aware reordering), with act-order
+# on top; the flags without -mse are the plain-grid GPTQ of the paper.
 DEFAULT_ROWS = [f"{m}-{b}-g{g}-{s}{v}" for b, g, s in SETTINGS
-                for m, v in [("rtn", ""), ("gptq", "-nogar"), ("gptq", ""), ("gptq", "-descact")]]
+                for m, v in [("rtn", ""), ("gptq", "-mse"), ("gptq", "-mse-descact")]]
 
 
 def parse_row(row: str) -> tuple[str, dict]:
