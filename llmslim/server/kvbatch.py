@@ -15,6 +15,10 @@ one column in place and the attention reads views, so no step copies the cache (
 ``DynamicCache`` concatenates every layer's keys and values on every step: at 16 rows of a few
 hundred tokens that is ~100 MB moved per step on SmolLM2-135M). Buffers grow by doubling.
 
+Models that ``llmslim.kernels.accelerate`` prepared (Llama family) decode the batch through
+``LeanLlama.decode_batch`` — the same arithmetic without transformers' per-module Python — and a
+lone row through the batch-1 lean forward; every other model through its own ``forward``.
+
 Only plain ``DynamicLayer`` caches can be merged this way (sliding-window or recurrent layers
 keep extra state); ``mergeable`` says so and the engine then decodes each sequence alone.
 """
