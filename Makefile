@@ -33,7 +33,8 @@ $(LMEVAL_VENV)/.installed: $(VENV)/.installed
 	python3 -m venv $(LMEVAL_VENV)
 	$(LMEVAL_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(LMEVAL_VENV)/bin/python -m pip install -q 'lm-eval[api]==0.4.13' torch==2.13.0 \
-		transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')
+		transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)') \
+		accelerate==$$($(PY) -c 'import accelerate; print(accelerate.__version__)')
 	touch $@
 
 test-slow: setup $(LMEVAL_VENV)/.installed
