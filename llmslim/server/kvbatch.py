@@ -164,6 +164,8 @@ class PaddedBatch:
         self.cache = None
         self.pad: list[int] = []  # left padding columns of each row
         self.length = 0  # cache columns (the same for every row)
+        self._lean: object = None  # decided at the first step (the model's structure does not change)
+        self._lean_checked = False
 
     def __len__(self) -> int:
         return len(self.pad)
@@ -213,9 +215,11 @@ class PaddedBatch:
         # llmslim's lean forward when the model has one (Llama family after ``accelerate``): the
         # same arithmetic without transformers' per-module Python, which at this model size costs
         # about as much as the batch-1 compute.
-        from ..generate import LeanLlama
+        if not self._lean_checked:  # the structure check walks every layer: once, not per step
+            from ..generate import LeanLlama
 
-        lean = LeanLlama.for_model(self.model, self.cache)
+            self._lean, self._lean_checked = LeanLlama.for_model(self.model, self.cache), True
+        lean = self._lean
         input_ids = torch.tensor(tokens, dtype=torch.long)
         pad = torch.tensor(self.pad).view(rows, 1)
         if lean is not None and rows == 1 and self.pad[0] == 0:
