@@ -134,8 +134,8 @@ def torch_worker(args) -> None:
     import torch
     import transformers  # noqa: F401  (imported before the baseline RSS is taken, like llmslim)
 
-    import llmslim.generate  # noqa: F401
     import llmslim.load  # noqa: F401
+    import llmslim.runtime.generate  # noqa: F401
 
     torch.set_num_threads(args.threads)
     row = args.worker
@@ -150,7 +150,7 @@ def torch_worker(args) -> None:
         elif row in BNB_ROWS:
             model, tok = _load_bnb(args, torch, *BNB_ROWS[row])
         else:
-            from llmslim.kernels import accelerate
+            from llmslim.runtime.fast import accelerate
 
             source = {"llmslim-bf16": MODEL, "llmslim-8bit": args.ckpt_8bit}.get(row, args.ckpt_4bit)
             dtype = torch.float32 if row.endswith("fp32") else torch.bfloat16
@@ -163,7 +163,7 @@ def torch_worker(args) -> None:
     def run(state):
         model, tok, ids = state
         if row.startswith("llmslim"):
-            from llmslim.generate import generate
+            from llmslim.runtime.generate import generate
 
             r = generate(model, tok, ids, max_new_tokens=args.tokens, ignore_eos=True)
             return {"prefill_s": r.timings["prefill_s"], "decode_s": r.timings["decode_s"],
@@ -242,10 +242,10 @@ def match_worker(args) -> None:
     import torch
 
     from llmslim.data import load_documents
-    from llmslim.generate import generate
-    from llmslim.kernels import HEADS, accelerate
     from llmslim.load import load as load_model
     from llmslim.nn import decoded_weights
+    from llmslim.runtime.fast import HEADS, accelerate
+    from llmslim.runtime.generate import generate
 
     torch.set_num_threads(args.threads)
     ref, tok = load_model(args.ckpt_4bit, dtype=torch.float32)

@@ -6,7 +6,6 @@ llmslim loads (float, GPTQ, bitsandbytes) is timed by the same loop with no samp
 
 from __future__ import annotations
 
-import inspect
 import resource
 import statistics
 import sys
@@ -17,7 +16,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .scoring import model_context, model_device
+from ..runtime.cache import cache_kwarg
+from ..runtime.model_info import model_context
+from .scoring import model_device
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 
@@ -98,8 +99,7 @@ def _vocab_size(model: nn.Module) -> int:
 
 
 def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    # transformers 5.2x renamed past_key_values to cache (the old name warns, then goes away).
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_kwarg(model)
     _sync(ids.device)
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)

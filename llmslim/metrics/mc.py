@@ -16,8 +16,9 @@ import time
 from torch import nn
 
 from ..errors import UserError
+from ..runtime.model_info import model_context
 from .ppl import encode
-from .scoring import TOKEN_BUDGET, model_context, score_windows
+from .scoring import TOKEN_BUDGET, score_windows
 from .tasks import Doc, Task, get_task
 from .windows import Window
 

@@ -18,7 +18,8 @@ import time
 from torch import nn
 
 from ..errors import UserError
-from .scoring import TOKEN_BUDGET, model_context, score_windows
+from ..runtime.model_info import model_context
+from .scoring import TOKEN_BUDGET, score_windows
 from .windows import METHODS, gptq_windows, rolling_windows, sliding_windows
 
 DEFAULT_SEQLEN = 2048

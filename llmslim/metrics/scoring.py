@@ -34,16 +34,6 @@ class WindowScore:
     base_nll: float = 0.0  # the baseline's own -log p sum, for its perplexity on the same windows
 
 
-def model_context(model: nn.Module, default: int = 2048) -> int:
-    """The model's context length from its config (the names HF architectures use)."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return default
-
-
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device

@@ -8,11 +8,12 @@ import platform
 import torch
 from torch import nn
 
+from ..runtime.model_info import model_context
 from .efficiency import checkpoint_bytes, parameter_bytes, speed
 from .mc import evaluate_task
 from .ppl import perplexity
 from .report import FORMAT
-from .scoring import TOKEN_BUDGET, model_context
+from .scoring import TOKEN_BUDGET
 from .tasks import Doc
 
 

@@ -29,8 +29,9 @@ def build(
 
     The engine is started; stop it with ``engine.stop()`` when the server exits.
     """
-    from .app import ServerState, create_app
+    from .app import create_app
     from .engine import Engine
+    from .state import ServerState
 
     if model is None:
         from ..load import load
@@ -49,10 +50,10 @@ def build(
 
 
 def accelerate(model):
-    """The fast CPU path (int4/int8 kernels, bf16) when llmslim.kernels provides it."""
+    """The fast CPU path (int4/int8 kernels, bf16) when llmslim.runtime.fast provides it."""
     try:
-        from ..kernels import accelerate as fast_path
+        from ..runtime.fast import accelerate as fast_path
     except ImportError:  # the kernels module is optional; the reference path is always correct
-        log.warning("llmslim.kernels is not available; serving on the reference (float) path")
+        log.warning("llmslim.runtime.fast is not available; serving on the reference (float) path")
         return model
     return fast_path(model)

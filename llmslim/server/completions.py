@@ -21,10 +21,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from .app import APIError, ServerState, error_body
+from ..runtime.sampling import SamplingParams
 from .engine import Done, Event, Failed, LengthError, Output, PromptLogprobs, QueueFull
-from .sampling import SamplingParams, TopLogprobs
+from .outputs import TopLogprobs
 from .schemas import ChatRequest, CompletionRequest
+from .state import APIError, ServerState, error_body
 
 router = APIRouter()
 

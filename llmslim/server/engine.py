@@ -29,18 +29,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .kvbatch import PaddedBatch, mergeable, prefill
+from ..runtime.cache import mergeable
+from ..runtime.model_info import eos_ids, model_context
+from ..runtime.sampling import Sampler, SamplingParams, process
+from ..runtime.stops import StopStrings
+from .kvbatch import PaddedBatch, prefill
 from .metrics import EngineStats
-from .sampling import (
-    Detokenizer,
-    SamplingParams,
-    StopStrings,
-    TopLogprobs,
-    new_generator,
-    process,
-    sample,
-    token_logprobs,
-)
+from .outputs import Detokenizer, TopLogprobs, token_logprobs
 
 log = logging.getLogger("llmslim.server")
 
@@ -110,7 +105,7 @@ class Sequence:
 
     req: Request
     index: int
-    generator: torch.Generator
+    sampler: Sampler
     detok: Detokenizer
     stops: StopStrings
     out: list[int] = field(default_factory=list)
@@ -302,7 +297,7 @@ class Engine:
                 _send(req, Output(i, "", [], [] if p.logprobs is not None else None, "length"))
             self._finish_request(req)
             return
-        seqs = [Sequence(req, i, new_generator(p.seed, i), Detokenizer(self.tokenizer), StopStrings(p.stop))
+        seqs = [Sequence(req, i, Sampler(p, i), Detokenizer(self.tokenizer), StopStrings(p.stop))
                 for i in range(p.n)]
         last = logits[-1:]
         for s in seqs:
@@ -346,7 +341,7 @@ class Engine:
         if p.greedy and argmax is not None and processed is logits:
             token = argmax
         else:
-            token = sample(processed, p, s.generator)
+            token = s.sampler(processed)
         lp = None
         if p.logprobs is not None:
             lp = token_logprobs(torch.log_softmax(logits.float(), -1).view(1, -1), [token], p.logprobs)
@@ -389,30 +384,3 @@ def _send(req: Request, event: Event) -> None:
         req.sink(event)
     except Exception:  # a broken sink (its event loop gone) must not stop the engine
         log.exception("could not deliver an event of request %s", req.id)
-
-
-def eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for src in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
-        eos = getattr(src, "eos_token_id", None)
-        if eos is not None:
-            ids.update([eos] if isinstance(eos, int) else eos)
-    return ids
-
-
-def model_context(model: nn.Module, requested: int | None) -> int:
-    """The context the server allows: the model's own, or less when asked."""
-    config = model.config
-    native = None
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            native = value
-            break
-    if requested is not None and requested <= 0:
-        raise ValueError(f"max_model_len must be positive, got {requested}")
-    if native is None:
-        return requested or 2048
-    if requested is not None and requested > native:
-        raise ValueError(f"max_model_len {requested} is more than the model's context ({native})")
-    return requested or native

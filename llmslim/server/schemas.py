@@ -2,7 +2,7 @@
 
 Unknown fields are ignored (clients send many we do not use); NaN and infinity are refused
 for every float. Bounds that depend on the server (context, batch size) are checked later,
-where they are known. Responses are plain dicts built in ``app.py``.
+where they are known. Responses are plain dicts built in ``app.py`` and ``completions.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .sampling import SamplingParams
+from ..runtime.sampling import SamplingParams
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 

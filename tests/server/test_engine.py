@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
+from llmslim.runtime.sampling import SamplingParams
 from llmslim.server.engine import Done, Engine, Failed, Output, PromptLogprobs
-from llmslim.server.sampling import SamplingParams
 from tests.conftest import make_tiny_model, make_tiny_tokenizer
 
 

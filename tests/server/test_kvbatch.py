@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from llmslim.server.kvbatch import BatchLayer, PaddedBatch, cache_kwarg, new_cache, prefill
+from llmslim.runtime.cache import cache_kwarg
+from llmslim.runtime.fast import accelerate
+from llmslim.server.kvbatch import PaddedBatch, prefill
 from tests.conftest import make_tiny_model
 
 
@@ -24,8 +26,6 @@ def alone(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
 def test_rows_join_leave_and_grow(arch):
     model = make_tiny_model(arch.removesuffix("-lean")).eval()
     if arch.endswith("-lean"):  # fused modules: the batch decodes through LeanLlama.decode_batch
-        from llmslim.kernels import accelerate
-
         accelerate(model, torch.float32)
     prompts = [[5, 9, 17], [3, 4, 5, 6, 7, 8, 9, 10], [11] * 5, list(range(20, 40))]
     want = [alone(model, p, 12) for p in prompts]
@@ -65,26 +65,7 @@ def test_rows_join_leave_and_grow(arch):
     assert (getattr(model, "_llmslim_lean", None) is not None) == arch.endswith("-lean")
 
 
-def test_batch_layer_reuses_its_buffers():
-    k = torch.randn(1, 2, 4, 8)
-    layer = BatchLayer(k, k.clone(), copies=2)
-    layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))  # first step: room doubles
-    buffer = layer._k
-    for _ in range(3):
-        keys, _ = layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
-    assert layer._k is buffer  # steps write in place, no new allocation
-    assert keys.shape == (2, 2, 8, 8) and keys.data_ptr() == buffer.data_ptr()
-    assert layer.get_seq_length() == 8
-
-
-def test_new_cache_is_dynamic():
-    model = make_tiny_model("llama")
-    assert type(new_cache(model)).__name__ == "DynamicCache"
-
-
 def test_a_single_row_takes_the_lean_path_with_the_same_logits():
-    from llmslim.kernels import accelerate
-
     model = accelerate(make_tiny_model("llama").eval(), torch.float32)
     prompt = [5, 9, 17, 3, 8]
     want = alone(model, prompt, 6)  # transformers' own forward on the same modules

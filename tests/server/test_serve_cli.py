@@ -85,7 +85,7 @@ def test_embedded_refuses_unknown_flags(tiny_folder, capsys):
 
 
 def test_fast_path_serves_a_gptq_checkpoint(gptq_dir):
-    from llmslim.kernels import module_summary
+    from llmslim.runtime.fast import module_summary
     from llmslim.server import build
 
     app, engine = build(str(gptq_dir), fast=True)

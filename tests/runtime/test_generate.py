@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmslim.generate import PreallocLayer, Sampler, StopWatch, generate, make_cache
-from llmslim.kernels import accelerate
-
-from .conftest import ARCHS, make_tiny_model, make_tiny_tokenizer
+from llmslim.runtime.fast import accelerate
+from llmslim.runtime.generate import generate
+from llmslim.runtime.sampling import Sampler, SamplingParams
+from llmslim.runtime.stops import StopStrings
+from tests.conftest import ARCHS, make_tiny_model, make_tiny_tokenizer
 
 PROMPT = "Once upon a time there was a little girl"
 
@@ -66,19 +67,26 @@ def test_sampling_is_reproducible_with_a_seed(tok):
     assert torch.equal(torch.rand(1), before)
 
 
+def sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Sampler:
+    """The sampler ``generate`` builds for these arguments."""
+    return Sampler(SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
+
+
 def test_sampler_filters():
     logits = torch.tensor([0.0, 5.0, 4.9, -3.0, 1.0])
-    assert Sampler()(logits) == 1  # greedy
-    assert Sampler(temperature=1.0, top_k=1, seed=0)(logits) == 1
-    picks = {Sampler(temperature=5.0, top_k=2, seed=s)(logits) for s in range(60)}
+    assert sampler()(logits) == 1  # greedy
+    assert sampler(temperature=1.0, top_k=1, seed=0)(logits) == 1
+    picks = {sampler(temperature=5.0, top_k=2, seed=s)(logits) for s in range(60)}
     assert picks == {1, 2}  # top-k keeps exactly the two best
     # probabilities ~0.52, 0.47, 0.01, ...: top-p keeps the smallest prefix whose mass reaches p
-    assert {Sampler(temperature=1.0, top_p=0.5, seed=s)(logits) for s in range(60)} == {1}
-    assert {Sampler(temperature=1.0, top_p=0.6, seed=s)(logits) for s in range(60)} == {1, 2}
+    assert {sampler(temperature=1.0, top_p=0.5, seed=s)(logits) for s in range(60)} == {1}
+    assert {sampler(temperature=1.0, top_p=0.6, seed=s)(logits) for s in range(60)} == {1, 2}
     with pytest.raises(ValueError):
-        Sampler(top_p=0.0)
+        sampler(top_p=0.0)
     with pytest.raises(ValueError):
-        Sampler(temperature=-1.0)
+        sampler(temperature=-1.0)
+    with pytest.raises(ValueError):
+        generate(make_tiny_model("llama"), make_tiny_tokenizer(), PROMPT, temperature=-1.0)
 
 
 def test_stop_string_cuts_the_text(tok):
@@ -94,11 +102,11 @@ def test_stop_string_cuts_the_text(tok):
     assert len(r.tokens) < len(free.tokens)
 
 
-def test_stopwatch_finds_strings_across_token_boundaries():
-    w = StopWatch(["END", "\n\n"])
-    assert w.find("abc E") == -1
-    assert w.find("abc EN") == -1
-    assert w.find("abc ENDx") == 4
+def test_stop_strings_are_found_across_token_boundaries():
+    w = StopStrings(["END", "\n\n"])
+    assert w.find("abc E", 0) == -1
+    assert w.find("abc EN", 5) == -1
+    assert w.find("abc ENDx", 6) == 4
 
 
 def test_eos_stops(tok):
@@ -119,20 +127,6 @@ def test_max_new_tokens_and_timings(tok):
     assert generate(model, tok, PROMPT, max_new_tokens=0).tokens == []
     with pytest.raises(ValueError):
         generate(model, tok, [], max_new_tokens=3)
-
-
-def test_cache_is_preallocated_and_reused():
-    model = make_tiny_model("llama")
-    cache = make_cache(model, 40)
-    assert all(isinstance(layer, PreallocLayer) for layer in cache.layers)
-    assert make_cache(model, 100) is cache  # within the same bucket: reused
-    k = torch.randn(1, 2, 3, 16)
-    layer = cache.layers[0]
-    keys, _ = layer.update(k, k)
-    buffer = layer._k.data_ptr()
-    keys, _ = layer.update(k[:, :, :1], k[:, :, :1])
-    assert keys.shape[2] == 4 and layer._k.data_ptr() == buffer  # written in place, no reallocation
-    assert torch.equal(keys[:, :, :3], k)
 
 
 def test_cache_follows_the_model_after_accelerate(tok):

@@ -7,22 +7,18 @@ import math
 import pytest
 import torch
 
-from llmslim.kernels import (
-    FusedLinear,
-    FusedPart,
+from llmslim.nn import GPTQLinear
+from llmslim.runtime.fast import accelerate, fast_module, module_summary
+from llmslim.runtime.fusion import FusedLinear, FusedPart
+from llmslim.runtime.kernels import (
     Int4Linear,
     Int8Linear,
     Int8x2Linear,
-    _int4_layout,
-    accelerate,
-    fast_module,
     int4_available,
+    int4_layout,
     int8_available,
-    module_summary,
 )
-from llmslim.nn import GPTQLinear
-
-from .conftest import make_tiny_model
+from tests.conftest import make_tiny_model
 
 pytestmark = pytest.mark.skipif(not (int4_available() and int8_available()), reason="torch lacks the CPU int kernels")
 
@@ -82,13 +78,13 @@ def test_int4_matches_reference(out_f, in_f, group, act, sym, bias):
     assert_close_bf16(fast, ref, in_f)
 
 
-def test_int4_layouts_cost_nothing_when_they_can():
-    assert _int4_layout(torch.arange(576) // 128, 576).mode == "none"  # SmolLM2: kernel group 64
-    assert _int4_layout(torch.arange(576) // 128, 576).kg == 64
-    assert _int4_layout(torch.arange(1536) // 128, 1536).kg == 128
-    assert _int4_layout(torch.arange(136) // 128, 136).mode == "pad"
-    assert _int4_layout((torch.arange(136) // 128)[torch.randperm(136)], 136).mode == "gather"
-    assert _int4_layout((torch.arange(128) // 64)[torch.randperm(128)], 128).mode == "perm"
+def testint4_layouts_cost_nothing_when_they_can():
+    assert int4_layout(torch.arange(576) // 128, 576).mode == "none"  # SmolLM2: kernel group 64
+    assert int4_layout(torch.arange(576) // 128, 576).kg == 64
+    assert int4_layout(torch.arange(1536) // 128, 1536).kg == 128
+    assert int4_layout(torch.arange(136) // 128, 136).mode == "pad"
+    assert int4_layout((torch.arange(136) // 128)[torch.randperm(136)], 136).mode == "gather"
+    assert int4_layout((torch.arange(128) // 64)[torch.randperm(128)], 128).mode == "perm"
 
 
 @pytest.mark.parametrize("bits", [2, 3])
@@ -137,7 +133,7 @@ def test_leading_dims_and_dtypes():
 
 @pytest.mark.parametrize("kind,tol", [(Int8Linear, 0.02)])
 def test_head_from_float(kind, tol, monkeypatch):
-    import llmslim.kernels as K
+    import llmslim.runtime.kernels as K
 
     monkeypatch.setattr(K, "HEAD_CHUNK", 64)  # several chunks, like a real vocabulary
     w = torch.randn(200, 64)

@@ -1,8 +1,8 @@
-"""Fast CPU linear modules for GPTQ weights, and ``accelerate(model)`` that swaps them in.
+"""Fast CPU linear modules for GPTQ weights (``runtime.fast.accelerate`` swaps them in).
 
 ``GPTQLinear`` (llmslim/nn.py) dequantizes its whole weight on every call: exact, but slow.
-At load time ``accelerate`` replaces each one, once, by the fastest module that computes the
-same product:
+At load time ``accelerate`` replaces each one, once, by the fastest module here that computes
+the same product:
 
 - 2/3/4 bits -> ``Int4Linear``: torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``).
   2- and 3-bit codes are valid 4-bit codes, so they run there too, exactly (at 4-bit size).
@@ -16,7 +16,7 @@ modules compute in bf16 and cast back when the model runs in another dtype.
 The int4 kernel computes ``w = (q - 8) * scale + zero`` per group of ``kg`` input columns,
 ``kg`` in {32, 64, 128, 256}, K a multiple of ``kg``, N a multiple of 16. GPTQ's
 ``w = (q - z) * s`` with arbitrary ``g_idx`` (act-order), any group size and any K is mapped
-onto that once, at load time (``_int4_layout``): columns are sorted by group, each group
+onto that once, at load time (``int4_layout``): columns are sorted by group, each group
 starts on a kernel-group boundary (zero-padded when its size is not a multiple of ``kg``),
 and N is padded to a multiple of 16. At run time that costs at most one ``index_select`` or
 ``F.pad`` of the activation, and nothing at all for the common case (contiguous groups, K a
@@ -25,15 +25,11 @@ multiple of a supported group size).
 
 from __future__ import annotations
 
-import ctypes
-import gc
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import GPTQLinear
-from .quant.walk import set_module
+from ..nn import GPTQLinear
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 HEAD_CHUNK = 4096  # rows of a float lm_head quantized at a time (a multiple of 64: packs concatenate)
@@ -57,7 +53,7 @@ def int8_available() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Layout:
+class Int4Layout:
     """Where each kernel input column comes from, and how to build the activation for it.
 
     ``src[k']`` is the original input column of kernel column ``k'``, or ``K`` for a padding
@@ -82,7 +78,7 @@ class _Layout:
         return self.src.numel()
 
 
-def _int4_layout(g_idx: torch.Tensor, in_features: int) -> _Layout:
+def int4_layout(g_idx: torch.Tensor, in_features: int) -> Int4Layout:
     """Sort columns by group and pick the kernel group size that needs the least padding."""
     g_idx = g_idx.long()
     order = torch.argsort(g_idx, stable=True)
@@ -102,7 +98,7 @@ def _int4_layout(g_idx: torch.Tensor, in_features: int) -> _Layout:
         span = (count + kg - 1) // kg * kg
         group[pos // kg : (pos + span) // kg] = grp
         pos, start = pos + span, start + count
-    return _Layout(src, group, kg, in_features)
+    return Int4Layout(src, group, kg, in_features)
 
 
 def _prepare_input(x: torch.Tensor, layout_mode: str, index: torch.Tensor | None, pad: int) -> torch.Tensor:
@@ -121,7 +117,7 @@ def _prepare_input(x: torch.Tensor, layout_mode: str, index: torch.Tensor | None
 
 
 def _int4_params(
-    Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, layout: _Layout, code_bits: int
+    Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, layout: Int4Layout, code_bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``Q [N, K]`` (values < 2**code_bits <= 16), per-GPTQ-group ``scale``/``zero [G, N]``
     -> (packed weight, scale-and-zeros ``[Kp/kg, Np, 2]`` in bf16).
@@ -164,7 +160,7 @@ def _int4_params(
 class Int4Linear(nn.Module):
     """``y = x W^T + b`` with W in torch's CPU int4 layout; computes in bf16."""
 
-    def __init__(self, in_features: int, out_features: int, layout: _Layout, packed: torch.Tensor,
+    def __init__(self, in_features: int, out_features: int, layout: Int4Layout, packed: torch.Tensor,
                  scale_zeros: torch.Tensor, bias: torch.Tensor | None, bits: int):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
@@ -181,7 +177,7 @@ class Int4Linear(nn.Module):
         if m.bits > 4:
             raise ValueError(f"Int4Linear holds at most 4-bit codes, got {m.bits}")
         Q, zeros = m.codes()
-        layout = _int4_layout(m.g_idx, m.in_features)
+        layout = int4_layout(m.g_idx, m.in_features)
         packed, sz = _int4_params(Q, m.scales, zeros, layout, m.bits)
         return cls(m.in_features, m.out_features, layout, packed, sz, m.bias, m.bits)
 
@@ -286,7 +282,7 @@ class Int8x2Linear(nn.Module):
         if m.bits != 8:
             raise ValueError(f"Int8x2Linear needs 8-bit codes, got {m.bits}")
         Q, zeros = m.codes()
-        layout = _int4_layout(m.g_idx, m.in_features)
+        layout = int4_layout(m.g_idx, m.in_features)
         s = m.scales.float()
         # hi half carries the whole zero: lo's zero is 8 (so its kernel zero is exactly 0).
         packed_hi, sz_hi = _int4_params(Q >> 4, s * 16, (zeros.float() - 8) / 16, layout, 4)
@@ -307,279 +303,3 @@ class Int8x2Linear(nn.Module):
         if self.hi.bias is not None:
             y = y + self.hi.bias
         return y.reshape(*lead, self.out_features).to(dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention for one new token
-# ---------------------------------------------------------------------------------------------
-
-ATTENTION = "llmslim_sdpa"
-
-
-def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                     **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, with a faster path for decoding one token without a mask.
-
-    With grouped-query attention transformers calls SDPA with ``enable_gqa=True``; on CPU that
-    costs ~5x more for a single query than folding the query heads of each group into the
-    query-length axis (``[b, kv_heads, group, d]``), which is the same computation (no mask,
-    so the group's rows are independent). Anything unusual (a mask, several queries,
-    soft-capping, attention sinks, position biases, dropout) goes to transformers' own
-    SDPA function unchanged.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    b, hq, q_len, d = query.shape
-    hk = key.shape[1]
-    plain = all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias", "sliding_window"))
-    if q_len != 1 or attention_mask is not None or dropout or not plain or hq % hk or kwargs.get("output_attentions"):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    q = query.reshape(b, hk, hq // hk, d)  # query head h reads kv head h // group, as repeat_kv does
-    out = F.scaled_dot_product_attention(q, key, value, scale=scaling)  # [b, hk, group, dv]
-    return out.reshape(b, 1, hq, value.shape[-1]), None
-
-
-def use_decode_attention(model: nn.Module) -> bool:
-    """Route a model that runs transformers' SDPA attention through ``decode_attention``."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
-        return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION, decode_attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # masks are built exactly as for SDPA
-    try:
-        model.set_attn_implementation(ATTENTION)
-    except (ValueError, AttributeError):
-        return False
-    return getattr(model.config, "_attn_implementation", None) == ATTENTION
-
-
-# ---------------------------------------------------------------------------------------------
-# Fused sibling projections (q/k/v, gate/up): one kernel call instead of three or two
-# ---------------------------------------------------------------------------------------------
-
-# Children of one parent that read the very same input in every transformers model that has them.
-FUSE_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-class FusedLinear(nn.Module):
-    """One linear module over the concatenated outputs of sibling projections.
-
-    The model's own code still calls ``q_proj``/``k_proj``/``v_proj`` one by one: each is a
-    ``FusedPart`` that returns its slice of the fused output. The fused product is computed
-    when a part asks for an input it has not seen, and dropped as soon as every part has
-    taken its slice, so a result is only ever reused within one q/k/v (gate/up) sequence on
-    the very same tensor object. Code that knows about the fusion (``llmslim.generate``)
-    calls ``inner`` directly.
-    """
-
-    def __init__(self, inner: nn.Module, sizes: list[int]):
-        super().__init__()
-        self.inner = inner
-        self.sizes = list(sizes)
-        self._x: torch.Tensor | None = None  # held, so its id cannot be reused by another tensor
-        self._out: torch.Tensor | None = None
-        self._served: set[int] = set()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
-
-    def part(self, x: torch.Tensor, index: int, start: int, end: int) -> torch.Tensor:
-        if self._x is not x or index in self._served:
-            self._x, self._out, self._served = x, self.inner(x), set()
-        out = self._out[..., start:end]
-        self._served.add(index)
-        if len(self._served) == len(self.sizes):
-            self._x = self._out = None
-        return out
-
-
-class FusedPart(nn.Module):
-    """``q_proj`` (say) of a ``FusedLinear``: its slice of the fused output."""
-
-    def __init__(self, fused: FusedLinear, index: int, start: int, end: int, in_features: int):
-        super().__init__()
-        self.__dict__["fused"] = fused  # not a registered child: the parent registers it once
-        self.index, self.start, self.end = index, start, end
-        self.in_features, self.out_features = in_features, end - start
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fused.part(x, self.index, self.start, self.end)
-
-    def extra_repr(self) -> str:
-        return f"slice [{self.start}:{self.end}] of the fused projection"
-
-
-def _concat_gptq(mods: list[GPTQLinear]) -> GPTQLinear | None:
-    """One GPTQLinear with the outputs of ``mods`` side by side, or None when they do not share a layout.
-
-    Both packed tensors concatenate as they are: ``qweight`` packs along the input dimension and
-    ``qzeros`` along outputs in whole words (every output size here is a multiple of the run).
-    """
-    first = mods[0]
-    same = all(m.bits == first.bits and m.group_size == first.group_size and m.in_features == first.in_features
-               and torch.equal(m.g_idx, first.g_idx) for m in mods)
-    if not same:
-        return None
-    out = sum(m.out_features for m in mods)
-    bias = any(m.bias is not None for m in mods)
-    fused = GPTQLinear(first.in_features, out, first.bits, first.group_size, bias)
-    fused.qweight = torch.cat([m.qweight for m in mods], 1)
-    fused.qzeros = torch.cat([m.qzeros for m in mods], 1)
-    fused.scales = torch.cat([m.scales for m in mods], 1)
-    fused.g_idx = first.g_idx.clone()
-    if bias:
-        fused.bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=torch.float16)
-                                for m in mods])
-    return fused
-
-
-def _concat_float(mods: list[nn.Linear]) -> nn.Linear | None:
-    first = mods[0]
-    if not all(type(m) is nn.Linear and m.in_features == first.in_features and m.weight.dtype == first.weight.dtype
-               for m in mods):
-        return None
-    out = sum(m.out_features for m in mods)
-    bias = any(m.bias is not None for m in mods)
-    lin = nn.Linear(first.in_features, out, bias=bias, device="meta")
-    lin.weight = nn.Parameter(torch.cat([m.weight.detach() for m in mods]), requires_grad=False)
-    if bias:
-        lin.bias = nn.Parameter(torch.cat([m.bias.detach() if m.bias is not None else
-                                           torch.zeros(m.out_features, dtype=first.weight.dtype) for m in mods]),
-                                requires_grad=False)
-    return lin
-
-
-def fuse_projections(model: nn.Module, build) -> int:
-    """Fuse q/k/v and gate/up siblings everywhere in ``model``; ``build(mods)`` makes the fused
-    inner module or returns None to leave them alone. Returns how many groups were fused."""
-    count = 0
-    for parent in list(model.modules()):
-        for fused_name, names in FUSE_GROUPS.items():
-            mods = [getattr(parent, n, None) for n in names]
-            if any(m is None for m in mods) or hasattr(parent, fused_name):
-                continue
-            inner = build(mods)
-            if inner is None:
-                continue
-            sizes = [m.out_features for m in mods]
-            fused = FusedLinear(inner, sizes)
-            setattr(parent, fused_name, fused)
-            start = 0
-            for i, (name, size) in enumerate(zip(names, sizes, strict=True)):
-                setattr(parent, name, FusedPart(fused, i, start, start + size, mods[0].in_features))
-                start += size
-            count += 1
-    return count
-
-
-# ---------------------------------------------------------------------------------------------
-# The swap
-# ---------------------------------------------------------------------------------------------
-
-
-def dense_linear(m: GPTQLinear, dtype: torch.dtype) -> nn.Linear:
-    """The fallback: dequantize once into an ordinary ``nn.Linear`` of ``dtype``."""
-    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-    lin.weight = nn.Parameter(m.dequantized_weight(dtype), requires_grad=False)
-    if m.bias is not None:
-        lin.bias = nn.Parameter(m.bias.to(dtype), requires_grad=False)
-    return lin
-
-
-def fast_module(m: GPTQLinear, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """The fastest correct replacement for one ``GPTQLinear``."""
-    if m.bits <= 4 and int4_available():
-        return Int4Linear.from_gptq(m)
-    if m.bits == 8 and m.scales.shape[0] == 1 and int8_available():
-        return Int8Linear.from_gptq(m)
-    if m.bits == 8 and int4_available():
-        return Int8x2Linear.from_gptq(m)
-    return dense_linear(m, dtype)
-
-
-HEADS = ("keep", "int8")
-
-
-def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str = "keep",
-               attention: bool = True, fuse: bool = True) -> nn.Module:
-    """Swap every ``GPTQLinear`` of ``model`` for a fast kernel module and cast the rest to ``dtype``.
-
-    In place (returns ``model``). Each layer is converted and its GPTQ buffers dropped before
-    the next, so the peak is one layer's temporaries, never a second model. The float
-    parameters (embeddings, norms, float linears) become ``dtype``; computed buffers such as
-    rotary frequencies stay as they are (the model computes them in fp32 on purpose).
-
-    ``head="int8"`` also quantizes a float ``lm_head`` per channel to int8 (lossy, like
-    llama.cpp, which keeps its output matrix at 6-8 bits): it is the largest matrix of a small
-    model, a fifth of SmolLM2-135M, and in bf16 it dominates the decode time. (A 4-bit head,
-    RTN in groups of 32, was measured too: 0 of 20 greedy continuations survived it on
-    SmolLM2-135M, so it is not offered.)
-
-    ``attention`` routes SDPA models through ``decode_attention`` (same results, faster
-    single-token steps). ``fuse`` merges q/k/v and gate/up projections that share a layout
-    into one module each (``FusedLinear``; the old names stay as slices of it).
-    """
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    for attr in ("_llmslim_kv_cache", "_llmslim_lean"):  # state of llmslim.generate built for the old modules
-        model.__dict__.pop(attr, None)
-    if fuse:
-        def build_gptq(mods):
-            if not all(isinstance(m, GPTQLinear) for m in mods):
-                return None
-            combined = _concat_gptq(mods)
-            return None if combined is None else fast_module(combined, dtype)
-
-        fuse_projections(model, build_gptq)
-    names = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
-    for name in names:
-        old = model.get_submodule(name)
-        set_module(model, name, fast_module(old, dtype))
-        del old  # the last reference: its packed buffers are freed here
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-    if fuse:
-        fuse_projections(model, _concat_float)  # float models (and layers left in float) too
-    if head != "keep":
-        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(lm_head, nn.Linear):
-            name = next(n for n, m in model.named_modules() if m is lm_head)
-            set_module(model, name, Int8Linear.from_float(lm_head.weight, lm_head.bias))
-    if hasattr(model, "config"):
-        model.config.dtype = dtype
-    if attention:
-        use_decode_attention(model)
-    gc.collect()
-    release_free_memory()
-    return model
-
-
-def release_free_memory() -> None:
-    """Hand memory freed by the conversion back to the OS (glibc keeps freed heap pages otherwise).
-
-    The packed GPTQ buffers and the conversion temporaries are freed, but glibc's allocator
-    holds on to the pages, so the process's resident size would still count them.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
-
-
-def module_summary(model: nn.Module) -> dict[str, int]:
-    """How many linear modules of each kind the model holds (for logs and tests)."""
-    kinds = (GPTQLinear, Int4Linear, Int8Linear, Int8x2Linear, nn.Linear)
-    counts: dict[str, int] = {}
-    for m in model.modules():
-        for k in kinds:
-            if isinstance(m, k):
-                counts[k.__name__] = counts.get(k.__name__, 0) + 1
-                break
-    return counts

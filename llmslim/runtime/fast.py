@@ -1,0 +1,127 @@
+"""``accelerate(model)``: swap every ``GPTQLinear`` for the fastest module that computes its product.
+
+``GPTQLinear`` (llmslim/nn.py) dequantizes its whole weight on every call: exact, but slow.
+At load time ``accelerate`` replaces each one, once (see ``kernels`` for the modules and
+``fusion`` for the q/k/v and gate/up merge), casts the float parameters to the compute
+dtype and routes attention through ``attention.decode_attention``. This module is only the
+walk over the model and the choice per layer; it holds no arithmetic of its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+
+import torch
+from torch import nn
+
+from ..nn import GPTQLinear
+from ..quant.walk import set_module
+from .attention import use_decode_attention
+from .fusion import concat_float, concat_gptq, fuse_projections
+from .kernels import Int4Linear, Int8Linear, Int8x2Linear, int4_available, int8_available
+
+HEADS = ("keep", "int8")
+# Attributes that ``runtime.cache`` (the preallocated KV cache) and ``runtime.lean`` (the lean
+# forward) keep on a model; both were built for the modules ``accelerate`` replaces.
+DERIVED_STATE = ("_llmslim_kv_cache", "_llmslim_lean")
+
+
+def dense_linear(m: GPTQLinear, dtype: torch.dtype) -> nn.Linear:
+    """The fallback: dequantize once into an ordinary ``nn.Linear`` of ``dtype``."""
+    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+    lin.weight = nn.Parameter(m.dequantized_weight(dtype), requires_grad=False)
+    if m.bias is not None:
+        lin.bias = nn.Parameter(m.bias.to(dtype), requires_grad=False)
+    return lin
+
+
+def fast_module(m: GPTQLinear, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The fastest correct replacement for one ``GPTQLinear``."""
+    if m.bits <= 4 and int4_available():
+        return Int4Linear.from_gptq(m)
+    if m.bits == 8 and m.scales.shape[0] == 1 and int8_available():
+        return Int8Linear.from_gptq(m)
+    if m.bits == 8 and int4_available():
+        return Int8x2Linear.from_gptq(m)
+    return dense_linear(m, dtype)
+
+
+def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str = "keep",
+               attention: bool = True, fuse: bool = True) -> nn.Module:
+    """Swap every ``GPTQLinear`` of ``model`` for a fast kernel module and cast the rest to ``dtype``.
+
+    In place (returns ``model``). Each layer is converted and its GPTQ buffers dropped before
+    the next, so the peak is one layer's temporaries, never a second model. The float
+    parameters (embeddings, norms, float linears) become ``dtype``; computed buffers such as
+    rotary frequencies stay as they are (the model computes them in fp32 on purpose).
+
+    ``head="int8"`` also quantizes a float ``lm_head`` per channel to int8 (lossy, like
+    llama.cpp, which keeps its output matrix at 6-8 bits): it is the largest matrix of a small
+    model, a fifth of SmolLM2-135M, and in bf16 it dominates the decode time. (A 4-bit head,
+    RTN in groups of 32, was measured too: 0 of 20 greedy continuations survived it on
+    SmolLM2-135M, so it is not offered.)
+
+    ``attention`` routes SDPA models through ``decode_attention`` (same results, faster
+    single-token steps). ``fuse`` merges q/k/v and gate/up projections that share a layout
+    into one module each (``FusedLinear``; the old names stay as slices of it).
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    for attr in DERIVED_STATE:
+        model.__dict__.pop(attr, None)
+    if fuse:
+        def build_gptq(mods):
+            if not all(isinstance(m, GPTQLinear) for m in mods):
+                return None
+            combined = concat_gptq(mods)
+            return None if combined is None else fast_module(combined, dtype)
+
+        fuse_projections(model, build_gptq)
+    names = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
+    for name in names:
+        old = model.get_submodule(name)
+        set_module(model, name, fast_module(old, dtype))
+        del old  # the last reference: its packed buffers are freed here
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    if fuse:
+        fuse_projections(model, concat_float)  # float models (and layers left in float) too
+    if head != "keep":
+        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(lm_head, nn.Linear):
+            name = next(n for n, m in model.named_modules() if m is lm_head)
+            set_module(model, name, Int8Linear.from_float(lm_head.weight, lm_head.bias))
+    if hasattr(model, "config"):
+        model.config.dtype = dtype
+    if attention:
+        use_decode_attention(model)
+    gc.collect()
+    release_free_memory()
+    return model
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by the conversion back to the OS (glibc keeps freed heap pages otherwise).
+
+    The packed GPTQ buffers and the conversion temporaries are freed, but glibc's allocator
+    holds on to the pages, so the process's resident size would still count them.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
+def module_summary(model: nn.Module) -> dict[str, int]:
+    """How many linear modules of each kind the model holds (for logs and tests)."""
+    kinds = (GPTQLinear, Int4Linear, Int8Linear, Int8x2Linear, nn.Linear)
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        for k in kinds:
+            if isinstance(m, k):
+                counts[k.__name__] = counts.get(k.__name__, 0) + 1
+                break
+    return counts
