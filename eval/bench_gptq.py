@@ -56,10 +56,10 @@ def run_one(row: str, calib_file: Path, windows: int, seqlen: int) -> dict:
 
     from llmslim.config import GPTQConfig, RTNConfig
     from llmslim.data import eval_text
-    from llmslim.load import load
+    from llmslim.loader import load
     from llmslim.metrics.ppl import perplexity
     from llmslim.nn import decoded_weights
-    from llmslim.quant.api import quantize
+    from llmslim.pipeline.stages import quantize
 
     model, tok = load("smollm2-135m")
     seconds = 0.0
@@ -106,7 +106,7 @@ def main() -> None:
     import torch
 
     from llmslim.data import calibration_tokens
-    from llmslim.load import load_tokenizer
+    from llmslim.formats.hf import load_tokenizer
     from llmslim.models import resolve
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -134,14 +134,14 @@ def torch_worker(args) -> None:
     import torch
     import transformers  # noqa: F401  (imported before the baseline RSS is taken, like llmslim)
 
-    import llmslim.load  # noqa: F401
+    import llmslim.loader  # noqa: F401
     import llmslim.runtime.generate  # noqa: F401
 
     torch.set_num_threads(args.threads)
     row = args.worker
 
     def load():
-        from llmslim.load import load as load_model
+        from llmslim.loader import load as load_model
 
         if row == "hf-fp32":
             model, tok = load_model(MODEL, dtype=torch.float32)
@@ -185,27 +185,15 @@ def torch_worker(args) -> None:
 
 
 def _load_bnb(args, torch, method: str = "nf4", double_quant: bool = False):
-    """bf16 compute: llmslim's bnb checkpoint when that module exists, else transformers directly."""
-    from llmslim.load import load as load_model
+    """bf16 compute: llmslim's bitsandbytes checkpoint of the reference model (made once)."""
+    from llmslim.loader import load as load_model
 
     folder = Path(args.work) / ("bnb-" + method + ("-dq" if double_quant else ""))
-    try:
-        from llmslim.config import BnbConfig
-        from llmslim.quant.bnb import quantize_bnb_to_folder
-    except ImportError:
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from llmslim.config import BnbConfig
+    from llmslim.pipeline.run import quantize_to_folder
 
-        from llmslim.load import load_tokenizer
-        from llmslim.models import resolve
-
-        src = resolve(MODEL)
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method,
-                                    bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, quantization_config=config)
-        return model.eval(), load_tokenizer(src)
     if not (folder / "config.json").exists():
-        quantize_bnb_to_folder(MODEL, folder, BnbConfig(method=method, double_quant=double_quant,
-                                                        compute_dtype="bf16"), force=True)
+        quantize_to_folder(MODEL, folder, BnbConfig(method, double_quant=double_quant, compute_dtype="bf16"), force=True)
     return load_model(str(folder), dtype=torch.bfloat16)
 
 
@@ -242,7 +230,7 @@ def match_worker(args) -> None:
     import torch
 
     from llmslim.data import load_documents
-    from llmslim.load import load as load_model
+    from llmslim.loader import load as load_model
     from llmslim.nn import decoded_weights
     from llmslim.runtime.fast import HEADS, accelerate
     from llmslim.runtime.generate import generate
@@ -461,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         if py is None:
             rows.remove("llamacpp-q4_0")
         else:
-            from llmslim.load import load_tokenizer
+            from llmslim.formats.hf import load_tokenizer
             from llmslim.models import resolve
 
             tok = load_tokenizer(resolve(MODEL))

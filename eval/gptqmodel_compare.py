@@ -16,11 +16,11 @@ Steps (each also runnable alone: ``calib``, ``quantize-gptqmodel``, ``quantize-l
 2. GPTQModel: ``GPTQModel.load(fp32 folder, QuantizeConfig(bits, group_size, sym), dtype=float32)``,
    ``quantize([{"input_ids", "attention_mask"}...])`` on exactly those tokens (its defaults
    otherwise: batch_size 1, act_group_aware, damp 0.05), ``save``.
-3. llmslim: ``llmslim.quant.api.quantize(model, GPTQConfig(bits, group_size, sym), tokens)`` on
-   ``llmslim.load.load("smollm2-135m")[0]``, then ``save_gptq``.
+3. llmslim: ``llmslim.pipeline.stages.quantize(model, GPTQConfig(bits, group_size, sym), tokens)`` on
+   ``llmslim.loader.load("smollm2-135m")[0]``, then ``save_gptq``.
    Both: quantize() wall time, process CPU time, VmHWM, and the 1-minute load average sampled
    every 5 s during the call (this machine is shared: timings mean little without it).
-4. perplexity of fp32 and every checkpoint, all loaded with ``llmslim.load.load``: the last 20% of
+4. perplexity of fp32 and every checkpoint, all loaded with ``llmslim.loader.load``: the last 20% of
    the wiki articles (``eval_text("wiki")``), no special tokens, first 44 non-overlapping
    1024-token windows, no BOS (``perplexity(..., method="gptq", seqlen=1024, max_tokens=44*1024)``).
 """
@@ -105,7 +105,7 @@ def step_calib(work: Path) -> None:
     import torch
 
     from llmslim.data import calibration_tokens
-    from llmslim.load import load_tokenizer
+    from llmslim.formats.hf import load_tokenizer
     from llmslim.models import resolve
 
     folder = resolve(MODEL)
@@ -142,8 +142,8 @@ def step_quantize_llmslim(work: Path, setting: dict) -> None:
 
     from llmslim.config import GPTQConfig
     from llmslim.formats.gptq import save_gptq
-    from llmslim.load import load
-    from llmslim.quant.api import quantize
+    from llmslim.loader import load
+    from llmslim.pipeline.stages import quantize
 
     tokens = torch.load(work / "calib.pt")["tokens"]
     model, tok = load(MODEL)
@@ -162,7 +162,7 @@ def step_quantize_llmslim(work: Path, setting: dict) -> None:
 def step_ppl(work: Path, name: str) -> None:
     """Perplexity of ``fp32`` or of the checkpoint folder ``work/name``, loaded with llmslim."""
     from llmslim.data import eval_text
-    from llmslim.load import load
+    from llmslim.loader import load
     from llmslim.metrics.ppl import perplexity
 
     model, tok = load(MODEL if name == "fp32" else str(work / name))

@@ -190,7 +190,7 @@ def run_lm_eval(python: Path, model_dir: Path, args) -> dict:
 
 
 def run_llmslim(model_dir: Path, text: str, docs: list, args) -> dict:
-    from llmslim.load import load
+    from llmslim.loader import load
     from llmslim.metrics import perplexity
     from llmslim.metrics.mc import loglikelihoods, score_docs
 

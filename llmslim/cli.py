@@ -86,30 +86,74 @@ def add_quantize(sub) -> None:
 
 
 def cmd_quantize(args) -> int:
-    from .config import CalibConfig, GPTQConfig, LayerFilter, RTNConfig
-    from .quant.api import quantize_to_folder
+    from .config import BnbConfig, CalibConfig, GPTQConfig, LayerFilter, RTNConfig
+    from .pipeline.recipe import Recipe
 
     layers = LayerFilter(tuple(args.include), tuple(args.exclude), args.quantize_lm_head)
     _refuse_foreign_options(args)
     if args.method in ("nf4", "fp4", "int8"):
-        return _quantize_bnb(args, layers)
-    common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, layers=layers)
-    if args.mse is not None:  # else each method's own default
-        common["mse"] = args.mse
-    if args.method == "gptq":
-        config = GPTQConfig(**common, desc_act=args.desc_act, static_groups=args.static_groups,
-                            true_sequential=args.true_sequential, damp_percent=args.damp_percent,
-                            block_size=args.block_size, act_group_aware=args.act_group_aware)
+        config = BnbConfig(args.method, args.double_quant, args.compute_dtype, args.int8_threshold, layers)
     else:
-        config = RTNConfig(**common)
+        common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, layers=layers)
+        if args.mse is not None:  # else each method's own default
+            common["mse"] = args.mse
+        if args.method == "gptq":
+            config = GPTQConfig(**common, desc_act=args.desc_act, static_groups=args.static_groups,
+                                true_sequential=args.true_sequential, damp_percent=args.damp_percent,
+                                block_size=args.block_size, act_group_aware=args.act_group_aware)
+        else:
+            config = RTNConfig(**common)
     calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
-    s = quantize_to_folder(args.model, args.out, config, calib, force=args.force, resume=args.resume,
+    return _run_recipe(args, Recipe((config,), calib))
+
+
+def _run_recipe(args, recipe) -> int:
+    from .pipeline.run import compress_to_folder
+
+    s = compress_to_folder(args.model, recipe, args.out, force=args.force, resume=args.resume,
                            batch_size=args.batch_size, allow_pickle=args.allow_pickle)
+    print()
+    for config, stage in zip(recipe.stages, s["stages"], strict=True):
+        print(f"{describe(config)}: {len(stage['layers'])} layers quantized, {len(stage['skipped'])} kept in float, "
+              f"{stage['seconds']:.0f} s")
     before = f"{s['bytes_before'] / 2**20:.1f} MiB" if s["bytes_before"] else "n/a"
-    print(f"\n{s['method']} {config.bits}-bit g{config.group_size} {'sym' if config.sym else 'asym'}: "
-          f"{len(s['layers'])} layers quantized, {len(s['skipped'])} kept in float, {s['seconds']:.0f} s")
     print(f"size on disk: {before} -> {s['bytes_after'] / 2**20:.1f} MiB   written to {args.out}")
     return 0
+
+
+def describe(config) -> str:
+    """One line naming a stage and its grid, e.g. ``gptq 4-bit g128 sym``."""
+    from .config import BnbConfig
+
+    if isinstance(config, BnbConfig):
+        return f"bitsandbytes {config.quant_type}{' +double-quant' if config.double_quant else ''}"
+    return f"{config.stage} {config.bits}-bit g{config.group_size} {'sym' if config.sym else 'asym'}"
+
+
+def add_compress(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="run a recipe (an ordered list of stages) on a model and write the checkpoint",
+        description="Run a compression recipe (YAML or JSON): calibration + stages, e.g.\n"
+        "  calibration: {dataset: wiki, nsamples: 128, seqlen: 512, seed: 0}\n"
+        "  stages:\n    - gptq: {bits: 4, group_size: 128, sym: true}\n"
+        "Every checkpoint carries the recipe that made it (recipe.yaml): pass that file to reproduce it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="hub id (org/name), local HF folder, .gguf file, or alias smollm2-135m")
+    p.add_argument("--recipe", required=True, help="recipe file (.yaml/.yml/.json), e.g. CKPT/recipe.yaml")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: auto)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) weights you trust")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=cmd_compress)
+
+
+def cmd_compress(args) -> int:
+    from .pipeline.recipe import read_recipe
+
+    return _run_recipe(args, read_recipe(args.recipe))
 
 
 # Options that only one family of methods reads, with their defaults: given to another method
@@ -122,8 +166,6 @@ _BNB_OPTIONS = {"double_quant": False, "compute_dtype": "bf16", "int8_threshold"
 
 
 def _refuse_foreign_options(args) -> None:
-    from .errors import UserError
-
     if args.method in ("nf4", "fp4", "int8"):
         foreign = _GRID_OPTIONS | _GPTQ_OPTIONS | _CALIB_OPTIONS
     elif args.method == "rtn":  # calibration options are harmless there (scripts pass them to every method)
@@ -136,19 +178,6 @@ def _refuse_foreign_options(args) -> None:
         raise UserError(f"--method {args.method} does not use {flags}")
 
 
-def _quantize_bnb(args, layers) -> int:
-    from .config import BnbConfig
-    from .quant.bnb import quantize_bnb_to_folder
-
-    config = BnbConfig(args.method, args.double_quant, args.compute_dtype, args.int8_threshold, layers)
-    s = quantize_bnb_to_folder(args.model, args.out, config, force=args.force, allow_pickle=args.allow_pickle)
-    before = f"{s['bytes_before'] / 2**20:.1f} MiB" if s.get("bytes_before") else "n/a"
-    print(f"\nbitsandbytes {args.method}{' +double-quant' if args.double_quant else ''}: "
-          f"{len(s['layers'])} layers quantized, {len(s['skipped'])} kept in float, {s['seconds']:.0f} s")
-    print(f"size on disk: {before} -> {s['bytes_after'] / 2**20:.1f} MiB   written to {args.out}")
-    return 0
-
-
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a model or checkpoint: architecture, blocks, linears, quantization")
     p.add_argument("model")
@@ -157,10 +186,10 @@ def add_info(sub) -> None:
 
 
 def cmd_info(args) -> int:
-    from .load import load
+    from .formats.hf import folder_bytes
+    from .loader import load
     from .models import resolve
     from .nn import GPTQLinear
-    from .quant.api import folder_bytes
     from .quant.walk import find_blocks, find_linears
 
     model, _ = load(args.model)
@@ -193,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llmslim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_quantize(sub)
+    add_compress(sub)
     add_info(sub)
     for module in ("llmslim.metrics.commands", "llmslim.server.commands"):
         try:

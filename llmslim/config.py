@@ -1,12 +1,15 @@
-"""Frozen, validated configs: one per quantization method. ``quantize(model, config)`` dispatches on them.
+"""Frozen, validated stage configs: one per compression method. ``quantize(model, config)`` and the
+recipe runner dispatch on their type (``llmslim.pipeline.stages``), never on a string.
 
 Field names are the CLI flag names (``group_size`` <-> ``--group-size``), which are the names
-users of GPTQ tools already know.
+users of GPTQ tools already know. ``stage`` is the method's name: the ``--method`` value and the
+stage key in a recipe file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .errors import UserError
 from .grid import SUPPORTED_BITS
@@ -40,6 +43,8 @@ class LayerFilter:
 class IntConfig:
     """An integer grid: shared by RTN and GPTQ, and by the GPTQ checkpoint format."""
 
+    stage: ClassVar[str]
+
     bits: int = 4
     group_size: int = 128
     sym: bool = True
@@ -57,14 +62,14 @@ class IntConfig:
 class RTNConfig(IntConfig):
     """Round-to-nearest: no calibration data, the baseline every other method must beat."""
 
-    method = "rtn"
+    stage: ClassVar[str] = "rtn"
 
 
 @dataclass(frozen=True)
 class GPTQConfig(IntConfig):
     """GPTQ (Frantar et al. 2022, arXiv:2210.17323) with the options GPTQ tools expose."""
 
-    method = "gptq"
+    stage: ClassVar[str] = "gptq"
     # MSE-optimal clipping of each group's range (the GPTQ reference's search). On by default:
     # measured on SmolLM2-135M, 4-bit g128 11.87 -> 11.38 and 3-bit g128 29.17 -> 18.53 perplexity,
     # for ~10% more quantization time (eval/bench_gptq.py). RTN keeps plain min/max as its baseline.
@@ -103,27 +108,36 @@ class CalibConfig:
             raise UserError(f"--seqlen must be at least 2, got {self.seqlen}")
 
 
-BNB_METHODS = ("nf4", "fp4", "int8")
+BNB_TYPES = ("nf4", "fp4", "int8")
 
 
 @dataclass(frozen=True)
 class BnbConfig:
-    """bitsandbytes quantization (NF4/FP4 4-bit, LLM.int8), serialized in transformers' format."""
+    """bitsandbytes quantization (NF4/FP4 4-bit, LLM.int8), serialized in transformers' format.
 
-    method: str = "nf4"
+    ``quant_type`` is the stage's name (``--method nf4``, ``nf4:`` in a recipe), not a recipe key.
+    """
+
+    quant_type: str = "nf4"
     double_quant: bool = False
     compute_dtype: str = "bf16"  # bf16 | fp32 (| fp16)
     int8_threshold: float = 6.0
     layers: LayerFilter = field(default_factory=LayerFilter)
 
     def __post_init__(self):
-        if self.method not in BNB_METHODS:
-            raise UserError(f"bitsandbytes method must be one of {', '.join(BNB_METHODS)}, got {self.method!r}")
+        if self.quant_type not in BNB_TYPES:
+            raise UserError(f"bitsandbytes method must be one of {', '.join(BNB_TYPES)}, got {self.quant_type!r}")
         if self.compute_dtype not in ("bf16", "fp32", "fp16"):
             raise UserError(f"--compute-dtype must be bf16, fp32 or fp16, got {self.compute_dtype!r}")
-        if self.method == "int8" and self.double_quant:
+        if self.quant_type == "int8" and self.compute_dtype != "bf16":  # the default; int8 has no compute dtype
+            raise UserError("--compute-dtype applies to --method nf4/fp4 only, not int8")
+        if self.quant_type == "int8" and self.double_quant:
             raise UserError("--double-quant applies to nf4/fp4 only, not int8")
-        if self.method != "int8" and self.int8_threshold != 6.0:
+        if self.quant_type != "int8" and self.int8_threshold != 6.0:
             raise UserError("--int8-threshold applies to --method int8 only")
         if self.int8_threshold < 0:
             raise UserError(f"--int8-threshold must be >= 0, got {self.int8_threshold}")
+
+    @property
+    def stage(self) -> str:
+        return self.quant_type

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats.pack import pack, packed_len, unpack
+from .pack import pack, packed_len, unpack
 
 
 def can_pack(in_features: int, out_features: int, bits: int) -> bool:

@@ -34,7 +34,7 @@ def quantized(tmp_path_factory):
 
 def test_gptq_checkpoint_of_reference_model(quantized):
     from llmslim.data import eval_text
-    from llmslim.load import load
+    from llmslim.loader import load
 
     log = json.loads((quantized / "quant_log.json").read_text())
     assert len(log["layers"]) == 30 * 7 and not log["skipped"]

@@ -11,7 +11,7 @@ Consumers:
                 with quantization_config backend "torch" (the default CPU kernel needs in % group == 0)
 Per checkpoint: max |Δlogit|, max |Δlogit| / max |logit|, argmax agreement of every position, and
 (gptqmodel only) the largest per-layer difference between GPTQModel's dequantize_weight() and the
-weight llmslim's unpacking of the same tensors gives (llmslim/formats/pack.py, imported from the
+weight llmslim's unpacking of the same tensors gives (llmslim/pack.py, imported from the
 repo: it needs only torch).
 """
 
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 def llmslim_weight(tensors: dict, name: str, bits: int, group_size: int) -> torch.Tensor:
     """[out, in] fp32 weight exactly as llmslim's GPTQLinear dequantizes these tensors."""
     sys.path.insert(0, str(REPO))
-    from llmslim.nn import GPTQLinear  # imports only torch and llmslim.formats.pack
+    from llmslim.nn import GPTQLinear  # imports only torch and llmslim.pack
 
     out_f, in_f = tensors[f"{name}.scales"].shape[1], tensors[f"{name}.g_idx"].shape[0]
     m = GPTQLinear(in_f, out_f, bits, group_size, bias=False)

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from llmslim.load import load  # noqa: E402
+from llmslim.loader import load  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prompts import PROMPTS  # noqa: E402

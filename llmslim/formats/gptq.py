@@ -17,7 +17,11 @@ from torch import nn
 
 from .. import __version__
 from ..config import IntConfig
+from ..errors import UserError
 from ..nn import GPTQLinear
+from ..pack import pack, unpack
+from ..quant.walk import linear_shape, set_module
+from .hf import empty_model, read_safetensors
 
 
 def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool) -> dict:
@@ -33,7 +37,7 @@ def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool) ->
         "static_groups": bool(getattr(config, "static_groups", False)),
         "checkpoint_format": "gptq",
         "lm_head": lm_head,
-        "meta": {"quantizer": [f"llmslim:{__version__}"], "method": getattr(config, "method", "gptq"),
+        "meta": {"quantizer": [f"llmslim:{__version__}"], "method": config.stage,
                  "mse": config.mse,
                  # GAR is off under desc_act (the solver ignores it); GPTQModel refuses a config with both on.
                  "act_group_aware": bool(getattr(config, "act_group_aware", False))
@@ -100,3 +104,35 @@ def largest_dividing_group(sizes: list[int], group_size: int) -> int:
     while g > 1 and any(s % g for s in sizes):
         g //= 2
     return g
+
+
+def load_gptq(folder: str, config, dtype: torch.dtype) -> nn.Module:
+    """A GPTQ v1 (or v2) checkpoint -> model with ``GPTQLinear`` layers on the reference path."""
+    qc = config.quantization_config
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    bits, group_size = int(qc["bits"]), int(qc["group_size"])
+    del config.quantization_config
+    weights = read_safetensors(folder)
+    model = empty_model(config, dtype)
+    v2 = qc.get("checkpoint_format", "gptq") == "gptq_v2"
+    for name in sorted(k[: -len(".qweight")] for k in weights if k.endswith(".qweight")):
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"{folder}: quantized tensor {name}.qweight matches no layer of the model") from None
+        in_f, out_f = linear_shape(layer)
+        set_module(model, name, GPTQLinear(in_f, out_f, bits, group_size, f"{name}.bias" in weights))
+        if v2:  # v2 stores true zeros; our buffers hold the v1 convention (zero - 1)
+            weights[f"{name}.qzeros"] = pack(unpack(weights[f"{name}.qzeros"], bits, 1) - 1, bits, 1)
+    try:
+        missing, _ = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"{folder}: weights do not match the model config: {str(e).splitlines()[0]}") from None
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    missing = [k for k in missing if "rotary" not in k]  # non-persistent buffers are computed, not stored
+    if missing:
+        raise UserError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    model.config.quantization_config = qc
+    return model

@@ -21,7 +21,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,11 +37,14 @@ from .gptq import GPTQResult, accumulate_hessian, gptq_quantize, layer_loss
 from .walk import (
     StopForward,
     capture_block_inputs,
+    feed_until,
     find_blocks,
     find_linears,
     is_conv1d,
     linear_weight,
+    module_name,
     run_block,
+    select_layers,
     sequential_groups,
     set_module,
 )
@@ -166,6 +169,8 @@ def gptq_blocks(
 ) -> list[LayerLog]:
     """Quantize every accepted linear of the decoder blocks in place (swapped for GPTQLinear)."""
     blocks_name, blocks = find_blocks(model)
+    targets, _ = select_layers(model, replace(config.layers, quantize_lm_head=False),
+                               lambda in_f, out_f: can_pack(in_f, out_f, config.bits))
     nsamples, seqlen = calib.shape
     widest = max(max(linear_weight(m).shape) for m in find_linears(blocks[0]).values())
     if batch_size is None:
@@ -189,17 +194,12 @@ def gptq_blocks(
     for i in bar:
         block = blocks[i]
         prefix = f"{blocks_name}.{i}."
-        names = [n for n, m in find_linears(block).items() if _accepts(config, prefix + n, m)]
+        names = [n for n in find_linears(block) if prefix + n in targets]
         block_logs, hidden = _quantize_block(block, prefix, names, config, hidden, inputs, bar)
         logs += block_logs
         if state:
             state.save_block(i, block, block_logs, hidden)
     return logs
-
-
-def _accepts(config: GPTQConfig, name: str, layer: nn.Module) -> bool:
-    in_f, out_f = linear_weight(layer).shape[1], linear_weight(layer).shape[0]
-    return config.layers.accepts(name) and can_pack(in_f, out_f, config.bits)
 
 
 def _swap_quantized(block: nn.Module, prefix: str, config: GPTQConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -316,3 +316,23 @@ def _slice_kwargs(kwargs: dict, n: int) -> dict:
             v = tuple(t[:n] if t.dim() > 1 and t.shape[0] > 1 else t for t in v)
         out[k] = v
     return out
+
+
+def gptq_lm_head(model: nn.Module, config: GPTQConfig, calib: torch.Tensor, batch_size: int | None) -> dict:
+    """lm_head with GPTQ: its inputs are the final hidden states, so run the quantized model once."""
+    head = model.get_output_embeddings()
+    name = module_name(model, head)
+    H = torch.zeros(head.in_features, head.in_features)
+    count = 0
+
+    def hook(module, args):
+        nonlocal H, count
+        H, count = accumulate_hessian(H, count, args[0])
+        raise StopForward
+
+    feed_until(model, head, hook, tqdm(calib.split(batch_size or 8), desc="lm_head inputs"))
+    W = head.weight.detach().float()
+    r = gptq_quantize(W, H, **solver_options(config))
+    set_module(model, name, _to_module(head, r, config))
+    return {"name": name, "rows": W.shape[0], "columns": W.shape[1], "gptq_loss": r.loss,
+            "layer_loss": layer_loss(W, r.dequantize(), H), "damp_percent": r.damp_percent, "fallback": r.fallback}

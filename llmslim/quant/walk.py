@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..config import LayerFilter
 
 
 def _conv1d_type() -> type | None:
@@ -73,6 +77,33 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise UserError(f"{type(model).__name__} has no stack of decoder blocks with linear layers to quantize")
     return best
+
+
+def module_name(root: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in root.named_modules() if m is module)
+
+
+def select_layers(
+    model: nn.Module, layers: LayerFilter, fits: Callable[[int, int], bool]
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """The layer selection every method shares: (linears to compress by full name, accepted
+    linears left in float because ``fits(in_features, out_features)`` rejects their shape).
+
+    Candidates are the linears of the decoder blocks that the filter accepts, then ``lm_head``
+    when ``layers.quantize_lm_head`` (whatever the globs say: it is asked for by name).
+    """
+    blocks_name, blocks = find_blocks(model)
+    candidates = {n: m for n, m in find_linears(blocks, prefix=f"{blocks_name}.").items() if layers.accepts(n)}
+    if layers.quantize_lm_head:
+        head = model.get_output_embeddings()
+        candidates[module_name(model, head)] = head
+    targets, skipped = {}, []
+    for name, layer in candidates.items():
+        if fits(*linear_shape(layer)):
+            targets[name] = layer
+        else:
+            skipped.append(name)
+    return targets, skipped
 
 
 def set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:

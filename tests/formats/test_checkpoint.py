@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from llmslim.config import GPTQConfig, RTNConfig
 from llmslim.formats.gptq import save_gptq
-from llmslim.load import load
+from llmslim.loader import load
 from llmslim.nn import GPTQLinear
-from llmslim.quant.api import quantize
+from llmslim.pipeline.stages import quantize
 from tests.conftest import make_tiny_model, make_tiny_tokenizer
 
 

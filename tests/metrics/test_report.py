@@ -118,8 +118,7 @@ def fake_load(monkeypatch, model, tiny_tokenizer):
         calls.append(source)
         return model, tiny_tokenizer
 
-    # The module, not the package attribute: llmslim.load is also a lazily exported function.
-    monkeypatch.setattr(importlib.import_module("llmslim.load"), "load", load)
+    monkeypatch.setattr(importlib.import_module("llmslim.loader"), "load", load)
     return calls
 
 

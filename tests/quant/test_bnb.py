@@ -18,16 +18,11 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from llmslim.config import BnbConfig, LayerFilter  # noqa: E402
 from llmslim.errors import UserError  # noqa: E402
-from llmslim.load import load  # noqa: E402
+from llmslim.formats.bnb import cpu_state, to_fast_state  # noqa: E402
+from llmslim.loader import load  # noqa: E402
 from llmslim.models import read_config  # noqa: E402
-from llmslim.quant.bnb import (  # noqa: E402
-    bnb_quantization_config,
-    cpu_state,
-    plan_layers,
-    quantize_bnb_to_folder,
-    storage_dtype,
-    to_fast_state,
-)
+from llmslim.pipeline.run import quantize_to_folder  # noqa: E402
+from llmslim.quant.bnb import bnb_quantization_config, plan_layers, storage_dtype  # noqa: E402
 
 CONFIGS = {
     "nf4": BnbConfig("nf4"),
@@ -44,7 +39,7 @@ def logits(model: nn.Module) -> torch.Tensor:
 
 
 def in_memory(folder, config: BnbConfig) -> nn.Module:
-    """The model bitsandbytes quantizes in memory, exactly as quantize_bnb_to_folder asks for it."""
+    """The model bitsandbytes quantizes in memory, exactly as quantize_to_folder asks for it."""
     from transformers import AutoModelForCausalLM
 
     _, skipped, _ = plan_layers(read_config(str(folder)), config)
@@ -65,9 +60,9 @@ def test_save_load_gives_identical_logits(tiny_folder, tmp_path, name):
     src = tiny_folder("llama")
     config = CONFIGS[name]
     out = tmp_path / name
-    summary = quantize_bnb_to_folder(str(src), out, config)
+    summary = quantize_to_folder(str(src), out, config)
 
-    assert summary["method"] == config.method
+    assert summary["method"] == config.quant_type
     assert summary["skipped"] == ["lm_head"]
     assert len(summary["layers"]) == 2 * 7
     assert 0 < summary["bytes_after"] < summary["bytes_before"]
@@ -76,7 +71,7 @@ def test_save_load_gives_identical_logits(tiny_folder, tmp_path, name):
     reference = logits(in_memory(src, config))
     model, tokenizer = load(str(out), dtype=storage_dtype(config))  # same float dtype as in memory
     assert_fast(model)
-    kind = bnb.nn.Linear8bitLt if config.method == "int8" else bnb.nn.Linear4bit
+    kind = bnb.nn.Linear8bitLt if config.quant_type == "int8" else bnb.nn.Linear4bit
     assert isinstance(model.model.layers[1].mlp.down_proj, kind)
     assert type(model.lm_head) is nn.Linear
     assert torch.equal(logits(model), reference)
@@ -94,7 +89,7 @@ def test_plain_transformers_loads_the_checkpoint(tiny_folder, tmp_path, name):
 
     config = CONFIGS[name]
     out = tmp_path / name
-    quantize_bnb_to_folder(str(tiny_folder("llama")), out, config)
+    quantize_to_folder(str(tiny_folder("llama")), out, config)
     plain = AutoModelForCausalLM.from_pretrained(out)  # no dtype, no quantization_config: all from config.json
     assert plain.dtype == storage_dtype(config)
     assert plain.is_quantized
@@ -115,13 +110,13 @@ def test_plain_transformers_loads_the_checkpoint(tiny_folder, tmp_path, name):
 ])
 def test_each_option_is_recorded_in_config_json(tiny_folder, tmp_path, config, expected):
     out = tmp_path / "q"
-    quantize_bnb_to_folder(str(tiny_folder("llama")), out, config)
+    quantize_to_folder(str(tiny_folder("llama")), out, config)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "bitsandbytes"
     assert qc["llm_int8_skip_modules"] == ["lm_head"]
     for key, value in expected.items():
         assert qc[key] == value, key
-    if config.method != "int8":
+    if config.quant_type != "int8":
         model, _ = load(str(out))
         assert model.model.layers[0].self_attn.q_proj.compute_dtype == {
             "bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[config.compute_dtype]
@@ -136,7 +131,7 @@ def test_module_filter_keeps_excluded_layers_in_float(tiny_folder, tmp_path, met
 
     config = BnbConfig(method, layers=LayerFilter(exclude=("model.layers.0.mlp.*",)))
     out = tmp_path / "q"
-    summary = quantize_bnb_to_folder(str(tiny_folder("llama")), out, config)
+    summary = quantize_to_folder(str(tiny_folder("llama")), out, config)
     kept = ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
     assert summary["skipped"] == ["lm_head", *kept]
     assert json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"] == [
@@ -161,7 +156,7 @@ def test_include_filter_and_lm_head(tiny_folder):
 
 def test_quantized_lm_head_round_trip(tiny_folder, tmp_path):
     out = tmp_path / "q"
-    quantize_bnb_to_folder(str(tiny_folder("llama")), out, BnbConfig("nf4", layers=LayerFilter(quantize_lm_head=True)))
+    quantize_to_folder(str(tiny_folder("llama")), out, BnbConfig("nf4", layers=LayerFilter(quantize_lm_head=True)))
     model, _ = load(str(out))
     assert isinstance(model.lm_head, bnb.nn.Linear4bit)
     assert torch.isfinite(logits(model)).all()
@@ -175,7 +170,7 @@ def test_tied_lm_head_cannot_be_quantized(tmp_path):
     src = tmp_path / "tied"
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
     with pytest.raises(UserError, match="tied"):
-        quantize_bnb_to_folder(str(src), tmp_path / "q", BnbConfig("nf4", layers=LayerFilter(quantize_lm_head=True)))
+        quantize_to_folder(str(src), tmp_path / "q", BnbConfig("nf4", layers=LayerFilter(quantize_lm_head=True)))
     assert not (tmp_path / "q").exists()
 
 
@@ -196,7 +191,7 @@ def odd_folder(tmp_path):
 
 
 def test_4bit_keeps_layers_the_cpu_kernels_cannot_run_in_float(odd_folder, tmp_path, capsys):
-    summary = quantize_bnb_to_folder(str(odd_folder), tmp_path / "q", BnbConfig("nf4"))
+    summary = quantize_to_folder(str(odd_folder), tmp_path / "q", BnbConfig("nf4"))
     assert [x["name"] for x in summary["layers"]] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert "model.layers.0.self_attn.q_proj" in summary["skipped"]
     assert "kept in float" in capsys.readouterr().out
@@ -204,16 +199,16 @@ def test_4bit_keeps_layers_the_cpu_kernels_cannot_run_in_float(odd_folder, tmp_p
     assert_fast(model)
     assert torch.isfinite(logits(model)).all()
     # LLM.int8 has no such limit
-    summary = quantize_bnb_to_folder(str(odd_folder), tmp_path / "q8", BnbConfig("int8"))
+    summary = quantize_to_folder(str(odd_folder), tmp_path / "q8", BnbConfig("int8"))
     assert summary["skipped"] == ["lm_head"]
 
 
 def test_missing_bitsandbytes_says_how_to_install(tiny_folder, tmp_path, monkeypatch):
     src = tiny_folder("llama")
-    quantize_bnb_to_folder(str(src), tmp_path / "q", BnbConfig("nf4"))
+    quantize_to_folder(str(src), tmp_path / "q", BnbConfig("nf4"))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # "import bitsandbytes" now raises ImportError
     with pytest.raises(UserError, match=r"pip install 'llmslim\[bnb\]'"):
-        quantize_bnb_to_folder(str(src), tmp_path / "q2", BnbConfig("nf4"))
+        quantize_to_folder(str(src), tmp_path / "q2", BnbConfig("nf4"))
     assert not (tmp_path / "q2").exists()
     with pytest.raises(UserError, match=r"pip install 'llmslim\[bnb\]'"):
         load(str(tmp_path / "q"))
@@ -225,9 +220,9 @@ def test_existing_output_needs_force(tiny_folder, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="already exists"):
-        quantize_bnb_to_folder(str(src), out, BnbConfig("nf4"))
+        quantize_to_folder(str(src), out, BnbConfig("nf4"))
     assert (out / "keep.txt").read_text() == "mine"
-    quantize_bnb_to_folder(str(src), out, BnbConfig("nf4"), force=True)
+    quantize_to_folder(str(src), out, BnbConfig("nf4"), force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert not list(tmp_path.glob(".q.*"))  # no staging folder left behind
 
@@ -235,14 +230,14 @@ def test_existing_output_needs_force(tiny_folder, tmp_path):
 def test_unsupported_combinations_are_named(tiny_folder, tmp_path):
     src = tiny_folder("llama")
     with pytest.raises(UserError, match="--compute-dtype applies to --method nf4/fp4 only"):
-        quantize_bnb_to_folder(str(src), tmp_path / "q", BnbConfig("int8", compute_dtype="fp32"))
+        quantize_to_folder(str(src), tmp_path / "q", BnbConfig("int8", compute_dtype="fp32"))
     with pytest.raises(UserError, match="--double-quant"):
         BnbConfig("int8", double_quant=True)
     with pytest.raises(UserError, match="no linear layer"):
-        quantize_bnb_to_folder(str(src), tmp_path / "q", BnbConfig("nf4", layers=LayerFilter(include=("nothing",))))
-    quantize_bnb_to_folder(str(src), tmp_path / "q", BnbConfig("nf4"))
+        quantize_to_folder(str(src), tmp_path / "q", BnbConfig("nf4", layers=LayerFilter(include=("nothing",))))
+    quantize_to_folder(str(src), tmp_path / "q", BnbConfig("nf4"))
     with pytest.raises(UserError, match="already quantized"):
-        quantize_bnb_to_folder(str(tmp_path / "q"), tmp_path / "q2", BnbConfig("int8"))
+        quantize_to_folder(str(tmp_path / "q"), tmp_path / "q2", BnbConfig("int8"))
     assert not (tmp_path / "q2").exists()
 
 
@@ -253,7 +248,7 @@ def test_pickle_sources_are_refused_unless_allowed(tiny_folder, tmp_path):
     (src / "model.safetensors").unlink()
     torch.save(make_tiny_model("llama").state_dict(), src / "pytorch_model.bin")
     with pytest.raises(UserError, match="pickle"):
-        quantize_bnb_to_folder(str(src), tmp_path / "q", BnbConfig("nf4"))
+        quantize_to_folder(str(src), tmp_path / "q", BnbConfig("nf4"))
     assert not (tmp_path / "q").exists()
-    quantize_bnb_to_folder(str(src), tmp_path / "q", BnbConfig("nf4"), allow_pickle=True)
+    quantize_to_folder(str(src), tmp_path / "q", BnbConfig("nf4"), allow_pickle=True)
     assert (tmp_path / "q" / "model.safetensors").exists()  # the output is safetensors either way

@@ -22,7 +22,7 @@ def gptq_dir(tmp_path_factory):
     """A tiny 4-bit GPTQ checkpoint at g128: hidden 64 is not a multiple of 128 (like SmolLM2's 576)."""
     from llmslim.config import RTNConfig
     from llmslim.formats.gptq import save_gptq
-    from llmslim.quant.api import quantize
+    from llmslim.pipeline.stages import quantize
 
     path = tmp_path_factory.mktemp("gptq") / "tiny-g128"
     model, config = make_tiny_model("llama"), RTNConfig(bits=4, group_size=128)
@@ -105,14 +105,14 @@ def test_fast_path_serves_a_gptq_checkpoint(gptq_dir):
 def test_bitsandbytes_checkpoint(tiny_folder, tmp_path, fast):
     """bitsandbytes checkpoints serve too, batched, on either path."""
     pytest.importorskip("bitsandbytes")
-    bnb = pytest.importorskip("llmslim.quant.bnb")
     from fastapi.testclient import TestClient
 
     from llmslim.config import BnbConfig
+    from llmslim.pipeline.run import quantize_to_folder
     from llmslim.server import build
 
     out = tmp_path / "nf4"
-    bnb.quantize_bnb_to_folder(str(tiny_folder("llama")), out, BnbConfig(method="nf4"))
+    quantize_to_folder(str(tiny_folder("llama")), out, BnbConfig("nf4"))
     app, engine = build(str(out), fast=fast)
     try:
         with TestClient(app) as client:

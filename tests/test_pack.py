@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmslim.formats.pack import pack, packed_len, unpack
+from llmslim.pack import pack, packed_len, unpack
 
 
 def autogptq_pack(intweight: np.ndarray, bits: int) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Compression as a recipe of stages: ``compress(model, recipe)`` and ``compress_to_folder``."""
