@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from llmslim.util import peak_rss_bytes  # noqa: E402
+
 SETTINGS = [(4, 128, "sym"), (4, 128, "asym"), (3, 128, "sym"), (2, 64, "sym")]
 # RTN, then GPTQ as llmslim runs it by default (MSE clipping, group-aware reordering), with act-order
 # on top; the flags without -mse are the plain-grid GPTQ of the paper.
@@ -41,13 +45,6 @@ def parse_row(row: str) -> tuple[str, dict]:
                 opts["damp_percent"] = float(f[4:]) / 100
     opts["mse"] = "mse" in flags
     return method, opts
-
-
-def vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def run_one(row: str, calib_file: Path, windows: int, seqlen: int) -> dict:
@@ -70,7 +67,7 @@ def run_one(row: str, calib_file: Path, windows: int, seqlen: int) -> dict:
         t0 = time.perf_counter()
         quantize(model, config, calib if method == "gptq" else None)
         seconds = time.perf_counter() - t0
-    rss = vm_hwm()  # before decoding weights for the evaluation below
+    rss = peak_rss_bytes()  # before decoding weights for the evaluation below
     with decoded_weights(model):
         r = perplexity(model, tok, eval_text("wiki"), method="gptq", seqlen=seqlen, max_tokens=windows * seqlen,
                        progress=False)

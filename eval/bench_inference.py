@@ -42,6 +42,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # the llama.cpp worker runs in a venv without llmslim installed
+
+from llmslim.util import rss_bytes  # noqa: E402  (stdlib only: every worker venv can import it)
+
 ROWS = ["hf-fp32", "hf-bf16", "bnb-nf4", "llmslim-bf16", "llmslim-4bit", "llmslim-4bit-int8head",
         "llmslim-4bit-fp32", "llmslim-8bit", "llamacpp-q4_0"]
 BNB_ROWS = {"bnb-nf4": ("nf4", False), "bnb-fp4": ("fp4", False), "bnb-nf4-dq": ("nf4", True),
@@ -72,18 +76,8 @@ MODEL = "smollm2-135m"
 
 def _rss_mb() -> tuple[float, float]:
     """(current, peak) resident set size of this process in MiB."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    current = peak
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    current = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return current, peak
+    current, peak = rss_bytes()
+    return current / 2**20, peak / 2**20
 
 
 def _reply(obj: dict) -> None:
@@ -435,7 +429,6 @@ def main(argv: list[str] | None = None) -> None:
         return torch_worker(args)
 
     work.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT))
     if any(r.startswith("llmslim-4bit") for r in args.rows) or "llmslim-8bit" in args.rows or not args.no_match:
         prepare_checkpoints(args)
     common = ["--threads", str(args.threads), "--tokens", str(args.tokens), "--prompt-tokens",

@@ -37,19 +37,16 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the GPTQModel venv has no llmslim
+
+from llmslim.util import peak_rss_bytes  # noqa: E402  (stdlib only: every venv can import it)
+
 MODEL = "smollm2-135m"
 NSAMPLES, SEQLEN, SEED = 128, 512, 0
 PPL_SEQLEN, PPL_WINDOWS = 1024, 44
 
 
 # --- measurement helpers (both venvs) ---------------------------------------------------------
-
-
-def vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def loadavg() -> float:
@@ -85,7 +82,7 @@ class Meter:
         return {
             "quantize_seconds": round(self.seconds, 1),
             "cpu_seconds": round(self.cpu_seconds, 1),
-            "peak_rss_mb": round(vm_hwm_mb(), 0),
+            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 0),
             "load_start": self.samples[0],
             "load_mean": round(sum(self.samples) / len(self.samples), 2),
             "load_end": self.samples[-1],

@@ -1,10 +1,11 @@
-"""Small helpers shared across stages: atomic writes, output folders that appear only when complete."""
+"""Small helpers shared by every layer: atomic writes, output folders that appear only when
+complete, and the process's memory use (the one RSS reader of the package and its scripts)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,18 +13,52 @@ from pathlib import Path
 from .errors import UserError
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
-    """Write a file so that readers see the old content or the new one, never half of it."""
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a fresh temporary name beside ``path``; what was written there replaces ``path`` in
+    one rename when the block ends, so readers see the old file or the new one, never half of one."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A fresh name (not mkstemp, which makes files 0600): the file gets the usual umask permissions.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "x", encoding="utf-8") as f:
+        f.write(text)
+
+
+def rss_bytes() -> tuple[int, int]:
+    """(current, peak) resident memory of this process: VmRSS/VmHWM on Linux, else getrusage."""
+    current = peak = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    current = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if not peak:
+        import resource
+        import sys
+
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = ru if sys.platform == "darwin" else ru * 1024  # macOS reports bytes, Linux KiB
+    return current or peak, peak
+
+
+def peak_rss_bytes() -> int:
+    return rss_bytes()[1]
 
 
 def partial_dir(out: Path) -> Path:

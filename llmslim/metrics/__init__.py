@@ -12,7 +12,7 @@ _LAZY = {
     "perplexity": "ppl",
     "evaluate_task": "mc", "evaluate_docs": "mc", "loglikelihoods": "mc", "encode_pair": "mc",
     "available_tasks": "tasks", "Doc": "tasks",
-    "checkpoint_bytes": "efficiency", "parameter_bytes": "efficiency", "peak_rss_bytes": "efficiency",
+    "checkpoint_bytes": "efficiency", "parameter_bytes": "efficiency",
     "speed": "efficiency",
     "compare_markdown": "report", "format_result": "report", "plot_quality_vs_size": "report",
     "read_result": "report", "write_json": "report",

@@ -104,7 +104,7 @@ def cmd_eval(args) -> int:
     # Fetch task data (hub tasks may be unreachable) before minutes go into loading models.
     task_docs = {name: get_task(name).load(args.limit) for name in tasks}
     from ..loader import load
-    from .efficiency import peak_rss_bytes
+    from ..util import peak_rss_bytes
     from .report import format_result, write_json
     from .suite import evaluate
 

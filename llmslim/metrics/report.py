@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 from ..errors import UserError, missing_extra
+from ..util import atomic_write_text
 
 FORMAT = "llmslim-eval/1"
 
@@ -18,19 +17,7 @@ def write_json(path: str | Path, data: dict) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     """Write so that readers see the old file or the new one, never a half-written one."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder; give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name opened with "x" (not mkstemp) so the file gets the usual umask permissions.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def read_result(path: str | Path) -> dict:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..config import GPTQConfig
 from ..errors import UserError
 from ..nn import GPTQLinear, can_pack
-from ..util import atomic_write_text
+from ..util import atomic_path, atomic_write_text
 from .gptq import GPTQResult, accumulate_hessian, gptq_quantize, layer_loss
 from .walk import (
     StopForward,
@@ -146,9 +146,8 @@ class BlockState:
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def fingerprint(config: GPTQConfig, calib: torch.Tensor, model: nn.Module) -> str:

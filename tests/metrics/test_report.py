@@ -10,9 +10,10 @@ import os
 import pytest
 
 from llmslim.errors import UserError
-from llmslim.metrics import checkpoint_bytes, compare_markdown, parameter_bytes, peak_rss_bytes, speed
+from llmslim.metrics import checkpoint_bytes, compare_markdown, parameter_bytes, speed
 from llmslim.metrics.commands import register
 from llmslim.metrics.report import FORMAT, plot_quality_vs_size, read_result, write_json
+from llmslim.util import peak_rss_bytes
 
 
 def result(name, size, ppl=None, acc=None, setup=("gptq", 2048)):
