@@ -34,7 +34,7 @@ def build(
     from .state import ServerState
 
     if model is None:
-        from ..load import load
+        from ..loader import load
 
         model, tokenizer = load(checkpoint)
     if fast:

@@ -147,7 +147,7 @@ def test_head_from_float(kind, tol, monkeypatch):
 
 def _quantized_tiny(arch: str, bits: int, group_size: int, desc_act: bool = False):
     from llmslim.config import GPTQConfig, RTNConfig
-    from llmslim.quant.api import quantize
+    from llmslim.pipeline.stages import quantize
 
     model = make_tiny_model(arch)
     if desc_act:
