@@ -55,7 +55,7 @@ def add_quantize(sub) -> None:
     q = p.add_argument_group("GPTQ")
     q.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by descending Hessian diagonal")
     gar = q.add_mutually_exclusive_group()
-    gar.add_argument("--act-group-aware", dest="act_group_aware", action="store_true", default=True,
+    gar.add_argument("--act-group-aware", dest="act_group_aware", action="store_true", default=None,
                      help="group-aware reordering: act-order within groups, no inference cost (default)")
     gar.add_argument("--no-act-group-aware", dest="act_group_aware", action="store_false")
     q.add_argument("--static-groups", action="store_true", help="fix group grids before act-order reordering")
@@ -100,7 +100,7 @@ def cmd_quantize(args) -> int:
         if args.method == "gptq":
             config = GPTQConfig(**common, desc_act=args.desc_act, static_groups=args.static_groups,
                                 true_sequential=args.true_sequential, damp_percent=args.damp_percent,
-                                block_size=args.block_size, act_group_aware=args.act_group_aware)
+                                block_size=args.block_size, act_group_aware=args.act_group_aware is not False)
         else:
             config = RTNConfig(**common)
     calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
@@ -159,23 +159,27 @@ def cmd_compress(args) -> int:
 # Options that only one family of methods reads, with their defaults: given to another method
 # they would be silently ignored, so they are refused instead.
 _GRID_OPTIONS = {"bits": 4, "group_size": 128, "sym": True, "mse": None}
-_GPTQ_OPTIONS = {"desc_act": False, "static_groups": False, "act_group_aware": True, "true_sequential": True,
+_GPTQ_OPTIONS = {"desc_act": False, "static_groups": False, "act_group_aware": None, "true_sequential": True,
                  "damp_percent": 0.01, "block_size": 128}
-_CALIB_OPTIONS = {"batch_size": None, "resume": False, "calib": "wiki", "nsamples": 128, "seqlen": 2048}
+_CALIB_OPTIONS = {"batch_size": None, "resume": False, "calib": "wiki", "nsamples": 128, "seqlen": 2048,
+                  "seed": 0, "text_field": "text"}
 _BNB_OPTIONS = {"double_quant": False, "compute_dtype": "bf16", "int8_threshold": 6.0}
 
 
 def _refuse_foreign_options(args) -> None:
     if args.method in ("nf4", "fp4", "int8"):
         foreign = _GRID_OPTIONS | _GPTQ_OPTIONS | _CALIB_OPTIONS
-    elif args.method == "rtn":  # calibration options are harmless there (scripts pass them to every method)
-        foreign = _BNB_OPTIONS | _GPTQ_OPTIONS
+    elif args.method == "rtn":  # RTN reads no calibration data and does not resume
+        foreign = _BNB_OPTIONS | _GPTQ_OPTIONS | _CALIB_OPTIONS
     else:
         foreign = _BNB_OPTIONS
     given = [k for k, default in foreign.items() if getattr(args, k) != default]
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise UserError(f"--method {args.method} does not use {flags}")
+    if args.method == "gptq" and args.desc_act and args.act_group_aware:
+        raise UserError("--act-group-aware has no effect with --desc-act (act-order reorders every column); "
+                        "drop one of them")
 
 
 def add_info(sub) -> None:

@@ -171,6 +171,10 @@ def test_bnb_methods_through_the_cli(tiny_folder, tmp_path):
     ("nf4", ["--nsamples", "16"], "--nsamples"),
     ("gptq", ["--double-quant"], "--double-quant"),
     ("rtn", ["--damp-percent", "0.05", "--int8-threshold", "4"], "--int8-threshold, --damp-percent"),
+    ("rtn", ["--calib", "code", "--nsamples", "8", "--seqlen", "64", "--seed", "1"],
+     "--calib, --nsamples, --seqlen, --seed"),
+    ("rtn", ["--resume", "--batch-size", "4"], "--batch-size, --resume"),
+    ("nf4", ["--seed", "3", "--text-field", "body"], "--seed, --text-field"),
 ])
 def test_options_another_method_would_ignore_are_refused(tiny_folder, tmp_path, method, flags, named):
     r = run("quantize", tiny_folder("llama"), "--method", method, *flags, "--out", tmp_path / "o")
@@ -178,12 +182,19 @@ def test_options_another_method_would_ignore_are_refused(tiny_folder, tmp_path, 
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
 
 
+def test_act_group_aware_under_desc_act_is_refused(tiny_folder, tmp_path):
+    r = run("quantize", tiny_folder("llama"), "--desc-act", "--act-group-aware", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "--act-group-aware has no effect with --desc-act" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
 def test_mse_defaults_per_method(tiny_folder, tmp_path):
     src = tiny_folder("llama")
     for method, extra, want in [("gptq", [], True), ("gptq", ["--no-mse"], False), ("rtn", [], False),
                                 ("rtn", ["--mse"], True)]:
         out = tmp_path / f"{method}{len(extra)}"
-        assert main(["quantize", str(src), "--method", method, "--group-size", "32", "--nsamples", "4",
-                     "--seqlen", "32", *extra, "--out", str(out)]) == 0
+        calib = ["--nsamples", "4", "--seqlen", "32"] if method == "gptq" else []
+        assert main(["quantize", str(src), "--method", method, "--group-size", "32", *calib, *extra,
+                     "--out", str(out)]) == 0
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
         assert qc["meta"]["mse"] is want, (method, extra)
