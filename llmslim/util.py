@@ -67,6 +67,14 @@ def partial_dir(out: Path) -> Path:
 
 
 def check_output(out: Path, force: bool, resume: bool = False) -> None:
+    """Refuse, before any work, an output that would be overwritten, left half-done, or cannot be written."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {out}: {parent} is not writable (read-only file system or permissions)")
     if out.exists() and not force:
         raise UserError(f"output {out} already exists; pass --force to overwrite it")
     part = partial_dir(out)
