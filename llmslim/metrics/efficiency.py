@@ -6,9 +6,7 @@ llmslim loads (float, GPTQ, bitsandbytes) is timed by the same loop with no samp
 
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -50,19 +48,6 @@ def parameter_bytes(model: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
-
-
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident memory so far: VmHWM on Linux, else getrusage."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 @torch.inference_mode()
