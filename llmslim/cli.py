@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .errors import UserError, WriteFailure
+from .errors import UserError
 
 QUANT_METHODS = ("gptq", "rtn", "nf4", "fp4", "int8")
 
@@ -65,6 +65,11 @@ def add_quantize(sub) -> None:
     ts.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
     q.add_argument("--damp-percent", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal")
     q.add_argument("--block-size", type=int, default=128, help="lazy-update block size (default 128)")
+    sp = q  # --sparsity with --nm is refused by GPTQConfig, in one line
+    sp.add_argument("--sparsity", type=float, default=0.0, metavar="S",
+                    help="also prune to this fraction of zeros in the same sweep (SparseGPT's joint mode)")
+    sp.add_argument("--nm", default="", metavar="N:M",
+                    help="also prune to N:M (e.g. 2:4: at most 2 nonzeros in every 4 inputs) in the same sweep")
     q.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: auto)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default="wiki",
@@ -100,7 +105,8 @@ def cmd_quantize(args) -> int:
         if args.method == "gptq":
             config = GPTQConfig(**common, desc_act=args.desc_act, static_groups=args.static_groups,
                                 true_sequential=args.true_sequential, damp_percent=args.damp_percent,
-                                block_size=args.block_size, act_group_aware=args.act_group_aware is not False)
+                                block_size=args.block_size, act_group_aware=args.act_group_aware is not False,
+                                sparsity=args.sparsity, nm=args.nm)
         else:
             config = RTNConfig(**common)
     calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
@@ -114,6 +120,9 @@ def _run_recipe(args, recipe) -> int:
                            batch_size=args.batch_size, allow_pickle=args.allow_pickle)
     print()
     for config, stage in zip(recipe.stages, s["stages"], strict=True):
+        if config.stage == "prune":
+            print(f"{describe(config)}: {prune_outcome(stage)}, {stage['seconds']:.0f} s")
+            continue
         print(f"{describe(config)}: {len(stage['layers'])} layers quantized, {len(stage['skipped'])} kept in float, "
               f"{stage['seconds']:.0f} s")
     before = f"{s['bytes_before'] / 2**20:.1f} MiB" if s["bytes_before"] else "n/a"
@@ -127,7 +136,31 @@ def describe(config) -> str:
 
     if isinstance(config, BnbConfig):
         return f"bitsandbytes {config.quant_type}{' +double-quant' if config.double_quant else ''}"
-    return f"{config.stage} {config.bits}-bit g{config.group_size} {'sym' if config.sym else 'asym'}"
+    if config.stage == "prune":
+        return describe_prune(config)
+    joint = ""
+    if getattr(config, "sparsity", 0) or getattr(config, "nm", ""):
+        joint = f" + {config.nm} sparse" if config.nm else f" + {config.sparsity:.0%} sparse"
+    return f"{config.stage} {config.bits}-bit g{config.group_size} {'sym' if config.sym else 'asym'}{joint}"
+
+
+def describe_prune(config) -> str:
+    """e.g. ``prune sparsegpt 2:4``, ``prune depth -6 blocks (bi)``, ``prune width mlp 75% heads 50%``."""
+    if config.method == "depth":
+        return f"prune depth -{config.drop_blocks} blocks ({config.importance})"
+    if config.method == "width":
+        return f"prune width mlp {config.mlp_keep:.0%} heads {config.heads_keep:.0%}"
+    return f"prune {config.method} {config.nm or f'{config.sparsity:.0%}'}"
+
+
+def prune_outcome(stage: dict) -> str:
+    """What a prune stage did, from its log entry in quant_log.json."""
+    rec = stage.get("pruning") or {}
+    before, after = rec.get("parameters", [0, 0])
+    sp = rec.get("sparsity_measured")
+    what = f"{len(stage['layers'])} layers pruned" if stage["layers"] else "reshaped"
+    sparsity = f", sparsity {sp:.1%}" if sp else ""
+    return f"{what}{sparsity}, parameters {before:,} -> {after:,}"
 
 
 def add_compress(sub) -> None:
@@ -160,7 +193,7 @@ def cmd_compress(args) -> int:
 # they would be silently ignored, so they are refused instead.
 _GRID_OPTIONS = {"bits": 4, "group_size": 128, "sym": True, "mse": None}
 _GPTQ_OPTIONS = {"desc_act": False, "static_groups": False, "act_group_aware": None, "true_sequential": True,
-                 "damp_percent": 0.01, "block_size": 128}
+                 "damp_percent": 0.01, "block_size": 128, "sparsity": 0.0, "nm": ""}
 _CALIB_OPTIONS = {"batch_size": None, "resume": False, "calib": "wiki", "nsamples": 128, "seqlen": 2048,
                   "seed": 0, "text_field": "text"}
 _BNB_OPTIONS = {"double_quant": False, "compute_dtype": "bf16", "int8_threshold": 6.0}
@@ -182,6 +215,70 @@ def _refuse_foreign_options(args) -> None:
                         "drop one of them")
 
 
+def add_prune(sub) -> None:
+    from .config import PRUNE_METHODS
+
+    p = sub.add_parser(
+        "prune",
+        help="prune a model: SparseGPT/Wanda/magnitude zeros (unstructured or N:M), or drop blocks/channels/heads",
+        description="Prune a Hugging Face causal LM. sparsegpt/wanda/magnitude set weights to zero (the checkpoint "
+        "stays dense float, sparsity recorded in config.json); depth/width remove decoder blocks, MLP channels "
+        "and attention heads, so the model really gets smaller and loads in plain transformers. Any output can "
+        "be quantized next (llmslim quantize, or a recipe). Docs: eval/pruning.md.",
+        epilog="examples:\n  llmslim prune smollm2-135m --method sparsegpt --nm 2:4 --out out/smol-2of4\n"
+        "  llmslim prune smollm2-135m --method wanda --sparsity 0.5 --out out/smol-wanda50\n"
+        "  llmslim prune smollm2-135m --method depth --drop-blocks 6 --importance bi --out out/smol-24blocks\n"
+        "  llmslim prune smollm2-135m --method width --mlp-keep 0.75 --heads-keep 0.67 --out out/smol-narrow",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="hub id (org/name), local HF folder, .gguf file, or alias smollm2-135m")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--method", choices=PRUNE_METHODS, default="sparsegpt", help="pruning method (default sparsegpt)")
+    u = p.add_argument_group("sparsegpt | wanda | magnitude (zeros)")
+    u.add_argument("--sparsity", type=float, default=0.0, metavar="S", help="fraction of zeros per pruned linear, in (0, 1)")
+    u.add_argument("--nm", default="", metavar="N:M", help="semi-structured: at most N nonzeros in every M inputs (2:4, 4:8)")
+    u.add_argument("--damp-percent", type=float, default=0.01, help="sparsegpt: Hessian damping (default 0.01)")
+    u.add_argument("--block-size", type=int, default=128, help="sparsegpt: lazy-update block size (default 128)")
+    u.add_argument("--include", action="append", default=[], metavar="GLOB", help="only prune these linears (repeatable)")
+    u.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune these (repeatable)")
+    d = p.add_argument_group("depth (drop decoder blocks)")
+    d.add_argument("--drop-blocks", type=int, default=0, metavar="N", help="decoder blocks to remove")
+    d.add_argument("--importance", choices=("bi", "kl"), default="bi",
+                   help="bi: ShortGPT block influence 1-cos(in, out) (one pass); kl: KL increase when the block is "
+                   "skipped (one pass per block)")
+    w = p.add_argument_group("width (MLP channels, attention heads)")
+    w.add_argument("--mlp-keep", type=float, default=1.0, metavar="R", help="fraction of MLP channels kept, in (0, 1]")
+    w.add_argument("--heads-keep", type=float, default=1.0, metavar="R",
+                   help="fraction of attention heads kept (whole KV groups under GQA), in (0, 1]")
+    c = p.add_argument_group("calibration (all but magnitude)")
+    c.add_argument("--calib", default="wiki", help="as for quantize: built-in corpus, hub dataset or local file")
+    c.add_argument("--text-field", default="text")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per sequence (default 2048, capped at the context)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: auto)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) weights you trust")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sparsegpt/wanda run into the same --out")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_prune(args) -> int:
+    from .config import CalibConfig, LayerFilter, PruneConfig
+    from .pipeline.recipe import Recipe
+
+    config = PruneConfig(args.method, args.sparsity, args.nm, args.drop_blocks, args.importance, args.mlp_keep,
+                         args.heads_keep, args.damp_percent, args.block_size,
+                         LayerFilter(tuple(args.include), tuple(args.exclude)))
+    if not config.calibrated:
+        given = [k for k, v in _CALIB_OPTIONS.items() if getattr(args, k) != v]
+        if given:
+            raise UserError(f"--method {args.method} reads no calibration data: drop "
+                            + ", ".join("--" + k.replace("_", "-") for k in given))
+    calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
+    return _run_recipe(args, Recipe((config,), calib))
+
+
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a model or checkpoint: architecture, blocks, linears, quantization")
     p.add_argument("model")
@@ -194,6 +291,7 @@ def cmd_info(args) -> int:
     from .loader import load
     from .models import resolve
     from .nn import GPTQLinear
+    from .quant.sparsity import sparsity_report
     from .quant.walk import find_blocks, find_linears
 
     model, _ = load(args.model)
@@ -201,15 +299,18 @@ def cmd_info(args) -> int:
     linears = find_linears(blocks[0], quantized=True)
     quantized = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
     qc = getattr(model.config, "quantization_config", None)
+    sparsity = sparsity_report(model)
     info = {
         "model": args.model,
         "architecture": type(model).__name__,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sparsity["parameters"],
         "blocks": f"{blocks_name} x {len(blocks)}",
         "linears_per_block": {n: type(m).__name__ for n, m in linears.items()},
         "quantized_linears": len(quantized),
         "quantization_config": qc if isinstance(qc, dict) or qc is None else qc.to_dict(),
         "bytes_on_disk": folder_bytes(resolve(args.model)),
+        "sparsity": {k: sparsity[k] for k in ("sparsity", "nm", "by_type")},
+        "pruning": getattr(model.config, "pruning", None),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -227,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_quantize(sub)
     add_compress(sub)
+    add_prune(sub)
     add_info(sub)
     for module in ("llmslim.metrics.commands", "llmslim.server.commands"):
         try:
@@ -247,9 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except WriteFailure as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130

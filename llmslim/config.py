@@ -8,7 +8,7 @@ stage key in a recipe file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from .errors import UserError
@@ -82,6 +82,10 @@ class GPTQConfig(IntConfig):
     # Group-aware reordering (GAR): act-order inside groups, free at inference. GPTQModel's
     # default too; desc_act supersedes it.
     act_group_aware: bool = True
+    # Joint pruning in the same sweep (SparseGPT's joint sparse + quantized mode, arXiv:2301.00774
+    # Sec. 3.5): 0 / "" = off; at most one of them.
+    sparsity: float = 0.0
+    nm: str = ""
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,6 +93,122 @@ class GPTQConfig(IntConfig):
             raise UserError(f"--damp-percent must be in (0, 1), got {self.damp_percent}")
         if self.block_size <= 0:
             raise UserError(f"--block-size must be positive, got {self.block_size}")
+        check_sparsity(self.sparsity, self.nm, required=False)
+        if self.joint and self.desc_act:
+            raise UserError("--desc-act does not combine with --sparsity/--nm: the joint sweep runs in the natural "
+                            "column order, as SparseGPT's does (reordered, it pruned worse); drop --desc-act")
+        n_m = parse_nm(self.nm)
+        if n_m:
+            m = n_m[1]
+            if self.block_size % m:
+                raise UserError(f"--nm {self.nm}: M={m} must divide --block-size {self.block_size}")
+            if self.group_size != -1 and self.group_size % m:
+                raise UserError(f"--nm {self.nm}: M={m} must divide --group-size {self.group_size}")
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        return parse_nm(self.nm)
+
+    @property
+    def joint(self) -> bool:
+        """Pruning in the same sweep (then group-aware reordering is off: natural column order)."""
+        return bool(self.sparsity) or bool(self.nm)
+
+
+def parse_nm(nm: str) -> tuple[int, int] | None:
+    """``"2:4"`` -> (2, 4): at most N nonzero weights in every M consecutive inputs (NVIDIA's
+    convention; 2:4 and 4:8 are 50% sparse). ``""`` -> None."""
+    if not nm:
+        return None
+    try:
+        n, m = (int(x) for x in str(nm).split(":"))
+    except ValueError:
+        raise UserError(f"--nm must look like N:M (e.g. 2:4), got {nm!r}") from None
+    if n < 1 or m < 2:
+        raise UserError(f"--nm {nm}: need N >= 1 and M >= 2")
+    if n >= m:
+        raise UserError(f"--nm {nm}: N must be smaller than M (N:M keeps N of every M weights)")
+    return n, m
+
+
+def check_sparsity(sparsity: float, nm: str, required: bool, method: str = "") -> None:
+    if sparsity and nm:
+        raise UserError("--nm and --sparsity exclude each other: N:M sets the sparsity (1 - N/M); give one")
+    if not isinstance(sparsity, int | float) or isinstance(sparsity, bool) or (sparsity and not 0 < sparsity < 1):
+        raise UserError(f"--sparsity must be in (0, 1), got {sparsity}")
+    if sparsity == 0 and not nm and required:
+        raise UserError(f"--method {method} needs --sparsity S (0 < S < 1) or --nm N:M (e.g. 2:4)")
+    parse_nm(nm)
+
+
+PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude", "depth", "width")
+UNSTRUCTURED_METHODS = ("sparsegpt", "wanda", "magnitude")
+IMPORTANCE = ("bi", "kl")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Pruning: unstructured or N:M zeros (SparseGPT, Wanda, magnitude), or structured removal of
+    whole decoder blocks (depth) or MLP channels and attention heads (width)."""
+
+    stage: ClassVar[str] = "prune"
+
+    method: str = "sparsegpt"
+    sparsity: float = 0.0  # unstructured: fraction of zeros in each pruned linear
+    nm: str = ""  # semi-structured: "2:4", "4:8"
+    drop_blocks: int = 0  # depth: decoder blocks to remove
+    importance: str = "bi"  # depth: bi (ShortGPT block influence) | kl (KL increase when skipped)
+    mlp_keep: float = 1.0  # width: fraction of MLP intermediate channels kept
+    heads_keep: float = 1.0  # width: fraction of attention heads (KV groups under GQA) kept
+    damp_percent: float = 0.01  # sparsegpt: Hessian damping
+    block_size: int = 128  # sparsegpt: lazy-update block size
+    layers: LayerFilter = field(default_factory=LayerFilter)
+
+    def __post_init__(self):
+        m = self.method
+        if m not in PRUNE_METHODS:
+            raise UserError(f"prune --method must be one of {', '.join(PRUNE_METHODS)}, got {m!r}")
+        defaults = {f.name: f.default for f in fields(PruneConfig) if f.name != "layers"}
+        own = {"sparsegpt": ("sparsity", "nm", "damp_percent", "block_size"), "wanda": ("sparsity", "nm"),
+               "magnitude": ("sparsity", "nm"), "depth": ("drop_blocks", "importance"),
+               "width": ("mlp_keep", "heads_keep")}[m]
+        foreign = [k for k, v in defaults.items() if k not in ("method", *own) and getattr(self, k) != v]
+        if foreign:
+            raise UserError(f"--method {m} does not use " + ", ".join("--" + k.replace("_", "-") for k in foreign))
+        if self.layers.quantize_lm_head:
+            raise UserError("pruning never touches lm_head: drop --quantize-lm-head")
+        if m in UNSTRUCTURED_METHODS:
+            check_sparsity(self.sparsity, self.nm, required=True, method=m)
+            n_m = parse_nm(self.nm)
+            if n_m and self.block_size % n_m[1]:
+                raise UserError(f"--nm {self.nm}: M={n_m[1]} must divide --block-size {self.block_size}")
+            if not 0 < self.damp_percent < 1:
+                raise UserError(f"--damp-percent must be in (0, 1), got {self.damp_percent}")
+            if self.block_size <= 0:
+                raise UserError(f"--block-size must be positive, got {self.block_size}")
+            return
+        if self.layers.include or self.layers.exclude:
+            raise UserError(f"--method {m} removes whole blocks/channels/heads: --include/--exclude do not apply")
+        if m == "depth":
+            if not isinstance(self.drop_blocks, int) or self.drop_blocks < 1:
+                raise UserError(f"--method depth needs --drop-blocks N (N >= 1), got {self.drop_blocks}")
+            if self.importance not in IMPORTANCE:
+                raise UserError(f"--importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        else:
+            for flag, v in (("--mlp-keep", self.mlp_keep), ("--heads-keep", self.heads_keep)):
+                if not 0 < v <= 1:
+                    raise UserError(f"{flag} must be in (0, 1], got {v}")
+            if self.mlp_keep == 1 and self.heads_keep == 1:
+                raise UserError("--method width needs --mlp-keep and/or --heads-keep below 1")
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        return parse_nm(self.nm)
+
+    @property
+    def calibrated(self) -> bool:
+        """Magnitude pruning reads only the weights; every other method reads calibration text."""
+        return self.method != "magnitude"
 
 
 @dataclass(frozen=True)
@@ -141,3 +261,71 @@ class BnbConfig:
     @property
     def stage(self) -> str:
         return self.quant_type
+
+
+RECOVER_MODES = ("block", "e2e")
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """Recovery: win back what compression lost by learning from the original model (the teacher).
+
+    ``block``: per decoder block, against the original block's outputs on calibration inputs, learn
+    the quantization grid of a GPTQ/RTN student (AutoRound's signed-gradient rounding offsets in
+    [-0.5, 0.5] and per-group scale/zero adjustments, arXiv:2309.05516), or the remaining weights of
+    a sparse float student under its fixed mask; a block keeps its input weights unless the learned
+    ones lower its calibration loss. It trains on the recipe's calibration tokens.
+    ``e2e``: logit distillation KL(teacher || student) at ``temperature`` on ``tokens`` tokens of
+    ``data`` (its calibration part only): scales/zeros of a quantized student through a straight-
+    through estimator, or all weights (or LoRA adapters of ``lora_rank``, merged back) of a float one.
+
+    ``lr`` None means the default of what is trained (block: 1/iters for the signed gradient, 1e-5
+    for float weights; e2e: 1e-3 for scales, 1e-4 for LoRA, 1e-5 for all weights). ``max_time``
+    (seconds, 0 = none) stops cleanly with the best student so far.
+    """
+
+    stage: ClassVar[str] = "recover"
+
+    mode: str = "block"
+    iters: int = 200  # block: signed-gradient steps per block (AutoRound's default)
+    batch_size: int = 8  # samples per step
+    lr: float | None = None
+    max_time: float = 0.0
+    seed: int = 0
+    data: str = "wiki"  # e2e: training text (built-in corpora: their calibration part only)
+    text_field: str = "text"
+    tokens: int = 262144  # e2e: training tokens
+    seqlen: int = 512  # e2e: tokens per training sequence
+    temperature: float = 1.0  # e2e
+    lora_rank: int = 0  # e2e, float students: 0 = train all weights
+    checkpoint_every: int = 20  # e2e: optimizer steps between checkpoints (resume)
+    amp: bool = True  # bf16 autocast for the training steps (losses compared in float32)
+
+    def __post_init__(self):
+        if self.mode not in RECOVER_MODES:
+            raise UserError(f"recover --mode must be one of {', '.join(RECOVER_MODES)}, got {self.mode!r}")
+        for flag, v in (("--iters", self.iters), ("--batch-size", self.batch_size), ("--tokens", self.tokens),
+                        ("--checkpoint-every", self.checkpoint_every)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserError(f"{flag} must be a positive integer, got {v!r}")
+        if not isinstance(self.seqlen, int) or self.seqlen < 2:
+            raise UserError(f"--seqlen must be at least 2, got {self.seqlen!r}")
+        if self.lr is not None and (isinstance(self.lr, bool) or not self.lr > 0):
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not self.max_time >= 0:
+            raise UserError(f"--max-time must be >= 0 seconds (0 = no limit), got {self.max_time}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise UserError(f"--lora-rank must be >= 0 (0 = train all weights), got {self.lora_rank!r}")
+        if not self.data:
+            raise UserError("--data must name the training text (e.g. wiki, or a file)")
+        own = {"block": ("iters",), "e2e": ("data", "text_field", "tokens", "seqlen", "temperature", "lora_rank",
+                                             "checkpoint_every")}
+        defaults = {f.name: f.default for f in fields(RecoverConfig)}
+        foreign = [k for k in (*own["block"], *own["e2e"]) if k not in own[self.mode]
+                   and getattr(self, k) != defaults[k]]
+        if foreign:
+            hint = " (block mode trains on the recipe's calibration tokens)" if self.mode == "block" else ""
+            raise UserError(f"recover --mode {self.mode} does not use "
+                            + ", ".join("--" + k.replace("_", "-") for k in foreign) + hint)

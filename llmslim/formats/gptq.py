@@ -41,8 +41,12 @@ def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool) ->
                  "mse": config.mse,
                  # GAR is off under desc_act (the solver ignores it); GPTQModel refuses a config with both on.
                  "act_group_aware": bool(getattr(config, "act_group_aware", False))
-                 and not bool(getattr(config, "desc_act", False))},
+                 and not bool(getattr(config, "desc_act", False)) and not getattr(config, "joint", False)},
     }
+    if getattr(config, "sparsity", 0) or getattr(config, "nm", ""):
+        # Joint pruning (SparseGPT's sparse + quantized mode): the zeros are stored as zero points.
+        qc["meta"]["sparsity"] = float(config.sparsity) if config.sparsity else None
+        qc["meta"]["nm"] = config.nm or None
     if skipped:
         # GPTQModel/vLLM "dynamic" rules: a "-:" regex excludes a module from quantization.
         qc["dynamic"] = {f"-:^{name.replace('.', r'[.]')}$": {} for name in skipped}

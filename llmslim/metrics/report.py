@@ -49,6 +49,13 @@ def format_result(result: dict) -> str:
     rows.append(("weights in memory", _mb(size.get("parameter_bytes"))))
     if size.get("peak_rss_bytes"):
         rows.append(("peak RSS after load", _mb(size["peak_rss_bytes"])))
+    if size.get("parameters"):
+        rows.append(("parameters", f"{size['parameters']:,}"))
+    sp = result.get("sparsity") or {}
+    if sp.get("sparsity"):
+        kinds = ", ".join(f"{k} {v:.0%}" for k, v in sp["by_type"].items())
+        rows.append(("sparsity (block linears)", f"{sp['sparsity']:.1%}{' ' + sp['nm'] if sp.get('nm') else ''}  "
+                     f"({kinds})"))
     ppl = result.get("perplexity")
     if ppl:
         rows.append((f"perplexity [{ppl_setup(ppl)}]", f"{ppl['perplexity']:.4f}  "

@@ -58,6 +58,11 @@ def evaluate(
             "peak_rss_bytes": peak_rss,
         },
     }
+    from ..quant.sparsity import sparsity_report
+
+    sp = sparsity_report(model)
+    result["size"]["parameters"] = sp.pop("parameters")
+    result["sparsity"] = sp  # of the decoder blocks' linears, overall and per layer type; N:M if all follow one
     from ..nn import decoded_weights
 
     # Scoring decodes quantized weights once instead of on every forward: the same numbers,

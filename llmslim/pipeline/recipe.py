@@ -22,9 +22,9 @@ from functools import partial
 from pathlib import Path
 
 from .. import __version__
-from ..config import BnbConfig, CalibConfig, GPTQConfig, LayerFilter, RTNConfig
+from ..config import BnbConfig, CalibConfig, GPTQConfig, LayerFilter, PruneConfig, RTNConfig
 from ..errors import UserError
-from .stages import handler_for
+from .stages import handler_for, needs_calibration
 
 # The names a recipe file uses -> the config each builds. Parsing only: work is dispatched on the
 # config's type (stages.HANDLERS). nf4/fp4/int8 are one config whose quant_type is the name.
@@ -34,8 +34,10 @@ STAGES: dict[str, Callable[..., object]] = {
     "nf4": partial(BnbConfig, "nf4"),
     "fp4": partial(BnbConfig, "fp4"),
     "int8": partial(BnbConfig, "int8"),
+    "prune": PruneConfig,
 }
-_CONFIG_TYPES = {"gptq": GPTQConfig, "rtn": RTNConfig, "nf4": BnbConfig, "fp4": BnbConfig, "int8": BnbConfig}
+_CONFIG_TYPES = {"gptq": GPTQConfig, "rtn": RTNConfig, "nf4": BnbConfig, "fp4": BnbConfig, "int8": BnbConfig,
+                 "prune": PruneConfig}
 _IMPLIED = {"quant_type"}  # fields named by the stage itself, not keys
 _LAYER_KEYS = tuple(f.name for f in fields(LayerFilter))
 TOP_KEYS = ("llmslim_version", "calibration", "stages")
@@ -52,7 +54,7 @@ class Recipe:
 
     @property
     def calibrated(self) -> bool:
-        return any(handler_for(s).calibrated for s in self.stages)
+        return any(needs_calibration(s) for s in self.stages)
 
     def to_dict(self) -> dict:
         """Every field of every stage, defaults included: the file reproduces the run even if
@@ -111,7 +113,7 @@ def parse_recipe(data: object, where: str = "recipe") -> Recipe:
     if calib is None:
         calibration = CalibConfig()
     else:
-        if not any(handler_for(c).calibrated for c in configs):
+        if not any(needs_calibration(c) for c in configs):
             raise UserError(f"{where}: 'calibration' is given but no stage uses calibration data")
         calibration = _build(CalibConfig, CalibConfig, calib, f"{where}: calibration")
     return Recipe(configs, calibration)
@@ -141,7 +143,7 @@ def _build(cls: type, make: Callable[..., object], options: object, label: str):
         raise UserError(f"{label}: expected a mapping, got {options!r}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in fields(cls) if f.name not in _IMPLIED]
-    if cls in (GPTQConfig, RTNConfig, BnbConfig):
+    if cls in (GPTQConfig, RTNConfig, BnbConfig, PruneConfig):
         known = [k for k in known if k != "layers"] + list(_LAYER_KEYS)
     for key, value in options.items():
         if key == "layers" and isinstance(value, LayerFilter):

@@ -20,14 +20,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import BnbConfig, GPTQConfig, IntConfig, RTNConfig
+from ..config import UNSTRUCTURED_METHODS, BnbConfig, GPTQConfig, IntConfig, PruneConfig, RTNConfig
 from ..errors import UserError
 from ..formats.hf import from_pretrained, save_hf
 from ..models import read_config
 from ..nn import GPTQLinear, can_pack
 from ..quant.bnb import bnb_quantization_config, plan_layers, require_bnb, storage_dtype
+from ..quant.prune import magnitude_layers, prune_blocks
 from ..quant.rtn import rtn_layers
 from ..quant.sequential import gptq_blocks, gptq_lm_head
+from ..quant.sparsity import sparsity_report
+from ..quant.structured import depth_prune, width_prune
 from ..quant.walk import select_layers
 
 
@@ -60,7 +63,7 @@ class Handler:
     run: Run
     takes: frozenset[str]  # kinds of input model: "float", "gptq", "bnb"
     makes: str
-    calibrated: bool  # needs ``Context.calib``
+    calibrated: bool | Callable[[Any], bool]  # needs ``Context.calib`` (a function: depends on the config)
     loads_source: bool = False  # given ``Context.source``, it needs no model loaded beforehand
 
 
@@ -84,8 +87,10 @@ def run_gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> tuple[nn.Mod
         raise UserError("GPTQ needs calibration data (--calib)")
     t0 = time.perf_counter()
     _, skipped = int_targets(model, config)
+    # A model pruned before keeps its zeros (GPTQ's updates would fill them in): prune-then-quantize.
+    pruned = any(r.get("method") in UNSTRUCTURED_METHODS for r in getattr(model.config, "pruning", None) or [])
     logs = [asdict(x) for x in gptq_blocks(model, config, ctx.calib, state_dir=ctx.state_dir, resume=ctx.resume,
-                                            batch_size=ctx.batch_size)]
+                                            batch_size=ctx.batch_size, keep_zeros=pruned)]
     if config.layers.quantize_lm_head and not isinstance(model.get_output_embeddings(), GPTQLinear):
         logs.append(gptq_lm_head(model, config, ctx.calib, ctx.batch_size))
     return model, QuantReport(config.stage, logs, skipped, time.perf_counter() - t0)
@@ -115,7 +120,46 @@ def run_bnb(model: nn.Module | None, config: BnbConfig, ctx: Context) -> tuple[n
     return quantized, report
 
 
+def run_prune(model: nn.Module, config: PruneConfig, ctx: Context) -> tuple[nn.Module, QuantReport]:
+    """Pruning in place; the model stays float. What was done is recorded in ``config.json``
+    (``pruning``, one entry per prune stage) beside the measured sparsity and parameter count."""
+    if config.calibrated and ctx.calib is None:
+        raise UserError(f"--method {config.method} needs calibration data (--calib)")
+    t0 = time.perf_counter()
+    before = sparsity_report(model)["parameters"]
+    extra: dict = {}
+    if config.method == "depth":
+        extra = depth_prune(model, config.drop_blocks, config.importance, ctx.calib, ctx.batch_size)
+        logs = []
+    elif config.method == "width":
+        extra = width_prune(model, config.mlp_keep, config.heads_keep, ctx.calib, ctx.batch_size)
+        logs = []
+    elif config.method == "magnitude":
+        logs = [asdict(x) for x in magnitude_layers(model, config)]
+    else:
+        logs = [asdict(x) for x in prune_blocks(model, config, ctx.calib, ctx.state_dir, ctx.resume, ctx.batch_size)]
+    measured = sparsity_report(model)
+    record = {"method": config.method, **{k: v for k, v in asdict(config).items() if k in _PRUNE_OWN[config.method]},
+              "sparsity_measured": measured["sparsity"], "nm_measured": measured["nm"],
+              "parameters": [before, measured["parameters"]],
+              **{k: v for k, v in extra.items() if k not in ("kept", "scores")}}
+    model.config.pruning = [*(getattr(model.config, "pruning", None) or []), record]
+    report = QuantReport(config.stage, logs, [], time.perf_counter() - t0, {"pruning": record | extra})
+    return model, report
+
+
+_PRUNE_OWN = {"sparsegpt": ("sparsity", "nm"), "wanda": ("sparsity", "nm"), "magnitude": ("sparsity", "nm"),
+              "depth": ("drop_blocks", "importance"), "width": ("mlp_keep", "heads_keep")}
+
+
+def needs_calibration(config: object) -> bool:
+    """Whether a stage reads calibration tokens (for pruning it depends on the method)."""
+    calibrated = handler_for(config).calibrated
+    return calibrated(config) if callable(calibrated) else calibrated
+
+
 HANDLERS: dict[type, Handler] = {
+    PruneConfig: Handler(run_prune, frozenset({"float"}), "float", calibrated=lambda c: c.calibrated),
     RTNConfig: Handler(run_rtn, frozenset({"float"}), "gptq", calibrated=False),
     GPTQConfig: Handler(run_gptq, frozenset({"float"}), "gptq", calibrated=True),
     BnbConfig: Handler(run_bnb, frozenset({"float"}), "bnb", calibrated=False, loads_source=True),

@@ -8,6 +8,10 @@ Generative Pre-trained Transformers", arXiv:2210.17323 (reference code: IST-DASL
     Hinv  the upper Cholesky factor of H^-1, which is all the column updates need
     Err   the scaled quantization error of the columns of one lazy block
 
+With ``sparsity`` or ``nm`` the same sweep also prunes: SparseGPT's joint sparse + quantized mode
+(Frantar & Alistarh, arXiv:2301.00774, Sec. 3.5), where each column is masked and quantized at
+once and the OBS update lets the columns after it compensate both errors.
+
 Nothing here knows about models or hooks; the driver in ``sequential.py`` feeds it.
 """
 
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..grid import find_params, maxq_for, quantize_rtn
+from . import masks
 
 
 def accumulate_hessian(H: torch.Tensor, nsamples: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -61,6 +66,7 @@ class GPTQResult:
     loss: float  # GPTQ's own error estimate: sum (w - q)^2 / d^2 / 2
     damp_percent: float  # the damping that made H positive definite
     fallback: str | None = None  # why this layer fell back to RTN, if it did
+    mask: torch.Tensor | None = None  # bool [rows, columns], True where joint pruning zeroed the weight
 
     def dequantize(self) -> torch.Tensor:
         g = self.g_idx.long()
@@ -68,7 +74,7 @@ class GPTQResult:
 
 
 @contextmanager
-def _threads(n: int):
+def torch_threads(n: int):
     """Run a block with ``n`` torch threads. The per-column loop runs on one: its ops are tiny
     vectors, and handing each to a thread pool costs more than the work (measured 10-20x slower
     with 2 threads on 2 cores). The ``mse`` grid search of a group stays on one thread too: with 2
@@ -81,7 +87,7 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
+def inverse_cholesky(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
     """Upper Cholesky factor of (H + damp I)^-1, raising the damping until H is positive definite.
 
     Damping by a fraction of the mean diagonal is the paper's fix for near-singular H (Sec. 4,
@@ -117,14 +123,21 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 128,
     act_group_aware: bool = False,
+    sparsity: float = 0.0,
+    nm: tuple[int, int] | None = None,
+    keep_zeros: torch.Tensor | None = None,
 ) -> GPTQResult:
     maxq = maxq_for(bits)
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     rows, columns = W.shape
 
+    # ``keep_zeros`` (bool [rows, columns]): a mask fixed in advance, e.g. the zeros of a model pruned
+    # before; they stay exactly zero (the OBS updates would otherwise fill them in).
+    prune = bool(sparsity) or nm is not None or keep_zeros is not None
     if not bool(torch.isfinite(H.sum())):
-        return _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, "Hessian is not finite")
+        return _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, "Hessian is not finite", sparsity=sparsity,
+                             nm=nm)
 
     # Dead inputs (always zero in calibration) carry no information: fix their diagonal so H
     # stays invertible, and zero the weights since they never contribute (reference code).
@@ -139,37 +152,24 @@ def gptq_quantize(
         g_idx = torch.zeros(columns, dtype=torch.long)
     else:
         g_idx = torch.arange(columns) // group_size  # natural groups (desc_act redefines them below)
-    diag = torch.diag(H)
-    if desc_act:
-        # Act-order (paper Sec. 6, reference "--act-order"): quantize columns of large activation
-        # first, while the most error can still be compensated by the remaining columns.
-        perm = torch.argsort(diag, descending=True)
-        if not static_groups and group_size != -1:
-            g_idx = torch.empty_like(g_idx)
-            g_idx[perm] = torch.arange(columns) // group_size  # groups follow quantization order
-    elif act_group_aware and group_size != -1:
-        # Group-aware reordering (GAR, Gafni et al., arXiv:2505.14638): act-order inside each group,
-        # groups ordered by their largest diagonal. Groups stay contiguous in the original order,
-        # so g_idx stays trivial and inference pays nothing for the reordering.
-        order = torch.argsort(torch.stack([diag[g_idx == g].max() for g in range(int(g_idx.max()) + 1)]),
-                              descending=True)
-        perm = torch.cat([torch.nonzero(g_idx == g)[:, 0][torch.argsort(diag[g_idx == g], descending=True)]
-                          for g in order.tolist()])
-    else:
-        perm = torch.arange(columns)
+    # N:M groups move as one unit through any reordering, so each stays M adjacent columns.
+    perm, g_idx = column_order(torch.diag(H), g_idx, group_size, desc_act, static_groups, act_group_aware,
+                               unit=nm[1] if nm else 1)
 
     # static_groups: fix every group's grid up front on the unpermuted weights (AutoGPTQ's option).
     static = [params(W[:, g_idx == g]) for g in range(int(g_idx.max()) + 1)] if static_groups else None
     W, H = W[:, perm], H[perm][:, perm]
+    fixed = None if keep_zeros is None else keep_zeros[:, perm]
     gid = g_idx[perm]  # group of each column in quantization order; non-static groups are contiguous
 
-    Hinv, used_damp = _inverse_cholesky(H, damp_percent)
+    Hinv, used_damp = inverse_cholesky(H, damp_percent)
     if Hinv is None:
         return _rtn_fallback(W[:, torch.argsort(perm)], bits, group_size, sym, mse, used_damp,
-                             "Cholesky failed even at 100% damping")
+                             "Cholesky failed even at 100% damping", sparsity=sparsity, nm=nm)
 
     Qint = torch.zeros(rows, columns)
     Losses = torch.zeros(rows, columns)
+    Mask = torch.zeros(rows, columns, dtype=torch.bool) if prune else None
     grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(enumerate(static)) if static else {}
     if group_size == -1:
         grids[0] = params(W)
@@ -183,8 +183,24 @@ def gptq_quantize(
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        with _threads(1):
+        mask1 = None  # [block columns, rows], True = pruned (the block is held transposed)
+        if prune:
+            # SparseGPT's adaptive mask selection (arXiv:2301.00774 Sec. 3.3): per block of columns,
+            # prune the weights of least OBS saliency w^2 / [H^-1]_cc^2, as updated so far.
+            d1 = torch.diag(Hinv1)[:, None]
+            if fixed is not None:
+                mask1 = fixed[:, i1:i2].T.contiguous()
+            elif nm is None:
+                k = masks.count_for(rows * i2, sparsity) - masks.count_for(rows * i1, sparsity)
+                mask1 = masks.smallest(W1.square() / d1.square(), k)
+            else:
+                mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        with torch_threads(1):
             for i in range(i2 - i1):
+                if nm is not None and fixed is None and i % nm[1] == 0:
+                    # N:M (Sec. 3.5): choose within the next M columns at the moment they are reached.
+                    m = nm[1]
+                    mask1[i:i + m] = masks.nm_mask((W1[i:i + m].square() / d1[i:i + m].square()).T, *nm).T
                 g = int(gid[i1 + i])
                 if g != current:
                     current = g
@@ -192,13 +208,17 @@ def gptq_quantize(
                         # A new group's grid comes from its columns as updated so far.
                         size = int((gid == g).sum())
                         ahead = W1[i:i + size].T
+                        if mask1 is not None:  # weights already chosen for pruning need no grid range
+                            ahead = ahead.masked_fill(mask1[i:i + size].T, 0)
                         if ahead.shape[1] < size:
                             ahead = torch.cat([ahead, W[:, i2:i2 + size - ahead.shape[1]]], dim=1)
                         grids[g] = params(ahead)
                     scale, zero = grids[g][0][:, 0], grids[g][1][:, 0]
                 # The hot loop (one iteration per input column): few ops, in place.
                 w = W1[i]
-                q = torch.div(w, scale).round_().add_(zero).clamp_(0, maxq)
+                # A pruned weight quantizes to its zero point, which dequantizes to exactly 0.
+                q = torch.div(w if mask1 is None else w.masked_fill(mask1[i], 0), scale).round_().add_(zero).clamp_(
+                    0, maxq)
                 Q1[i] = q
                 err1 = q.sub_(zero).mul_(scale).neg_().add_(w).div_(Hinv1[i, i])  # (w - dequant(q)) / d
                 # OBS update of the not-yet-quantized columns of this block (paper eq. 3).
@@ -206,6 +226,8 @@ def gptq_quantize(
                 Err1[i] = err1
         Qint[:, i1:i2] = Q1.T
         Losses[:, i1:i2] = Err1.T.square() / 2
+        if mask1 is not None:
+            Mask[:, i1:i2] = mask1.T
         W[:, i2:] -= Err1.T @ Hinv[i1:i2, i2:]
 
     invperm = torch.argsort(perm)
@@ -217,13 +239,67 @@ def gptq_quantize(
         g_idx=g_idx.to(torch.int32),
         loss=float(Losses.sum()),
         damp_percent=used_damp,
+        mask=None if Mask is None else Mask[:, invperm].contiguous(),
     )
 
 
-def _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, why) -> GPTQResult:
+def column_order(
+    diag: torch.Tensor,
+    g_idx: torch.Tensor,
+    group_size: int,
+    desc_act: bool,
+    static_groups: bool,
+    act_group_aware: bool,
+    unit: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order in which columns are quantized, and the group of each column.
+
+    ``unit`` > 1 keeps runs of ``unit`` adjacent columns together (N:M groups), ranked by their
+    largest diagonal entry; it must divide the group size.
+    """
+    columns = diag.numel()
+    score = diag if unit == 1 else diag.view(-1, unit).amax(1)  # one score per unit
+    ug = g_idx if unit == 1 else g_idx[::unit]  # the group of each unit
+
+    def expand(order: torch.Tensor) -> torch.Tensor:
+        return order if unit == 1 else (order[:, None] * unit + torch.arange(unit)).flatten()
+
+    if desc_act:
+        # Act-order (paper Sec. 6, reference "--act-order"): quantize columns of large activation
+        # first, while the most error can still be compensated by the remaining columns.
+        perm = expand(torch.argsort(score, descending=True))
+        if not static_groups and group_size != -1:
+            g_idx = torch.empty_like(g_idx)
+            g_idx[perm] = torch.arange(columns) // group_size  # groups follow quantization order
+    elif act_group_aware and group_size != -1:
+        # Group-aware reordering (GAR, Gafni et al., arXiv:2505.14638): act-order inside each group,
+        # groups ordered by their largest diagonal. Groups stay contiguous in the original order,
+        # so g_idx stays trivial and inference pays nothing for the reordering.
+        order = torch.argsort(torch.stack([score[ug == g].max() for g in range(int(ug.max()) + 1)]),
+                              descending=True)
+        perm = expand(torch.cat([torch.nonzero(ug == g)[:, 0][torch.argsort(score[ug == g], descending=True)]
+                                 for g in order.tolist()]))
+    else:
+        perm = torch.arange(columns)
+    return perm, g_idx
+
+
+def magnitude_mask(W: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    """The baseline mask: smallest |w| per layer, or per N:M group."""
+    if nm is not None:
+        return masks.nm_mask(W.abs(), *nm)
+    return masks.smallest(W.abs(), masks.count_for(W.numel(), sparsity))
+
+
+def _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, why, sparsity=0.0, nm=None) -> GPTQResult:
+    mask = None
+    if sparsity or nm is not None:  # no Hessian to prune with: magnitude, then RTN keeps the zeros
+        mask = magnitude_mask(W, sparsity, nm)
+        W = W.masked_fill(mask, 0)
+        why += "; magnitude pruning"
     Q, scales, zeros = quantize_rtn(W, bits, group_size, sym, mse)
     columns = W.shape[1]
     g_idx = (torch.arange(columns, dtype=torch.int32) // group_size) if group_size != -1 else torch.zeros(
         columns, dtype=torch.int32)
     return GPTQResult(Q=Q, scales=scales, zeros=zeros, g_idx=g_idx, loss=float("nan"),
-                      damp_percent=damp_percent, fallback=why)
+                      damp_percent=damp_percent, fallback=why, mask=mask)

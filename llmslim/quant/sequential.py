@@ -1,8 +1,9 @@
 """The layer-by-layer driver: one decoder block at a time, statistics by hooks, solving elsewhere.
 
-For each block: feed it the calibration activations, accumulate each linear's Hessian from its
-inputs, hand (W, H) to the solver, write the quantized weights back, and pass the quantized
-block's outputs on to the next block. With true-sequential (the default) the layers are solved
+For each block: feed it the calibration activations, accumulate each linear's statistic from its
+inputs (the Hessian H = 2XX^T, or only its diagonal), hand (W, H) to a ``LayerSolver`` (GPTQ,
+SparseGPT, Wanda ...), write the compressed weights back, and pass the compressed block's outputs
+on to the next block. With true-sequential (the default) the layers are solved
 group by group in execution order (q/k/v, then o, then gate/up, then down), each group seeing
 inputs computed with the groups before it already quantized.
 
@@ -65,7 +66,72 @@ class LayerLog:
 def solver_options(config: GPTQConfig) -> dict:
     return dict(bits=config.bits, group_size=config.group_size, sym=config.sym, mse=config.mse,
                 desc_act=config.desc_act, static_groups=config.static_groups, damp_percent=config.damp_percent,
-                block_size=config.block_size, act_group_aware=config.act_group_aware and not config.desc_act)
+                block_size=config.block_size, act_group_aware=config.act_group_aware and not config.desc_act
+                and not config.joint, sparsity=config.sparsity, nm=config.n_m)
+
+
+class LayerSolver:
+    """What the block driver does with one linear: which statistic of its inputs to collect, how
+    to compress ``(W, H)``, and what module the layer becomes once its block is done.
+
+    ``solve`` returns the new float weight (the rest of the block's forward runs with it), a
+    payload for ``finish`` and a log entry (a dataclass). The driver owns the order, the hooks,
+    the checkpoints and resuming.
+    """
+
+    label = "blocks"  # progress bar
+    log_type: type = LayerLog
+    fallback_note = ""  # appended to a log entry's ``fallback`` in the warning
+
+    def __init__(self, config):
+        self.config = config  # fingerprinted: a resumed run must use the same one
+
+    def statistic(self, columns: int) -> torch.Tensor:
+        return torch.zeros(columns, columns)
+
+    def accumulate(self, stat: torch.Tensor, count: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return accumulate_hessian(stat, count, X)
+
+    def solve(self, name: str, layer: nn.Module, W: torch.Tensor, H: torch.Tensor):
+        raise NotImplementedError
+
+    def postfix(self, log) -> str:
+        return ""
+
+    def finish(self, layer: nn.Module, payload) -> nn.Module | None:
+        """The module that replaces ``layer`` when its block is done (None: keep it)."""
+        return None
+
+    def restore(self, block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Put a checkpointed finished block back (resume)."""
+        block.load_state_dict(tensors)
+
+
+class GPTQSolver(LayerSolver):
+    label = "GPTQ blocks"
+    fallback_note = "; used RTN for this layer"
+
+    def __init__(self, config, keep_zeros: bool = False):
+        super().__init__(config)
+        self.keep_zeros = keep_zeros  # a pruned model: its zeros stay zeros
+
+    def solve(self, name, layer, W, H):
+        t0 = time.perf_counter()
+        keep = (W == 0) if self.keep_zeros else None
+        r = gptq_quantize(W, H, **solver_options(self.config), keep_zeros=keep)
+        Wq = r.dequantize()
+        log = LayerLog(name, W.shape[0], W.shape[1], r.loss, layer_loss(W, Wq, H), r.damp_percent,
+                       time.perf_counter() - t0, r.fallback)
+        return Wq, r, log
+
+    def postfix(self, log) -> str:
+        return f"loss={log.gptq_loss:.3g}"
+
+    def finish(self, layer, payload):
+        return _to_module(layer, payload, self.config)
+
+    def restore(self, block, tensors):
+        _swap_quantized(block, self.config, tensors)
 
 
 def _set_weight(layer: nn.Module, Wq: torch.Tensor) -> None:
@@ -124,7 +190,7 @@ class BlockState:
         atomic_write_text(meta, json.dumps({"fingerprint": self.fingerprint}))
         return 0
 
-    def save_block(self, i: int, block: nn.Module, logs: list[LayerLog], hidden: list[torch.Tensor]) -> None:
+    def save_block(self, i: int, block: nn.Module, logs: list, hidden: list[torch.Tensor]) -> None:
         tensors = {k: v.contiguous() for k, v in block.state_dict().items()}
         _atomic_save(tensors, self.dir / f"block_{i:04d}.safetensors",
                      {"logs": json.dumps([asdict(x) for x in logs])})
@@ -132,12 +198,12 @@ class BlockState:
         _atomic_save({f"h{j}": h.contiguous() for j, h in enumerate(hidden)}, self.dir / "hidden.safetensors",
                      {"blocks_done": str(i + 1)})
 
-    def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], list[LayerLog]]:
+    def load_block(self, i: int, log_type: type = LayerLog) -> tuple[dict[str, torch.Tensor], list]:
         from safetensors import safe_open
 
         path = self.dir / f"block_{i:04d}.safetensors"
         with safe_open(path, "pt") as f:
-            logs = [LayerLog(**x) for x in json.loads(f.metadata()["logs"])]
+            logs = [log_type(**x) for x in json.loads(f.metadata()["logs"])]
         return load_file(path), logs
 
     def load_hidden(self) -> list[torch.Tensor]:
@@ -150,7 +216,7 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
         save_file(tensors, tmp, metadata=metadata)
 
 
-def fingerprint(config: GPTQConfig, calib: torch.Tensor, model: nn.Module) -> str:
+def fingerprint(config, calib: torch.Tensor, model: nn.Module) -> str:
     h = hashlib.sha256(repr(config).encode())
     h.update(calib.numpy().tobytes())
     h.update(repr(model.config.to_dict() if hasattr(model, "config") else type(model)).encode())
@@ -165,11 +231,29 @@ def gptq_blocks(
     resume: bool = False,
     batch_size: int | None = None,
     log: Callable[[str], None] = print,
+    keep_zeros: bool = False,
 ) -> list[LayerLog]:
-    """Quantize every accepted linear of the decoder blocks in place (swapped for GPTQLinear)."""
-    blocks_name, blocks = find_blocks(model)
+    """Quantize every accepted linear of the decoder blocks in place (swapped for GPTQLinear);
+    with ``keep_zeros`` (a model pruned before) every exact zero weight stays zero."""
     targets, _ = select_layers(model, replace(config.layers, quantize_lm_head=False),
                                lambda in_f, out_f: can_pack(in_f, out_f, config.bits))
+    return run_blocks(model, GPTQSolver(config, keep_zeros), set(targets), calib, state_dir, resume, batch_size, log)
+
+
+def run_blocks(
+    model: nn.Module,
+    solver: LayerSolver,
+    targets: set[str],
+    calib: torch.Tensor,
+    state_dir: Path | None = None,
+    resume: bool = False,
+    batch_size: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list:
+    """Run ``solver`` on the linears named in ``targets`` (full names), block by block; returns
+    the solver's log entries in order."""
+    blocks_name, blocks = find_blocks(model)
+    config = solver.config
     nsamples, seqlen = calib.shape
     widest = max(max(linear_weight(m).shape) for m in find_linears(blocks[0]).values())
     if batch_size is None:
@@ -180,28 +264,28 @@ def gptq_blocks(
 
     inputs = capture_block_inputs(model, blocks, batches)
     hidden = inputs.hidden
-    logs: list[LayerLog] = []
+    logs: list = []
     if start:
         log(f"resuming: {start} of {len(blocks)} blocks already done")
         for i in range(start):
-            tensors, block_logs = state.load_block(i)
-            _swap_quantized(blocks[i], f"{blocks_name}.{i}.", config, tensors)
+            tensors, block_logs = state.load_block(i, solver.log_type)
+            solver.restore(blocks[i], tensors)
             logs += block_logs
         hidden = state.load_hidden()
 
-    bar = tqdm(range(start, len(blocks)), desc="GPTQ blocks", unit="block", initial=start, total=len(blocks))
+    bar = tqdm(range(start, len(blocks)), desc=solver.label, unit="block", initial=start, total=len(blocks))
     for i in bar:
         block = blocks[i]
         prefix = f"{blocks_name}.{i}."
         names = [n for n in find_linears(block) if prefix + n in targets]
-        block_logs, hidden = _quantize_block(block, prefix, names, config, hidden, inputs, bar)
+        block_logs, hidden = _solve_block(block, prefix, names, solver, hidden, inputs, bar)
         logs += block_logs
         if state:
             state.save_block(i, block, block_logs, hidden)
     return logs
 
 
-def _swap_quantized(block: nn.Module, prefix: str, config: GPTQConfig, tensors: dict[str, torch.Tensor]) -> None:
+def _swap_quantized(block: nn.Module, config: GPTQConfig, tensors: dict[str, torch.Tensor]) -> None:
     for name, layer in find_linears(block).items():
         if f"{name}.qweight" not in tensors:
             continue
@@ -211,44 +295,43 @@ def _swap_quantized(block: nn.Module, prefix: str, config: GPTQConfig, tensors: 
         set_module(block, name, q)
 
 
-def _quantize_block(block, prefix, names, config, hidden, inputs, bar):
-    """Quantize the linears ``names`` of one block; returns their logs and the block's outputs."""
+def _solve_block(block, prefix, names, solver: LayerSolver, hidden, inputs, bar):
+    """Compress the linears ``names`` of one block; returns their logs and the block's outputs."""
     args, kwargs = inputs.args, inputs.kwargs
+    config = solver.config
     layers = {n: block.get_submodule(n) for n in names}
     H: dict[str, tuple[torch.Tensor, int]] = {}
-    results: dict[str, GPTQResult] = {}
-    logs: list[LayerLog] = []
+    results: dict[str, object] = {}
+    logs: list = []
 
     def probe():
         run_block(block, hidden[0][:1], _slice_args(args[0], 1), _slice_kwargs(kwargs[0], 1))
 
     sets = sequential_groups(block, names, probe)  # layers sharing one input tensor
-    steps = sets if config.true_sequential else [[n for s in sets for n in s]]
+    true_sequential = getattr(config, "true_sequential", True)
+    steps = sets if true_sequential else [[n for s in sets for n in s]]
 
     def solve(group: list[str]) -> None:
         for n in group:
-            t0 = time.perf_counter()
             key = _set_key(sets, n)
             Hn, _ = H[key]
             W = linear_weight(layers[n]).detach().float()
-            r = gptq_quantize(W, Hn, **solver_options(config))
-            Wq = r.dequantize()
-            _set_weight(layers[n], Wq)
-            results[n] = r
-            logs.append(LayerLog(prefix + n, W.shape[0], W.shape[1], r.loss, layer_loss(W, Wq, Hn),
-                                 r.damp_percent, time.perf_counter() - t0, r.fallback))
-            if r.fallback:
-                tqdm.write(f"warning: {prefix + n}: {r.fallback}; used RTN for this layer")
-            bar.set_postfix_str(f"{n} loss={r.loss:.3g}")
+            Wnew, payload, entry = solver.solve(prefix + n, layers[n], W, Hn)
+            _set_weight(layers[n], Wnew)
+            results[n] = payload
+            logs.append(entry)
+            if getattr(entry, "fallback", None):
+                tqdm.write(f"warning: {prefix + n}: {entry.fallback}{solver.fallback_note}")
+            bar.set_postfix_str(f"{n} {solver.postfix(entry)}")
 
     def accumulate(name: str, X: torch.Tensor) -> None:
         key = _set_key(sets, name)
         if key != name:
             return  # layers of one set share the input: one Hessian for all of them
-        Hn, count = H.get(key, (torch.zeros(X.shape[-1], X.shape[-1]), 0))
-        H[key] = accumulate_hessian(Hn, count, X)
+        Hn, count = H.get(key, (None, 0))
+        H[key] = solver.accumulate(solver.statistic(X.shape[-1]) if Hn is None else Hn, count, X)
 
-    single_pass = len(hidden) == 1 and config.true_sequential
+    single_pass = len(hidden) == 1 and true_sequential
     handles = []
     if single_pass:
         # One forward: each set is solved the moment its input arrives, then the forward goes on.
@@ -294,7 +377,9 @@ def _quantize_block(block, prefix, names, config, hidden, inputs, bar):
             outs = [run_block(block, h, args[j], kwargs[j]) for j, h in enumerate(hidden)]
 
     for n in names:
-        set_module(block, n, _to_module(layers[n], results[n], config))
+        new = solver.finish(layers[n], results[n])
+        if new is not None:
+            set_module(block, n, new)
     return logs, outs
 
 
