@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .errors import UserError
+from .errors import UserError, WriteFailure
 
 QUANT_METHODS = ("gptq", "rtn", "nf4", "fp4", "int8")
 
@@ -349,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130

@@ -18,13 +18,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import CalibConfig, IntConfig
+from ..config import CalibConfig, ExportConfig, IntConfig
 from ..data import calibration_tokens, load_documents
-from ..errors import UserError
+from ..errors import UserError, WriteFailure, is_write_error
 from ..formats.bnb import save_bnb
+from ..formats.gguf import check_architecture, llama_cpp_dir, save_gguf
 from ..formats.gptq import divisibility_problems, largest_dividing_group, save_gptq
 from ..formats.hf import folder_bytes, load_hf, load_tokenizer, save_hf
-from ..loader import quant_method
+from ..loader import load, quant_method
 from ..models import read_config, resolve
 from ..nn import GPTQLinear
 from ..util import atomic_write_text, partial_dir, staged_output
@@ -88,27 +89,116 @@ def compress_to_folder(
     model = None if first.loads_source else load_hf(folder, torch.float32, allow_pickle)
     calib = recipe_tokens(recipe.calibration, tokenizer, hf_config) if recipe.calibrated else None
     resume = resume and partial_dir(out).exists()
-    reports: list[QuantReport] = []
-    with staged_output(out, force, resume) as tmp:
-        for i, config in enumerate(recipe.stages):
-            handler = handler_for(config)
-            ctx = Context(calib, tmp / "_state" / f"stage_{i}", resume, batch_size,
-                          source=folder if model is None else None, allow_pickle=allow_pickle)
-            try:
-                model, report = handler.run(model, config, ctx)
-            except UserError:
-                if not any(p.is_file() for p in (tmp / "_state").rglob("*")):
-                    shutil.rmtree(tmp)  # a mistake, not a crash: nothing to resume, nothing left behind
-                raise
-            reports.append(report)
-        for f in tmp.glob("*.safetensors"):
-            f.unlink()
-        save_model(model, tokenizer, tmp, recipe, reports)
-        summary = _summary(source, folder, recipe, reports, tmp, time.perf_counter() - t0)
-        atomic_write_text(tmp / "quant_log.json", json.dumps(summary, indent=1))
-        atomic_write_text(tmp / "recipe.yaml", recipe.to_yaml())
-        shutil.rmtree(tmp / "_state", ignore_errors=True)
+    if handler_for(recipe.stages[-1]).makes == "gguf":
+        base = Context(calib, None, resume, batch_size, source=folder, allow_pickle=allow_pickle)
+        return _compress_to_gguf(source, folder, model, tokenizer, recipe, base, out, t0)
+    try:
+        with staged_output(out, force, resume) as tmp:
+            base = Context(calib, None, resume, batch_size, source=folder, allow_pickle=allow_pickle)
+            model, reports = _run_stages(model, recipe, base, tmp)
+            for f in tmp.glob("*.safetensors"):
+                f.unlink()
+            save_model(model, tokenizer, tmp, recipe, reports)
+            summary = _summary(source, folder, recipe, reports, tmp, time.perf_counter() - t0)
+            atomic_write_text(tmp / "quant_log.json", json.dumps(summary, indent=1))
+            atomic_write_text(tmp / "recipe.yaml", recipe.to_yaml())
+            shutil.rmtree(tmp / "_state", ignore_errors=True)
+    except Exception as e:
+        if is_write_error(e):
+            raise WriteFailure(f"cannot write {out}: {getattr(e, 'strerror', None) or e}; the work done so far is "
+                               f"kept in {partial_dir(out)}: rerun with --resume once that is fixed") from None
+        raise
     return summary
+
+
+def _run_stages(model: nn.Module | None, recipe: Recipe, base: Context, tmp: Path):
+    """Each stage with its own state folder; ``Context.source`` only while no stage has run."""
+    reports: list[QuantReport] = []
+    for i, config in enumerate(recipe.stages):
+        ctx = dataclasses.replace(base, state_dir=tmp / "_state" / f"stage_{i}",
+                                  source=base.source if model is None else None)
+        try:
+            model, report = handler_for(config).run(model, config, ctx)
+        except UserError:
+            if not any(p.is_file() for p in (tmp / "_state").rglob("*")):
+                shutil.rmtree(tmp)  # a mistake, not a crash: nothing to resume, nothing left behind
+            raise
+        reports.append(report)
+    return model, reports
+
+
+def _compress_to_gguf(source: str, folder: str, model, tokenizer, recipe: Recipe, base: Context, out: Path,
+                      t0: float) -> dict:
+    """A recipe ending in ``export`` makes one file: the stages keep their resumable state in
+    ``.OUT.partial`` as usual, and the file appears in one rename once it is complete (it carries
+    the recipe as ``llmslim.recipe``)."""
+    from ..util import atomic_path
+
+    check_architecture((getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+                       if model is not None else (read_config(folder).architectures or [None])[0])
+    llama_cpp_dir()  # missing conversion code fails now, not after the stages' work
+    part = partial_dir(out)
+    if part.exists() and not base.resume:
+        shutil.rmtree(part)
+    part.mkdir(parents=True, exist_ok=True)
+    model, reports = _run_stages(model, recipe, base, part)
+    try:
+        with atomic_path(out) as tmp:
+            written = save_gguf(model, tokenizer, tmp, recipe.stages[-1], source=source, recipe_yaml=recipe.to_yaml(),
+                                tokenizer_dirs=(folder,))
+    except OSError as e:
+        raise WriteFailure(f"cannot write {out}: {e.strerror or e}; the stages' work is kept in {part}: rerun with "
+                           "--resume once that is fixed") from None
+    summary = _summary(source, folder, recipe, reports, part, time.perf_counter() - t0)
+    summary["bytes_after"] = out.stat().st_size
+    summary["gguf"] = written
+    shutil.rmtree(part, ignore_errors=True)
+    return summary
+
+
+def export_to_file(source: str, config: ExportConfig, out: str | Path, force: bool = False,
+                   allow_pickle: bool = False) -> dict:
+    """``llmslim export``: a float model or a GPTQ checkpoint -> one GGUF file, written atomically."""
+    from ..util import atomic_path, check_output
+
+    out = Path(out)
+    check_output(out, force)
+    folder = resolve(source)
+    method = quant_method(read_config(folder))
+    if method == "bitsandbytes":
+        raise UserError(f"{source} is a bitsandbytes checkpoint: NF4/FP4/LLM.int8 have no GGUF equivalent; export the "
+                        f"float model, or a GPTQ checkpoint made with --target gguf-{config.type}")
+    if method not in (None, "gguf", "gptq"):
+        raise UserError(f"{source}: quantization method {method!r} cannot be exported (gptq or float)")
+    check_architecture((read_config(folder).architectures or [None])[0])
+    llama_cpp_dir()
+    t0 = time.perf_counter()
+    model, tokenizer = load(source, torch.float32, allow_pickle)
+    model, report = handler_for(config).run(model, config, Context(source=folder))
+    # Provenance: the recipe that made a checkpoint, plus this export; its source (a GGUF model's
+    # tokenizer metadata is carried over unchanged).
+    origin, recipe_yaml = source, Recipe((config,)).to_yaml()
+    log, made_by = Path(folder) / "quant_log.json", Path(folder) / "recipe.yaml"
+    if log.is_file():
+        origin = json.loads(log.read_text()).get("source") or source
+    if made_by.is_file():
+        from .recipe import read_recipe
+
+        try:
+            made = read_recipe(made_by)
+            recipe_yaml = Recipe((*made.stages, config), made.calibration).to_yaml()
+        except UserError:
+            pass  # an unreadable recipe.yaml only costs the provenance
+    # The tokenizer's original files: from the model the checkpoint was made from, when it is local.
+    dirs = [folder]
+    if origin != source and Path(str(origin)).expanduser().is_dir():
+        dirs.insert(0, str(Path(str(origin)).expanduser()))
+    with atomic_path(out) as tmp:
+        written = save_gguf(model, tokenizer, tmp, config, source=origin, recipe_yaml=recipe_yaml,
+                            tokenizer_dirs=tuple(dirs))
+    return {"source": source, "out": str(out), "type": config.type, "bytes_before": folder_bytes(folder),
+            "bytes_after": out.stat().st_size, "seconds": round(time.perf_counter() - t0, 1),
+            "plan": report.layers, **written}
 
 
 def quantize_to_folder(
