@@ -6,9 +6,25 @@ OUT ?= out
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup test test-slow lint demo clean
+.PHONY: setup test test-slow lint demo clean llama-cpp
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/llama.cpp/.installed
+
+# GGUF export runs llama.cpp's own HF -> GGUF conversion code (convert_hf_to_gguf.py, conversion/,
+# gguf-py/). It ships inside the llama-cpp-python sdist (vendor/llama.cpp); unpack just those
+# files into the venv -- no build, nothing vendored into git. LLMSLIM_LLAMA_CPP=/path/to/llama.cpp
+# points llmslim at any other llama.cpp checkout instead.
+LLAMA_CPP_PYTHON ?= 0.3.36
+llama-cpp: $(VENV)/llama.cpp/.installed
+$(VENV)/llama.cpp/.installed: $(VENV)/.installed
+	rm -rf $(VENV)/llama.cpp $(VENV)/llama.cpp.sdist
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/llama.cpp.sdist
+	mkdir -p $(VENV)/llama.cpp
+	tar xzf $(VENV)/llama.cpp.sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/llama.cpp \
+		--strip-components=3 --wildcards '*/vendor/llama.cpp/conversion' '*/vendor/llama.cpp/gguf-py' \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/LICENSE'
+	rm -rf $(VENV)/llama.cpp.sdist
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

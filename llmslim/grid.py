@@ -111,19 +111,22 @@ def group_slices(columns: int, group_size: int) -> list[slice]:
 
 
 def quantize_rtn(
-    W: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool = False
+    W: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool = False, grid: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest on a ``[out, in]`` weight.
 
     Returns integer codes ``[out, in]`` and ``scales``/``zeros`` of shape ``[groups, out]``
-    (the layout of the checkpoint format).
+    (the layout of the checkpoint format). ``grid`` (``q4_0``/``q8_0``) puts the weights on that
+    GGUF grid: llama.cpp's own rounding without ``mse``, an MSE-clipped scale with it.
     """
+    if grid is not None and not mse:
+        return quantize_gguf_reference(W, grid)
     maxq = maxq_for(bits)
     W = W.float()
     Q = torch.empty_like(W)
     scales, zeros = [], []
     for sl in group_slices(W.shape[1], group_size):
-        scale, zero = find_params(W[:, sl], bits, sym, mse)
+        scale, zero = find_params_gguf(W[:, sl], grid, mse) if grid else find_params(W[:, sl], bits, sym, mse)
         Q[:, sl] = quantize(W[:, sl], scale, zero, maxq)
         scales.append(scale[:, 0])
         zeros.append(zero[:, 0])
@@ -135,3 +138,86 @@ def dequantize_groups(
 ) -> torch.Tensor:
     """``[out, in]`` floats from codes, ``[groups, out]`` scales/zeros and the column->group map."""
     return (Q.float() - zeros[g_idx].T.float()) * scales[g_idx].T.float()
+
+
+# --- GGUF's legacy block grids (llama.cpp ``ggml-quants.c``) ------------------------------------
+# Blocks of 32 consecutive weights of a row share one fp16 scale ``d``:
+#   Q4_0: w^ = d * (q - 8), q in 0..15       -- GPTQ 4-bit symmetric, group 32, zero 8
+#   Q8_0: w^ = d * k,       k in -128..127   -- GPTQ 8-bit symmetric, group 32, zero 128 (q = k + 128)
+# llama.cpp picks d from the block's largest magnitude: Q4_0 d = m / -8 with m that signed value
+# (so m itself lands exactly on q = 0), Q8_0 d = max|w| / 127. Scales are signed for Q4_0.
+GGUF_BLOCK = 32
+GGUF_GRIDS = {"q4_0": (4, 8), "q8_0": (8, 128)}  # type -> (bits, zero)
+
+
+def gguf_grid(kind: str) -> tuple[int, int, int]:
+    """``(bits, zero, maxq)`` of a GGUF block grid."""
+    if kind not in GGUF_GRIDS:
+        raise ValueError(f"unknown GGUF grid {kind!r}; known: {', '.join(GGUF_GRIDS)}")
+    bits, zero = GGUF_GRIDS[kind]
+    return bits, zero, (1 << bits) - 1
+
+
+def _gguf_base_scale(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """llama.cpp's scale of each row of ``w`` (float32, before the fp16 rounding)."""
+    if kind == "q4_0":
+        return torch.gather(w, -1, w.abs().argmax(-1, keepdim=True)).squeeze(-1) / -8
+    return w.abs().amax(-1) / 127
+
+
+def _signed_fp16(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d < 0, -1.0, 1.0) * to_fp16_grid(d.abs())
+
+
+def find_params_gguf(
+    w: torch.Tensor, kind: str, mse: bool = False, norm: float = 2.4, grid: int = 100, maxshrink: float = 0.8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``scale`` and ``zero`` (``[rows, 1]``) on a GGUF block grid, for a group of columns.
+
+    The scale follows llama.cpp's rule, rounded to fp16 (the scale the file stores, so GPTQ
+    compensates exactly the error that will be there); ``mse`` shrinks it like ``find_params``.
+    """
+    _, z, maxq = gguf_grid(kind)
+    w = w.float()
+    base = _gguf_base_scale(w, kind)
+    base = torch.where(base == 0, torch.ones_like(base), base)  # an all-zero row: any scale is exact
+    scale = _signed_fp16(base)
+    zero = torch.full_like(scale, z)
+    if mse:
+        best = torch.full_like(scale, float("inf"))
+        for i in range(int(maxshrink * grid)):
+            s = _signed_fp16((1 - i / grid) * base)
+            err = (fake_quantize(w, s[:, None], zero[:, None], maxq) - w).abs_().pow_(norm).sum(1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+    return scale[:, None], zero[:, None]
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C's ``roundf`` (halves away from zero), computed as gguf's reference does."""
+    a = x.abs()
+    f = torch.floor(a)
+    return torch.sign(x) * (f + torch.floor(2 * (a - f)))
+
+
+def quantize_gguf_reference(W: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's own round-to-nearest Q4_0/Q8_0 (``quantize_row_q*_0_ref``), bit for bit.
+
+    The codes are chosen with the float32 scale and the fp16-rounded scale is stored, exactly as
+    llama.cpp does. Returns codes ``[out, in]`` and ``scales``/``zeros`` ``[in/32, out]`` in the
+    layout of ``quantize_rtn`` (an all-zero block gets scale 0, as in llama.cpp).
+    """
+    bits, z, maxq = gguf_grid(kind)
+    rows, cols = W.shape
+    if cols % GGUF_BLOCK:
+        raise ValueError(f"{kind} needs rows of a multiple of {GGUF_BLOCK} weights, got {cols}")
+    B = W.detach().float().reshape(rows, cols // GGUF_BLOCK, GGUF_BLOCK)
+    d = _gguf_base_scale(B, kind).unsqueeze(-1)
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    if kind == "q4_0":
+        Q = torch.trunc(B * inv + 8.5).clamp(0, maxq)
+    else:
+        Q = _roundf(B * inv) + z
+    scales = d.squeeze(-1).half().float().T.contiguous()
+    return Q.reshape(rows, cols).to(torch.int32), scales, torch.full_like(scales, z, dtype=torch.int32)

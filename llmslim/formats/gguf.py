@@ -1,0 +1,342 @@
+"""GGUF export: the single-file format of llama.cpp, Ollama and LM Studio.
+
+llmslim supplies the tensors; everything else comes from llama.cpp's own code. Its HF -> GGUF
+conversion (``convert_hf_to_gguf.py`` and its ``conversion`` package: tensor names, the
+per-architecture tensor transforms such as Llama's q/k row permutation, hyper-parameters,
+tokenizer) runs in a separate interpreter (``llama_cpp_worker.py``) next to the ``gguf`` package
+of the same llama.cpp tree, and the ``gguf`` library writes the file. Quantized tensors cross
+over as raw GGUF blocks; the worker passes a row-index probe through llama.cpp's transform of each
+one and moves the blocks' rows the same way, refusing any transform that is not a row permutation.
+
+The grids are exact (``grid.py``): Q4_0 = d * (q - 8) per block of 32, Q8_0 = d * k. A GPTQ layer
+whose codes and fp16 scales lie on the grid -- symmetric, every block of 32 inputs inside one
+group -- is written bit for bit (``scales[g_idx]`` already folds any act-order back into the weight
+order); any other checkpoint is refused with the command that re-fits it (``--target``). A float
+model is rounded to nearest with llama.cpp's own rule (``quantize_gguf_reference``), so the
+result is byte-identical to llama.cpp's quantizer on the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import ExportConfig
+from ..errors import UserError
+from ..grid import GGUF_BLOCK, GGUF_GRIDS, quantize_gguf_reference
+from ..models import ALIASES, alias_file
+from ..nn import GPTQLinear
+from ..quant.walk import linear_weight, select_layers
+
+# The architectures llmslim exports (those its fast path covers). llama.cpp converts many more;
+# these are the ones whose round trip is tested here.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+FILE_TYPES = {"q4_0": "MOSTLY_Q4_0", "q8_0": "MOSTLY_Q8_0", "f16": "MOSTLY_F16", "f32": "ALL_F32"}
+# Where a GGUF type's integers live: value = d * k, k in [lo, hi].
+_K_RANGE = {"q4_0": (-8, 7), "q8_0": (-128, 127)}
+LLAMA_CPP_ENV = "LLMSLIM_LLAMA_CPP"
+LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp `make setup` unpacks
+WORKER = Path(__file__).with_name("llama_cpp_worker.py")
+
+
+# --- the blocks ---------------------------------------------------------------------------------
+
+def encode_blocks(kind: str, d: torch.Tensor, k: torch.Tensor) -> np.ndarray:
+    """Raw GGUF bytes ``[rows, blocks * bytes_per_block]`` from fp16-exact scales ``d [rows, blocks]``
+    and signed integers ``k [rows, cols]`` (value = d * k), in ggml's ``block_q4_0``/``block_q8_0``
+    layout: the fp16 scale, then Q4_0's nibbles (byte j holds k[j] + 8 low, k[j + 16] + 8 high) or
+    Q8_0's int8s. A block of zeros gets the scale llama.cpp writes for it (Q4_0: 0 / -8 = -0.0)."""
+    rows, cols = k.shape
+    nb = cols // GGUF_BLOCK
+    k = k.reshape(rows, nb, GGUF_BLOCK).to(torch.int32)
+    zero = torch.full_like(d, -0.0 if kind == "q4_0" else 0.0)
+    d = torch.where((k == 0).all(-1) & (d != 0), zero, d.float())
+    dbytes = d.numpy().astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+    if kind == "q4_0":
+        q = (k + 8).numpy().astype(np.uint8)
+        payload = q[..., :16] | (q[..., 16:] << np.uint8(4))
+    elif kind == "q8_0":
+        payload = k.numpy().astype(np.int8).view(np.uint8)
+    else:
+        raise ValueError(kind)
+    return np.concatenate([dbytes, payload], axis=-1).reshape(rows, -1)
+
+
+def layer_blocks(m: GPTQLinear, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d [rows, blocks], k [rows, cols])`` of a GPTQ layer on a GGUF grid, exactly, or a
+    ``ValueError`` saying why its weights are not on that grid."""
+    if m.in_features % GGUF_BLOCK:
+        raise ValueError(f"its {m.in_features} inputs are not whole blocks of {GGUF_BLOCK}")
+    Q, zeros = m.codes()
+    blocks = m.g_idx.long().reshape(-1, GGUF_BLOCK)
+    if not bool((blocks == blocks[:, :1]).all()):
+        raise ValueError(f"its groups of {m.group_size} split blocks of {GGUF_BLOCK}" if m.group_size % GGUF_BLOCK
+                         else "its act-order groups (g_idx) are not contiguous blocks; quantize with --static-groups")
+    k = Q.long() - zeros[m.g_idx.long()].T.long()
+    lo, hi = _K_RANGE[kind]
+    if int(k.min()) < lo or int(k.max()) > hi:
+        asym = bool((zeros != zeros.flatten()[0]).any())
+        raise ValueError(f"its codes minus zero span [{int(k.min())}, {int(k.max())}], outside {kind.upper()}'s "
+                         f"[{lo}, {hi}]" + (" (an asymmetric grid)" if asym else ""))
+    d = m.scales.float()[blocks[:, 0]].T  # fp16 values: the very scales of the checkpoint
+    return d.contiguous(), k
+
+
+def _reference_blocks(W: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    Q, scales, zeros = quantize_gguf_reference(W, kind)
+    return scales.T.contiguous(), Q.long() - zeros[0, 0].long()
+
+
+# --- planning: what each tensor becomes ----------------------------------------------------------
+
+def architecture(model: nn.Module) -> str:
+    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
+    return archs[0]
+
+
+def check_architecture(arch: str | None) -> None:
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"GGUF export supports {', '.join(SUPPORTED_ARCHITECTURES)}; this model is {arch}")
+
+
+def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, bool]:
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = out is not None and not isinstance(out, GPTQLinear) and getattr(out, "weight", None) is not None \
+        and out.weight.data_ptr() == emb.weight.data_ptr()
+    return emb, out, tied
+
+
+def _role_types(config: ExportConfig, tied: bool) -> tuple[str, str]:
+    """(token_embd type, output type): llama-quantize's choice when "auto". For Q4_0 files llama.cpp
+    writes the output matrix (the embedding, when tied) as Q6_K, or Q8_0 when its width is not a
+    multiple of 256; llmslim cannot write Q6_K, so it uses Q8_0 there too (larger, more accurate)."""
+    base = config.type
+    out_auto = base if base in ("f16", "f32", "q8_0") else "q8_0"
+    out_t = out_auto if config.output_tensor_type == "auto" else config.output_tensor_type
+    emb_t = base if config.token_embedding_type == "auto" else config.token_embedding_type
+    if tied:  # one tensor serves both: the output rule wins unless the user set the embedding type
+        emb_t = out_t if config.token_embedding_type == "auto" else emb_t
+    return emb_t, out_t
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def plan(model: nn.Module, config: ExportConfig) -> dict[str, tuple[str, str]]:
+    """HF module name -> (GGUF type, how) for every quantized layer, every linear llmslim rounds
+    and the embeddings; raises ``UserError`` for anything that cannot be exported as asked."""
+    check_architecture(architecture(model))
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, GPTQLinear)}
+    out: dict[str, tuple[str, str]] = {}
+    if quantized and config.type == "f16":
+        raise UserError("--type f16 would round this quantized checkpoint's weights (scale x code is not always an "
+                        "fp16 number); use --type q4_0/q8_0 (its grid) or f32 (exact)")
+    if quantized and config.type == "f32":
+        out.update({n: ("f32", "dequantized, exact") for n in quantized})
+    elif quantized:
+        bad = []
+        for name, m in quantized.items():
+            try:
+                layer_blocks(m, config.type)
+                out[name] = (config.type, "bit-exact from the checkpoint")
+            except ValueError as e:
+                bad.append(f"{name}: {e}")
+        if bad:
+            raise UserError(f"{len(bad)} quantized layers are not on the {config.type.upper()} grid ({bad[0]}); "
+                            f"re-fit on it: llmslim quantize ORIGINAL_MODEL --method gptq --target "
+                            f"gguf-{config.type} --out model.gguf")
+    if config.type in GGUF_GRIDS:
+        from ..config import LayerFilter
+
+        linears, _ = select_layers(model, LayerFilter(), lambda i, o: True)
+        for name, layer in linears.items():
+            if name in quantized:
+                continue
+            if quantized:
+                out[name] = ("f16", "float in the checkpoint: kept in float")
+            elif linear_weight(layer).shape[1] % GGUF_BLOCK:
+                out[name] = ("f16", f"inputs not whole blocks of {GGUF_BLOCK}: kept in float")
+            else:
+                out[name] = (config.type, "round-to-nearest, llama.cpp's rule")
+    names = _names(model)
+    emb, head, tied = _embeddings(model)
+    emb_t, out_t = _role_types(config, tied)
+    roles = [(names[id(emb)], emb, emb_t, "token embedding" + (", tied to the output" if tied else ""))]
+    if head is not None and not tied and not isinstance(head, GPTQLinear):
+        roles.append((names[id(head)], head, out_t, "output"))
+    for name, module, t, what in roles:
+        if t in GGUF_GRIDS and linear_weight(module).shape[1] % GGUF_BLOCK:
+            raise UserError(f"{name} has rows of {linear_weight(module).shape[1]} weights, not whole blocks of "
+                            f"{GGUF_BLOCK}: use --token-embedding-type/--output-tensor-type f16")
+        out[name] = (t, f"{what}: " + ("round-to-nearest, llama.cpp's rule" if t in GGUF_GRIDS else "float"))
+    return out
+
+
+def check_exportable(model: nn.Module, config: ExportConfig) -> list[dict]:
+    """The export stage's report: one entry per tensor llmslim writes (``UserError`` if impossible)."""
+    return [{"name": n, "type": t, "how": how} for n, (t, how) in plan(model, config).items()]
+
+
+# --- llama.cpp's conversion code -----------------------------------------------------------------
+
+def llama_cpp_dir() -> Path:
+    """The llama.cpp tree whose conversion code writes the metadata: ``$LLMSLIM_LLAMA_CPP`` (any
+    llama.cpp checkout), else the copy ``make setup`` unpacks into the virtual environment."""
+    env = os.environ.get(LLAMA_CPP_ENV)
+    path = Path(env).expanduser() if env else Path(sys.prefix) / "llama.cpp"
+    if (path / "gguf-py" / "gguf").is_dir() and ((path / "conversion").is_dir() or (path / "convert_hf_to_gguf.py").is_file()):
+        return path
+    where = f"{LLAMA_CPP_ENV}={env} has" if env else f"{path} has"
+    raise UserError(
+        f"GGUF export runs llama.cpp's own conversion code, and {where} no llama.cpp tree (convert_hf_to_gguf.py, "
+        f"conversion/, gguf-py/): run `make llama-cpp` (unpacks it from the llama-cpp-python=={LLAMA_CPP_VERSION} "
+        f"sdist into {Path(sys.prefix) / 'llama.cpp'}) or set {LLAMA_CPP_ENV} to a llama.cpp checkout; "
+        "it also needs `pip install sentencepiece`")
+
+
+def gguf_origin(source: str | None) -> Path | None:
+    """The GGUF file a model came from (an alias or a .gguf path), whose tokenizer is carried over."""
+    if not source:
+        return None
+    if source in ALIASES:
+        return alias_file(source)
+    path = Path(source).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+def save_gguf(
+    model: nn.Module,
+    tokenizer,
+    path: Path,
+    config: ExportConfig,
+    source: str | None = None,
+    recipe_yaml: str | None = None,
+    tokenizer_dirs: tuple[str | Path, ...] = (),
+) -> dict:
+    """Write ``model`` to the GGUF file ``path`` (the caller makes the write atomic). ``source`` is
+    the model it came from: a GGUF origin gives its tokenizer metadata unchanged. llama.cpp's
+    converter reads the tokenizer's original files, taken from the first of ``tokenizer_dirs`` that
+    has them (else ``tokenizer`` is saved). Returns a summary (tensor types, bytes)."""
+    plan_ = plan(model, config)
+    root = llama_cpp_dir()
+    names = _names(model)
+    emb = model.get_input_embeddings()
+    raw: dict[str, np.ndarray] = {}
+    types: dict[str, str] = {}
+    floats: dict[str, torch.Tensor] = {}
+    float_types = {"other": "F32" if config.type == "f32" else "F16"}  # by HF name; "other": the rest
+    for name, (t, _) in plan_.items():
+        module = model.get_submodule(name)
+        key = f"{name}.weight"
+        if t in GGUF_GRIDS:
+            if isinstance(module, GPTQLinear):
+                d, k = layer_blocks(module, t)
+            else:
+                W = emb.weight if module is emb else linear_weight(module)
+                d, k = _reference_blocks(W.detach().float(), t)
+            raw[key] = encode_blocks(t, d, k)
+            types[key] = t.upper()
+            floats[key] = torch.arange(k.shape[0], dtype=torch.float32)[:, None]  # the row probe
+        else:
+            float_types[key] = t.upper()
+            if isinstance(module, GPTQLinear):
+                floats[key] = module.dequantized_weight(torch.float32)
+        if isinstance(module, GPTQLinear) and module.bias is not None:
+            floats[f"{name}.bias"] = module.bias.float()
+    # Every other float tensor as it is (norms, biases, float linears), each tied copy once:
+    # llama.cpp reads token_embd for a tied output.
+    gptq_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, GPTQLinear))
+    seen = {emb.weight.data_ptr()} if f"{names[id(emb)]}.weight" in floats else set()
+    for key, t in model.state_dict().items():
+        if key in floats or key.startswith(gptq_prefixes) or not t.is_floating_point() or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        floats[key] = t.detach().float().contiguous()
+    hf_config = model.config.to_dict()
+    hf_config.pop("quantization_config", None)
+    hf_config["architectures"] = [architecture(model)]
+    origin = gguf_origin(source)
+    with tempfile.TemporaryDirectory(prefix="llmslim-gguf-") as scratch:
+        scratch = Path(scratch)
+        hf = scratch / "hf"
+        hf.mkdir()
+        (hf / "config.json").write_text(json.dumps(hf_config, indent=1, default=str))
+        if not copy_tokenizer_files(tokenizer_dirs, hf) and tokenizer is not None:
+            tokenizer.save_pretrained(hf)
+        from safetensors.numpy import save_file as save_np
+        from safetensors.torch import save_file
+
+        save_file(floats, str(hf / "model.safetensors"), metadata={"format": "pt"})
+        save_np(raw, str(scratch / "quantized.safetensors"))
+        spec = {
+            "model_dir": str(hf),
+            "quantized": str(scratch / "quantized.safetensors"),
+            "types": types,
+            "float_types": float_types,
+            "file_type": FILE_TYPES[config.type],
+            "out": str(Path(path).absolute()),
+            "model_name": _model_name(source, model),
+            "tokenizer_from": str(origin) if origin else None,
+            "kv": {"general.quantized_by": f"llmslim {__version__}",
+                   **({"llmslim.recipe": recipe_yaml} if recipe_yaml else {}),
+                   **({"llmslim.source": str(source)} if source else {})},
+            "result": str(scratch / "result.json"),
+        }
+        (scratch / "spec.json").write_text(json.dumps(spec))
+        run_worker(root, scratch / "spec.json", scratch)
+        result = json.loads((scratch / "result.json").read_text())
+    result["how"] = {n: how for n, (_, how) in plan_.items()}
+    return result
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+def copy_tokenizer_files(dirs: tuple[str | Path, ...], dest: Path) -> bool:
+    import shutil
+
+    for d in dirs:
+        files = [Path(d) / f for f in TOKENIZER_FILES if (Path(d) / f).is_file()]
+        if any(f.name.startswith("tokenizer") for f in files):
+            for f in files:
+                shutil.copy(f, dest / f.name)
+            return True
+    return False
+
+
+def _model_name(source: str | None, model: nn.Module) -> str:
+    origin = gguf_origin(source)
+    if origin is not None:
+        return origin.stem.split(".")[0]
+    name = getattr(model.config, "_name_or_path", "") or (source or "model")
+    return Path(str(name)).name or "model"
+
+
+def run_worker(root: Path, spec: Path, cwd: Path) -> None:
+    """Run ``llama_cpp_worker.py`` with llama.cpp's tree and its own ``gguf`` package first on the path."""
+    boot = ("import runpy, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']; "
+            "runpy.run_path(sys.argv[2], run_name='__main__')")
+    env = {**os.environ, "NO_LOCAL_GGUF": "1", "PYTHONNOUSERSITE": "1"}
+    proc = subprocess.run([sys.executable, "-c", boot, str(root), str(WORKER), str(spec)],
+                          cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit status {proc.returncode}"
+        if "No module named 'sentencepiece'" in last:
+            last += " (pip install sentencepiece)"
+        raise UserError(f"llama.cpp's conversion ({root}) failed: {last}")
