@@ -52,6 +52,9 @@ def add_quantize(sub) -> None:
     mse.add_argument("--mse", dest="mse", action="store_true", default=None,
                      help="search the MSE-optimal clipping range per group (default for gptq, not for rtn)")
     mse.add_argument("--no-mse", dest="mse", action="store_false", help="plain min/max ranges")
+    g.add_argument("--target", choices=("gguf-q4_0", "gguf-q8_0"), default="",
+                   help="solve on a GGUF type's own grid (blocks of 32, llama.cpp's scales): the checkpoint exports "
+                   "to it bit for bit; with --out FILE.gguf the GGUF file is written directly")
     q = p.add_argument_group("GPTQ")
     q.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by descending Hessian diagonal")
     gar = q.add_mutually_exclusive_group()
@@ -99,7 +102,7 @@ def cmd_quantize(args) -> int:
     if args.method in ("nf4", "fp4", "int8"):
         config = BnbConfig(args.method, args.double_quant, args.compute_dtype, args.int8_threshold, layers)
     else:
-        common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, layers=layers)
+        common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, layers=layers, target=args.target)
         if args.mse is not None:  # else each method's own default
             common["mse"] = args.mse
         if args.method == "gptq":
@@ -110,7 +113,15 @@ def cmd_quantize(args) -> int:
         else:
             config = RTNConfig(**common)
     calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
-    return _run_recipe(args, Recipe((config,), calib))
+    stages = (config,)
+    if str(args.out).endswith(".gguf"):
+        from .config import ExportConfig
+
+        if not args.target:
+            raise UserError("--out FILE.gguf needs --target gguf-q4_0 or gguf-q8_0 (quantize on that grid), or "
+                            "write a checkpoint folder and convert it with llmslim export")
+        stages = (config, ExportConfig(type=config.gguf_grid))
+    return _run_recipe(args, Recipe(stages, calib))
 
 
 def _run_recipe(args, recipe) -> int:
@@ -120,6 +131,10 @@ def _run_recipe(args, recipe) -> int:
                            batch_size=args.batch_size, allow_pickle=args.allow_pickle)
     print()
     for config, stage in zip(recipe.stages, s["stages"], strict=True):
+        if config.stage == "export":
+            print(f"{describe(config)}: {len(stage['layers'])} tensors written by llmslim, the rest by llama.cpp's "
+                  "conversion")
+            continue
         if config.stage == "prune":
             print(f"{describe(config)}: {prune_outcome(stage)}, {stage['seconds']:.0f} s")
             continue
@@ -136,8 +151,12 @@ def describe(config) -> str:
 
     if isinstance(config, BnbConfig):
         return f"bitsandbytes {config.quant_type}{' +double-quant' if config.double_quant else ''}"
+    if config.stage == "export":
+        return f"export {config.format} {config.type}"
     if config.stage == "prune":
         return describe_prune(config)
+    if getattr(config, "target", ""):
+        return f"{config.stage} on the {config.target} grid"
     joint = ""
     if getattr(config, "sparsity", 0) or getattr(config, "nm", ""):
         joint = f" + {config.nm} sparse" if config.nm else f" + {config.sparsity:.0%} sparse"
@@ -191,7 +210,7 @@ def cmd_compress(args) -> int:
 
 # Options that only one family of methods reads, with their defaults: given to another method
 # they would be silently ignored, so they are refused instead.
-_GRID_OPTIONS = {"bits": 4, "group_size": 128, "sym": True, "mse": None}
+_GRID_OPTIONS = {"bits": 4, "group_size": 128, "sym": True, "mse": None, "target": ""}
 _GPTQ_OPTIONS = {"desc_act": False, "static_groups": False, "act_group_aware": None, "true_sequential": True,
                  "damp_percent": 0.01, "block_size": 128, "sparsity": 0.0, "nm": ""}
 _CALIB_OPTIONS = {"batch_size": None, "resume": False, "calib": "wiki", "nsamples": 128, "seqlen": 2048,
@@ -330,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compress(sub)
     add_prune(sub)
     add_info(sub)
-    for module in ("llmslim.metrics.commands", "llmslim.server.commands"):
+    for module in ("llmslim.pipeline.commands", "llmslim.metrics.commands", "llmslim.server.commands"):
         try:
             import importlib
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from .errors import UserError
-from .grid import SUPPORTED_BITS
+from .grid import GGUF_BLOCK, GGUF_GRIDS, SUPPORTED_BITS
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,38 @@ class IntConfig:
     sym: bool = True
     mse: bool = False
     layers: LayerFilter = field(default_factory=LayerFilter)
+    # Solve on a GGUF block grid ("gguf-q4_0", "gguf-q8_0"): sets bits, group size 32 and the
+    # symmetric zero; the checkpoint then exports to that GGUF type bit for bit.
+    target: str = ""
 
     def __post_init__(self):
+        if self.target:
+            self._apply_target()
         if self.bits not in SUPPORTED_BITS:
             raise UserError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
             raise UserError(f"--group-size must be -1 (per-channel) or a positive integer, got {self.group_size}")
+
+    @property
+    def gguf_grid(self) -> str | None:
+        """``q4_0``/``q8_0`` when solving on that GGUF grid, else None."""
+        return self.target.removeprefix("gguf-") if self.target else None
+
+    def _apply_target(self) -> None:
+        kind = self.target.removeprefix("gguf-")
+        if not self.target.startswith("gguf-") or kind not in GGUF_GRIDS:
+            raise UserError(f"--target must be one of {', '.join('gguf-' + k for k in GGUF_GRIDS)}, got "
+                            f"{self.target!r} (K-quant targets are not implemented)")
+        bits = GGUF_GRIDS[kind][0]
+        if self.bits not in (4, bits):  # 4 is the default: --target sets the bits
+            raise UserError(f"--target {self.target} is {bits}-bit: drop --bits {self.bits}")
+        if self.group_size not in (128, GGUF_BLOCK):  # 128 is the default
+            raise UserError(f"--target {self.target} has blocks of {GGUF_BLOCK} weights: drop --group-size "
+                            f"{self.group_size}")
+        if not self.sym:
+            raise UserError(f"--target {self.target} is a symmetric grid: drop --asym")
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "group_size", GGUF_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -89,6 +115,9 @@ class GPTQConfig(IntConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.target and self.desc_act and not self.static_groups:
+            raise UserError(f"--target {self.target} needs each block of {GGUF_BLOCK} consecutive weights in one "
+                            "group: with --desc-act add --static-groups")
         if not 0 < self.damp_percent < 1:
             raise UserError(f"--damp-percent must be in (0, 1), got {self.damp_percent}")
         if self.block_size <= 0:
@@ -226,6 +255,41 @@ class CalibConfig:
             raise UserError(f"--nsamples must be positive, got {self.nsamples}")
         if self.seqlen <= 1:
             raise UserError(f"--seqlen must be at least 2, got {self.seqlen}")
+
+
+# GGUF tensor types llmslim writes: the exact Q4_0/Q8_0 grids and plain floats.
+GGUF_TYPES = ("q4_0", "q8_0", "f16", "f32")
+# Types llama.cpp has that llmslim does not produce (yet): named in the error instead of "unknown".
+GGUF_OTHER_TYPES = ("q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
+                    "q5_k_m", "q6_k", "q4_k", "q5_k", "q3_k", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "bf16")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Export to a single-file format that other runtimes run (GGUF: llama.cpp, Ollama, LM Studio).
+
+    A checkpoint on the target's grid is written bit for bit (a GPTQ 4-bit symmetric checkpoint whose
+    groups are whole blocks of 32 -> Q4_0, 8-bit -> Q8_0); any other checkpoint is refused (re-fit it
+    with ``--target``), and a float model is rounded to nearest exactly as llama.cpp would.
+    ``token_embedding_type``/``output_tensor_type`` are llama-quantize's options of the same names.
+    """
+
+    stage: ClassVar[str] = "export"
+
+    format: str = "gguf"
+    type: str = "q4_0"
+    token_embedding_type: str = "auto"
+    output_tensor_type: str = "auto"
+
+    def __post_init__(self):
+        if self.format != "gguf":
+            raise UserError(f"--format must be gguf, got {self.format!r}")
+        for flag, value, allowed in (("--type", self.type, GGUF_TYPES),
+                                     ("--token-embedding-type", self.token_embedding_type, ("auto", *GGUF_TYPES)),
+                                     ("--output-tensor-type", self.output_tensor_type, ("auto", *GGUF_TYPES))):
+            if value not in allowed:
+                what = "is a GGUF type llmslim cannot produce yet" if value in GGUF_OTHER_TYPES else "is unknown"
+                raise UserError(f"{flag} {value!r} {what}; choose one of {', '.join(allowed)}")
 
 
 BNB_TYPES = ("nf4", "fp4", "int8")

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from .. import __version__
-from ..config import BnbConfig, CalibConfig, GPTQConfig, LayerFilter, PruneConfig, RTNConfig
+from ..config import BnbConfig, CalibConfig, ExportConfig, GPTQConfig, LayerFilter, PruneConfig, RTNConfig
 from ..errors import UserError
 from .stages import handler_for, needs_calibration
 
@@ -34,10 +34,11 @@ STAGES: dict[str, Callable[..., object]] = {
     "nf4": partial(BnbConfig, "nf4"),
     "fp4": partial(BnbConfig, "fp4"),
     "int8": partial(BnbConfig, "int8"),
+    "export": ExportConfig,
     "prune": PruneConfig,
 }
 _CONFIG_TYPES = {"gptq": GPTQConfig, "rtn": RTNConfig, "nf4": BnbConfig, "fp4": BnbConfig, "int8": BnbConfig,
-                 "prune": PruneConfig}
+                 "export": ExportConfig, "prune": PruneConfig}
 _IMPLIED = {"quant_type"}  # fields named by the stage itself, not keys
 _LAYER_KEYS = tuple(f.name for f in fields(LayerFilter))
 TOP_KEYS = ("llmslim_version", "calibration", "stages")

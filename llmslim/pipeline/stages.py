@@ -20,9 +20,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import UNSTRUCTURED_METHODS, BnbConfig, GPTQConfig, IntConfig, PruneConfig, RTNConfig
+from ..config import (
+    UNSTRUCTURED_METHODS,
+    BnbConfig,
+    ExportConfig,
+    GPTQConfig,
+    IntConfig,
+    PruneConfig,
+    RTNConfig,
+)
 from ..errors import UserError
+from ..formats.gguf import check_exportable
 from ..formats.hf import from_pretrained, save_hf
+from ..grid import GGUF_BLOCK
 from ..models import read_config
 from ..nn import GPTQLinear, can_pack
 from ..quant.bnb import bnb_quantization_config, plan_layers, require_bnb, storage_dtype
@@ -69,9 +79,11 @@ class Handler:
 
 def int_targets(model: nn.Module, config: IntConfig) -> tuple[dict[str, nn.Module], list[str]]:
     """Linears to quantize and linears left in float because the GPTQ format can't hold them."""
-    targets, skipped = select_layers(model, config.layers, lambda i, o: can_pack(i, o, config.bits))
+    block = GGUF_BLOCK if config.gguf_grid else 1  # a GGUF grid needs whole blocks of 32 inputs
+    targets, skipped = select_layers(model, config.layers, lambda i, o: can_pack(i, o, config.bits) and i % block == 0)
     for name in skipped:
-        tqdm.write(f"note: {name} kept in float: its shape does not pack at {config.bits} bits")
+        why = f"pack at {config.bits} bits" if block == 1 else f"fit {config.target} (blocks of {block} inputs)"
+        tqdm.write(f"note: {name} kept in float: its shape does not {why}")
     return targets, skipped
 
 
@@ -120,6 +132,14 @@ def run_bnb(model: nn.Module | None, config: BnbConfig, ctx: Context) -> tuple[n
     return quantized, report
 
 
+def run_export(model: nn.Module, config: ExportConfig, ctx: Context) -> tuple[nn.Module, QuantReport]:
+    """Check, before anything is written, that every tensor can be exported as asked; the file
+    itself is written by ``formats.gguf.save_gguf`` when the recipe's output is saved."""
+    t0 = time.perf_counter()
+    layers = check_exportable(model, config)
+    return model, QuantReport(config.stage, layers, [], time.perf_counter() - t0)
+
+
 def run_prune(model: nn.Module, config: PruneConfig, ctx: Context) -> tuple[nn.Module, QuantReport]:
     """Pruning in place; the model stays float. What was done is recorded in ``config.json``
     (``pruning``, one entry per prune stage) beside the measured sparsity and parameter count."""
@@ -160,6 +180,7 @@ def needs_calibration(config: object) -> bool:
 
 HANDLERS: dict[type, Handler] = {
     PruneConfig: Handler(run_prune, frozenset({"float"}), "float", calibrated=lambda c: c.calibrated),
+    ExportConfig: Handler(run_export, frozenset({"gptq", "float"}), "gguf", calibrated=False),
     RTNConfig: Handler(run_rtn, frozenset({"float"}), "gptq", calibrated=False),
     GPTQConfig: Handler(run_gptq, frozenset({"float"}), "gptq", calibrated=True),
     BnbConfig: Handler(run_bnb, frozenset({"float"}), "bnb", calibrated=False, loads_source=True),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..grid import find_params, maxq_for, quantize_rtn
+from ..grid import find_params, find_params_gguf, maxq_for, quantize_rtn
 from . import masks
 
 
@@ -123,10 +123,13 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 128,
     act_group_aware: bool = False,
+    grid: str | None = None,
     sparsity: float = 0.0,
     nm: tuple[int, int] | None = None,
     keep_zeros: torch.Tensor | None = None,
 ) -> GPTQResult:
+    """GPTQ on one layer. ``grid`` (``q4_0``/``q8_0``) solves on that GGUF block grid instead of
+    GPTQ's own: llama.cpp's scale rule per group of 32 (``grid.find_params_gguf``)."""
     maxq = maxq_for(bits)
     W = W.detach().clone().float()
     H = H.detach().clone().float()
@@ -136,8 +139,8 @@ def gptq_quantize(
     # before; they stay exactly zero (the OBS updates would otherwise fill them in).
     prune = bool(sparsity) or nm is not None or keep_zeros is not None
     if not bool(torch.isfinite(H.sum())):
-        return _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, "Hessian is not finite", sparsity=sparsity,
-                             nm=nm)
+        return _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, "Hessian is not finite", grid,
+                             sparsity, nm)
 
     # Dead inputs (always zero in calibration) carry no information: fix their diagonal so H
     # stays invertible, and zero the weights since they never contribute (reference code).
@@ -146,7 +149,7 @@ def gptq_quantize(
     W[:, dead] = 0
 
     def params(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return find_params(cols, bits, sym, mse)
+        return find_params_gguf(cols, grid, mse) if grid else find_params(cols, bits, sym, mse)
 
     if group_size == -1:
         g_idx = torch.zeros(columns, dtype=torch.long)
@@ -165,7 +168,7 @@ def gptq_quantize(
     Hinv, used_damp = inverse_cholesky(H, damp_percent)
     if Hinv is None:
         return _rtn_fallback(W[:, torch.argsort(perm)], bits, group_size, sym, mse, used_damp,
-                             "Cholesky failed even at 100% damping", sparsity=sparsity, nm=nm)
+                             "Cholesky failed even at 100% damping", grid, sparsity, nm)
 
     Qint = torch.zeros(rows, columns)
     Losses = torch.zeros(rows, columns)
@@ -291,13 +294,13 @@ def magnitude_mask(W: torch.Tensor, sparsity: float, nm: tuple[int, int] | None)
     return masks.smallest(W.abs(), masks.count_for(W.numel(), sparsity))
 
 
-def _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, why, sparsity=0.0, nm=None) -> GPTQResult:
+def _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, why, grid=None, sparsity=0.0, nm=None) -> GPTQResult:
     mask = None
     if sparsity or nm is not None:  # no Hessian to prune with: magnitude, then RTN keeps the zeros
         mask = magnitude_mask(W, sparsity, nm)
         W = W.masked_fill(mask, 0)
         why += "; magnitude pruning"
-    Q, scales, zeros = quantize_rtn(W, bits, group_size, sym, mse)
+    Q, scales, zeros = quantize_rtn(W, bits, group_size, sym, mse, grid)
     columns = W.shape[1]
     g_idx = (torch.arange(columns, dtype=torch.int32) // group_size) if group_size != -1 else torch.zeros(
         columns, dtype=torch.int32)
