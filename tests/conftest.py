@@ -75,3 +75,20 @@ def tiny_folder(tmp_path):
         return path
 
     return make
+
+
+# --- tests that cannot quietly not run ---------------------------------------------------------
+# `make test-slow` (and so CI) sets LLMSLIM_FAIL_ON_SKIP=1: there every peer (lm-eval, GPTQModel,
+# the reference model) is installed, so a skip means a test silently did not run -- a failure.
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    import os
+
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("LLMSLIM_FAIL_ON_SKIP") == "1" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under LLMSLIM_FAIL_ON_SKIP=1 (every test must run here): {reason}"

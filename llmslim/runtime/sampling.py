@@ -85,6 +85,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token from processed ``logits [vocab]``; always an id in ``[0, vocab)``."""
     if params.greedy:
         return int(logits.argmax())
+    raw = logits
     logits = logits.float() / params.temperature
     if params.top_k > 0:
         values, idx = logits.topk(min(params.top_k, logits.numel()))
@@ -98,8 +99,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if not bool(torch.isfinite(probs).all()):
         # Extreme parameters (a temperature near 0 overflowing the logits, penalties leaving no
         # finite logit) or non-finite logits have no distribution to draw from: they degenerate
-        # to greedy.
-        return int(idx[values.nan_to_num(nan=float("-inf")).argmax()])
+        # to greedy on the logits before temperature (NaN counting as -inf; among equal logits the
+        # first, as argmax does -- not whichever one the sort above put first).
+        return int(raw.float().nan_to_num(nan=float("-inf")).argmax())
     pick = torch.multinomial(probs, 1, generator=generator)
     return int(idx[pick])
 

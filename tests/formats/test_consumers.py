@@ -1,9 +1,9 @@
 """An independent consumer reads llmslim's GPTQ checkpoints exactly as llmslim does.
 
 The consumer is GPTQModel (through transformers + optimum, the path users take:
-``AutoModelForCausalLM.from_pretrained(dir)``). It lives in its own venv (see
-../shared/README.md): the test runs when ``gptqmodel`` is importable here, or when
-``LLMSLIM_GPTQMODEL_PYTHON`` names a Python that can import it; otherwise it is skipped.
+``AutoModelForCausalLM.from_pretrained(dir)``). It lives in its own venv, which ``make test-slow``
+builds (``.gptqmodel-venv``) and names in ``LLMSLIM_GPTQMODEL_PYTHON``; the tests are in the slow
+suite, where a skip fails the run. Elsewhere they run when ``gptqmodel`` is importable here.
 
 For every variant (bit widths, group sizes incl. a partial last group and per-channel, sym/asym,
 act-order g_idx, biases) the consumer's dequantized weights must equal llmslim's to fp16
@@ -23,6 +23,8 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_model, make_tiny_tokenizer
+
+pytestmark = pytest.mark.slow  # a minute, and a venv of its own
 
 VARIANTS = {
     # name: (arch, method, bits, group_size, sym, desc_act)

@@ -103,12 +103,14 @@ def test_deterministic():
     assert torch.equal(a.Q, b.Q) and torch.equal(a.scales, b.scales)
 
 
-def test_mse_option_runs_and_helps_rtn_part():
-    W, X, H = synthetic_layer()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mse_option_runs_and_helps_rtn_part(seed):
+    W, X, H = synthetic_layer(seed=seed)
     plain = gptq_quantize(W, H, 3, 32, True)
     mse = gptq_quantize(W, H, 3, 32, True, mse=True)
     err = lambda r: ((W - r.dequantize()) @ X.T).pow(2).sum()  # noqa: E731
-    assert err(mse) < err(plain) * 1.05
+    # It must help, clearly: 18-25% less output error on these layers (measured), so at least 10%.
+    assert err(mse) < err(plain) * 0.9
 
 
 @pytest.mark.parametrize("columns,group_size", [(128, 32), (112, 32)])  # 112: a partial last group

@@ -24,8 +24,15 @@ def test_tiny_temperature_and_all_banned_degenerate_to_greedy():
     logits = torch.tensor([1.0, 3.0, 2.0])
     assert sample(logits, SamplingParams(temperature=1e-45), g) == 1
     assert sample(logits, SamplingParams(temperature=1e-30, top_p=0.5), g) == 1
-    banned = torch.full((3,), float("-inf"))
-    assert sample(banned, SamplingParams(temperature=0.7), g) in (0, 1, 2)
+    # Every token banned: no distribution to draw from, so the greedy choice (argmax: the first of
+    # equal logits), whatever the filters -- not whichever token a sort happened to put first.
+    banned = torch.full((VOCAB,), float("-inf"))
+    for kw in PARAMS:
+        assert sample(banned, SamplingParams(**kw), g) == int(banned.argmax()) == 0, kw
+    # One token left: every parameter setting must take it.
+    only = banned.index_fill(0, torch.tensor([123]), 0.0)
+    for kw in PARAMS:
+        assert sample(only, SamplingParams(**kw), g) == 123, kw
 
 
 def test_both_loops_use_the_same_sampler():
