@@ -374,7 +374,8 @@ class RecoverConfig:
                 raise UserError(f"{flag} must be a positive integer, got {v!r}")
         if not isinstance(self.seqlen, int) or self.seqlen < 2:
             raise UserError(f"--seqlen must be at least 2, got {self.seqlen!r}")
-        if self.lr is not None and (isinstance(self.lr, bool) or not self.lr > 0):
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, int | float)
+                                    or not self.lr > 0):
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not self.max_time >= 0:
             raise UserError(f"--max-time must be >= 0 seconds (0 = no limit), got {self.max_time}")

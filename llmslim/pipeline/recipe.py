@@ -22,9 +22,18 @@ from functools import partial
 from pathlib import Path
 
 from .. import __version__
-from ..config import BnbConfig, CalibConfig, ExportConfig, GPTQConfig, LayerFilter, PruneConfig, RTNConfig
+from ..config import (
+    BnbConfig,
+    CalibConfig,
+    ExportConfig,
+    GPTQConfig,
+    LayerFilter,
+    PruneConfig,
+    RecoverConfig,
+    RTNConfig,
+)
 from ..errors import UserError
-from .stages import handler_for, needs_calibration
+from .stages import SAME, handler_for, needs_calibration
 
 # The names a recipe file uses -> the config each builds. Parsing only: work is dispatched on the
 # config's type (stages.HANDLERS). nf4/fp4/int8 are one config whose quant_type is the name.
@@ -36,9 +45,10 @@ STAGES: dict[str, Callable[..., object]] = {
     "int8": partial(BnbConfig, "int8"),
     "export": ExportConfig,
     "prune": PruneConfig,
+    "recover": RecoverConfig,
 }
 _CONFIG_TYPES = {"gptq": GPTQConfig, "rtn": RTNConfig, "nf4": BnbConfig, "fp4": BnbConfig, "int8": BnbConfig,
-                 "export": ExportConfig, "prune": PruneConfig}
+                 "export": ExportConfig, "prune": PruneConfig, "recover": RecoverConfig}
 _IMPLIED = {"quant_type"}  # fields named by the stage itself, not keys
 _LAYER_KEYS = tuple(f.name for f in fields(LayerFilter))
 TOP_KEYS = ("llmslim_version", "calibration", "stages")
@@ -96,7 +106,7 @@ def check_order(stages: tuple) -> None:
         if kind not in h.takes:
             raise UserError(f"recipe stage {i} ({config.stage}) cannot follow {previous}: it takes a "
                             f"{' or '.join(sorted(h.takes))} model, and {previous} makes a {kind} one")
-        kind, previous = h.makes, f"stage {i} ({config.stage})"
+        kind, previous = kind if h.makes == SAME else h.makes, f"stage {i} ({config.stage})"
 
 
 def parse_recipe(data: object, where: str = "recipe") -> Recipe:

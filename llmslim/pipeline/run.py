@@ -8,7 +8,9 @@ it carries the recipe that made it (``recipe.yaml``) and a log of every stage (`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -30,7 +32,7 @@ from ..models import read_config, resolve
 from ..nn import GPTQLinear
 from ..util import atomic_write_text, partial_dir, staged_output
 from .recipe import Recipe, stage_dict
-from .stages import Context, QuantReport, handler_for
+from .stages import SAME, Context, QuantReport, handler_for
 
 
 def compress(
@@ -49,9 +51,13 @@ def compress(
         if tokenizer is None:
             raise UserError("this recipe needs calibration data: pass calib= (token ids) or tokenizer=")
         calib = recipe_tokens(recipe.calibration, tokenizer, model.config)
+    # A recover stage learns from the model as it was before the first stage.
+    teacher = copy.deepcopy(model) if any(handler_for(c).needs_teacher for c in recipe.stages) else None
     reports = []
-    for config in recipe.stages:
-        model, report = handler_for(config).run(model, config, Context(calib, batch_size=batch_size))
+    for i, config in enumerate(recipe.stages):
+        ctx = Context(calib, batch_size=batch_size, teacher=None if teacher is None else lambda: teacher,
+                      tokenizer=tokenizer, earlier=recipe.stages[:i])
+        model, report = handler_for(config).run(model, config, ctx)
         reports.append(report)
     return model, reports
 
@@ -89,12 +95,16 @@ def compress_to_folder(
     model = None if first.loads_source else load_hf(folder, torch.float32, allow_pickle)
     calib = recipe_tokens(recipe.calibration, tokenizer, hf_config) if recipe.calibrated else None
     resume = resume and partial_dir(out).exists()
+    # The teacher of a recover stage: the source model, loaded when that stage starts.
+    teacher = functools.cache(lambda: load_hf(folder, torch.float32, allow_pickle).eval())
     if handler_for(recipe.stages[-1]).makes == "gguf":
-        base = Context(calib, None, resume, batch_size, source=folder, allow_pickle=allow_pickle)
+        base = Context(calib, None, resume, batch_size, source=folder, allow_pickle=allow_pickle, teacher=teacher,
+                       tokenizer=tokenizer)
         return _compress_to_gguf(source, folder, model, tokenizer, recipe, base, out, t0)
     try:
         with staged_output(out, force, resume) as tmp:
-            base = Context(calib, None, resume, batch_size, source=folder, allow_pickle=allow_pickle)
+            base = Context(calib, None, resume, batch_size, source=folder, allow_pickle=allow_pickle, teacher=teacher,
+                           tokenizer=tokenizer)
             model, reports = _run_stages(model, recipe, base, tmp)
             for f in tmp.glob("*.safetensors"):
                 f.unlink()
@@ -116,7 +126,7 @@ def _run_stages(model: nn.Module | None, recipe: Recipe, base: Context, tmp: Pat
     reports: list[QuantReport] = []
     for i, config in enumerate(recipe.stages):
         ctx = dataclasses.replace(base, state_dir=tmp / "_state" / f"stage_{i}",
-                                  source=base.source if model is None else None)
+                                  source=base.source if model is None else None, earlier=recipe.stages[:i])
         try:
             model, report = handler_for(config).run(model, config, ctx)
         except UserError:
@@ -217,14 +227,15 @@ def quantize_to_folder(
 
 
 def save_model(model: nn.Module, tokenizer, out: Path, recipe: Recipe, reports: list[QuantReport]) -> None:
-    """Write the model in the format its last stage made."""
-    kind = handler_for(recipe.stages[-1]).makes
+    """Write the model in the format its last stage made (stages that keep the kind, such as recover, make none)."""
+    made = [i for i, c in enumerate(recipe.stages) if handler_for(c).makes != SAME]
+    kind = handler_for(recipe.stages[made[-1]]).makes if made else "float"
     if kind == "bnb":
         save_bnb(model, tokenizer, out)
     elif kind == "gptq":
-        config = recipe.stages[-1]
+        config = recipe.stages[made[-1]]
         _warn_vllm_group_size(model, config)
-        save_gptq(model, tokenizer, out, config, reports[-1].skipped)
+        save_gptq(model, tokenizer, out, config, reports[made[-1]].skipped)
     else:
         save_hf(model, tokenizer, out)
 

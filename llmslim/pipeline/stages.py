@@ -27,8 +27,10 @@ from ..config import (
     GPTQConfig,
     IntConfig,
     PruneConfig,
+    RecoverConfig,
     RTNConfig,
 )
+from ..data import calibration_tokens
 from ..errors import UserError
 from ..formats.gguf import check_exportable
 from ..formats.hf import from_pretrained, save_hf
@@ -36,7 +38,9 @@ from ..grid import GGUF_BLOCK
 from ..models import read_config
 from ..nn import GPTQLinear, can_pack
 from ..quant.bnb import bnb_quantization_config, plan_layers, require_bnb, storage_dtype
+from ..quant.distill import distill
 from ..quant.prune import magnitude_layers, prune_blocks
+from ..quant.reconstruct import recover_blocks
 from ..quant.rtn import rtn_layers
 from ..quant.sequential import gptq_blocks, gptq_lm_head
 from ..quant.sparsity import sparsity_report
@@ -63,6 +67,9 @@ class Context:
     batch_size: int | None = None  # calibration samples per forward (None: automatic)
     source: str | None = None  # folder of the input model while no stage has changed it
     allow_pickle: bool = False
+    teacher: Callable[[], nn.Module] | None = None  # the model before any stage (loaded on first call)
+    tokenizer: Any = None
+    earlier: tuple = ()  # configs of the stages that ran before this one
 
 
 Run = Callable[[nn.Module | None, Any, Context], tuple[nn.Module, QuantReport]]
@@ -75,6 +82,10 @@ class Handler:
     makes: str
     calibrated: bool | Callable[[Any], bool]  # needs ``Context.calib`` (a function: depends on the config)
     loads_source: bool = False  # given ``Context.source``, it needs no model loaded beforehand
+    needs_teacher: bool = False  # reads ``Context.teacher``
+
+
+SAME = "same"  # a ``makes`` for stages that keep the kind of model they are given (recover)
 
 
 def int_targets(model: nn.Module, config: IntConfig) -> tuple[dict[str, nn.Module], list[str]]:
@@ -168,6 +179,59 @@ def run_prune(model: nn.Module, config: PruneConfig, ctx: Context) -> tuple[nn.M
     return model, report
 
 
+def run_recover(model: nn.Module, config: RecoverConfig, ctx: Context) -> tuple[nn.Module, QuantReport]:
+    """Recovery from the model before compression (``ctx.teacher``): block by block on the calibration
+    tokens, or end to end on ``config.data``. The model keeps its kind (GPTQ stays GPTQ, same codes
+    format; a pruned model keeps its zeros)."""
+    if ctx.teacher is None:
+        raise UserError("recover needs the original model as the teacher (llmslim recover STUDENT --teacher ORIGINAL)")
+    t0 = time.perf_counter()
+    teacher = ctx.teacher()
+    pruned = was_pruned(model, ctx.earlier)
+    if config.mode == "block":
+        if ctx.calib is None:
+            raise UserError("block recovery needs calibration data (the recipe's calibration)")
+        logs = [asdict(x) for x in recover_blocks(model, teacher, ctx.calib, config, ctx.state_dir, ctx.resume,
+                                                  pruned=pruned)]
+        done = [x for x in logs if x["trained"]]
+        summary = {"mode": "block", "blocks": len(logs), "blocks_recovered": sum(x["kept"] == "recovered" for x in logs),
+                   "loss_before": sum(x["loss_before"] for x in done),
+                   "loss_after": sum(min(x["loss_before"], x["loss_after"]) for x in done)}
+    else:
+        if ctx.tokenizer is None:
+            raise UserError("end-to-end recovery needs the tokenizer (to read --data)")
+        train, val = recover_tokens(config, ctx.tokenizer, getattr(model.config, "max_position_embeddings", None))
+        r = distill(model, teacher, train, val, config, ctx.state_dir, ctx.resume, pruned=pruned)
+        logs, summary = r.history, {"mode": "e2e", **asdict(r)}
+        summary.pop("history")
+    return model, QuantReport(config.stage, logs, [], time.perf_counter() - t0, {"recover": summary})
+
+
+VAL_WINDOWS = 4  # end-to-end recovery: windows that pick the best student (training text, not held out)
+
+
+def recover_tokens(config: RecoverConfig, tokenizer, max_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation windows for end-to-end recovery, from the calibration part of ``data``
+    (the first 80% of a built-in corpus: held-out text is never trained on)."""
+    seqlen = min(config.seqlen, max_len or config.seqlen)
+    n = -(-config.tokens // seqlen)
+    ids = calibration_tokens(config.data, tokenizer, n + VAL_WINDOWS, seqlen, config.seed, config.text_field)
+    return ids[:n], ids[n:]
+
+
+def was_pruned(model: nn.Module, earlier: tuple = ()) -> bool:
+    """Whether the model's exact zeros are pruned weights: from its pruning record, its GPTQ config
+    (joint sparsity), or the stages that ran before in this recipe."""
+    if any(r.get("method") in UNSTRUCTURED_METHODS for r in getattr(model.config, "pruning", None) or []):
+        return True
+    qc = getattr(model.config, "quantization_config", None)
+    meta = ((qc if isinstance(qc, dict) else {}) or {}).get("meta") or {}
+    if meta.get("sparsity") or meta.get("nm"):
+        return True
+    return any((isinstance(c, PruneConfig) and c.method in UNSTRUCTURED_METHODS)
+               or (isinstance(c, GPTQConfig) and c.joint) for c in earlier)
+
+
 _PRUNE_OWN = {"sparsegpt": ("sparsity", "nm"), "wanda": ("sparsity", "nm"), "magnitude": ("sparsity", "nm"),
               "depth": ("drop_blocks", "importance"), "width": ("mlp_keep", "heads_keep")}
 
@@ -184,6 +248,8 @@ HANDLERS: dict[type, Handler] = {
     RTNConfig: Handler(run_rtn, frozenset({"float"}), "gptq", calibrated=False),
     GPTQConfig: Handler(run_gptq, frozenset({"float"}), "gptq", calibrated=True),
     BnbConfig: Handler(run_bnb, frozenset({"float"}), "bnb", calibrated=False, loads_source=True),
+    RecoverConfig: Handler(run_recover, frozenset({"gptq", "float"}), SAME, calibrated=lambda c: c.mode == "block",
+                           needs_teacher=True),
 }
 
 
