@@ -138,6 +138,11 @@ def _run_recipe(args, recipe) -> int:
         if config.stage == "prune":
             print(f"{describe(config)}: {prune_outcome(stage)}, {stage['seconds']:.0f} s")
             continue
+        if config.stage == "recover":
+            from .pipeline.recover_commands import describe_recover, recover_outcome
+
+            print(f"{describe_recover(config)}: {recover_outcome(stage)}")
+            continue
         print(f"{describe(config)}: {len(stage['layers'])} layers quantized, {len(stage['skipped'])} kept in float, "
               f"{stage['seconds']:.0f} s")
     before = f"{s['bytes_before'] / 2**20:.1f} MiB" if s["bytes_before"] else "n/a"
@@ -349,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_compress(sub)
     add_prune(sub)
     add_info(sub)
-    for module in ("llmslim.pipeline.commands", "llmslim.metrics.commands", "llmslim.server.commands"):
+    for module in ("llmslim.pipeline.commands", "llmslim.pipeline.recover_commands", "llmslim.metrics.commands",
+                   "llmslim.server.commands"):
         try:
             import importlib
 
@@ -363,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed, for results that record it
     try:
         return args.func(args)
     except UserError as e:
