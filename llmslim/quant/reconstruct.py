@@ -282,9 +282,9 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
         weights = {n: m.weight for n, m in find_linears(block).items()}
         originals = {n: w.detach().clone() for n, w in weights.items()}
         params = list(weights.values())
-        hooks = [keep_zeros(w) for w in params]
         for w in params:
             w.requires_grad_(True)
+        hooks = [keep_zeros(w) for w in params]
         lr = config.lr or ADAMW_LR
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
