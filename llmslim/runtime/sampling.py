@@ -4,10 +4,12 @@ One implementation for both decode loops (``runtime.generate`` and the server's 
 request gives the same token through either: the same greedy rule, the same filters in the
 same order, the same guard against logits that leave no distribution to draw from.
 
-Order of the logits processing follows vLLM: repetition penalty, the ``min_tokens`` ban on
-stop tokens, then temperature, top-k, top-p (as transformers applies them) and a draw from the
-sequence's own seeded ``torch.Generator`` (so a seed reproduces a sample whatever else is in
-the batch, and the global RNG is never touched).
+Order of the logits processing follows vLLM (v1): ``logit_bias``, the ``min_tokens`` ban on
+stop tokens, repetition / presence / frequency penalties, then temperature, top-k, top-p (as
+transformers applies them) and a draw from the sequence's own seeded ``torch.Generator`` (so a
+seed reproduces a sample whatever else is in the batch, and the global RNG is never touched).
+``LogitsProcessor`` holds what a request's processing needs, built once per request (bias and
+banned ids as tensors), so the per-token path builds no sets or lists from the parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 # vLLM's _SAMPLING_EPS: a temperature below it is greedy (dividing by it would overflow anyway).
 GREEDY_TEMPERATURE = 1e-5
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 
 
 @dataclass
@@ -37,6 +40,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for prompt tokens (echo); None: not computed
     seed: int | None = None
     n: int = 1
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -45,6 +49,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be >= -1 (0 or -1: off), got {self.top_k}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})")
+        for token, bias in self.logit_bias.items():
+            if token < 0:
+                raise ValueError(f"logit_bias: token id {token} is negative")
+            if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+                raise ValueError(f"logit_bias: {bias} for token {token} is outside [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -62,23 +73,51 @@ def new_generator(seed: int | None, index: int = 0) -> torch.Generator:
     return g
 
 
-def process(logits: torch.Tensor, params: SamplingParams, prompt: list[int], out: list[int],
-            stop_ids: set[int]) -> torch.Tensor:
-    """``logits [vocab]`` after penalties and the min_tokens ban (a new tensor if anything changed)."""
-    if params.repetition_penalty != 1.0:
-        logits = logits.clone()
-        idx = torch.tensor(sorted(set(prompt) | set(out)), dtype=torch.long)
-        picked = logits[idx]
-        # shrink positive logits, push negative ones further down
-        logits[idx] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and out:
-        logits = logits.clone() if params.repetition_penalty == 1.0 else logits
-        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).to(logits.dtype)
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-    if len(out) < params.min_tokens and stop_ids:
-        logits = logits.clone()
-        logits[torch.tensor(sorted(stop_ids), dtype=torch.long)] = float("-inf")
-    return logits
+class LogitsProcessor:
+    """A request's logits processing: ``logit_bias``, the ``min_tokens`` ban, penalties.
+
+    Built once per request from its parameters, its prompt and its stop token ids (EOS included
+    unless ``ignore_eos``); shared by the request's choices, each passing its own output so far.
+    """
+
+    def __init__(self, params: SamplingParams, prompt: list[int], stop_ids: set[int] | frozenset[int]):
+        self.params = params
+        bias = sorted(params.logit_bias.items())
+        self.bias_ids = torch.tensor([t for t, _ in bias], dtype=torch.long) if bias else None
+        self.bias_values = torch.tensor([v for _, v in bias], dtype=torch.float32) if bias else None
+        self.banned = torch.tensor(sorted(stop_ids), dtype=torch.long) if params.min_tokens and stop_ids else None
+        self.prompt_ids = (torch.tensor(sorted(set(prompt)), dtype=torch.long)
+                           if params.repetition_penalty != 1.0 else None)
+        self.penalized = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        # nothing to do for this request at all: the per-token path returns the logits untouched
+        self.active = bool(bias) or self.banned is not None or self.prompt_ids is not None or self.penalized
+
+    def __call__(self, logits: torch.Tensor, out: list[int]) -> torch.Tensor:
+        """``logits [vocab]`` after processing: a new tensor if anything changed, else ``logits``."""
+        if not self.active:
+            return logits
+        p = self.params
+        copied = False
+        if self.bias_ids is not None:
+            logits = logits.index_add(0, self.bias_ids, self.bias_values.to(logits.dtype))
+            copied = True
+        if self.banned is not None and len(out) < p.min_tokens:
+            logits = logits if copied else logits.clone()
+            copied = True
+            logits[self.banned] = float("-inf")
+        if self.prompt_ids is not None:
+            logits = logits if copied else logits.clone()
+            copied = True
+            # duplicates (a token in both) write the same value twice: no need to dedupe per token
+            idx = torch.cat((self.prompt_ids, torch.tensor(out, dtype=torch.long))) if out else self.prompt_ids
+            picked = logits[idx]
+            # shrink positive logits, push negative ones further down
+            logits[idx] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if self.penalized and out:
+            logits = logits if copied else logits.clone()
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).to(logits.dtype)
+            logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        return logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -24,14 +24,20 @@ def build(
     batched: bool = True,
     model=None,
     tokenizer=None,
+    request_timeout: float | None = None,
+    max_kv_tokens: int | None = None,
+    max_kv_memory: int | None = None,
+    max_body_bytes: int | None = None,
+    on_down=None,
 ):
     """Load ``checkpoint`` (or use ``model``/``tokenizer`` given) and wire engine and app.
 
-    The engine is started; stop it with ``engine.stop()`` when the server exits.
+    The engine is started; stop it with ``engine.stop()`` when the server exits. ``on_down``
+    is called (from the engine thread) if the engine fails too often to keep restarting.
     """
     from .app import create_app
     from .engine import Engine
-    from .state import ServerState
+    from .state import MAX_BODY_BYTES, ServerState
 
     if model is None:
         from ..loader import load
@@ -40,10 +46,12 @@ def build(
     if fast:
         model = accelerate(model)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                    max_model_len=max_model_len, batched=batched)
+                    max_model_len=max_model_len, batched=batched, max_kv_tokens=max_kv_tokens,
+                    max_kv_memory=max_kv_memory, on_down=on_down)
     name = served_model_name or os.path.basename(os.path.normpath(checkpoint)) or checkpoint
     names = [name] + ([checkpoint] if checkpoint != name else [])
-    state = ServerState(engine, tokenizer, names, api_key=api_key, max_tokens_cap=max_tokens_cap)
+    state = ServerState(engine, tokenizer, names, api_key=api_key, max_tokens_cap=max_tokens_cap,
+                        max_body_bytes=max_body_bytes or MAX_BODY_BYTES, request_timeout=request_timeout)
     app = create_app(state)
     engine.start()
     return app, engine

@@ -29,15 +29,21 @@ from .state import APIError, ServerState, error_body
 
 log = logging.getLogger("llmslim.server")
 
-MAX_BODY_BYTES = 32 * 2**20  # far above any prompt the context allows; refuses memory bombs early
 PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+
+
+class BodyTooLarge(Exception):
+    pass
 
 
 class Guard:
     """ASGI middleware: body size limit and API-key check, before any parsing happens.
 
     Doing auth here (not as a route dependency) means a request without the key is refused
-    with 401 even when its body is malformed, and it costs no JSON parsing.
+    with 401 even when its body is malformed, and it costs no JSON parsing. The body limit
+    holds whatever the framing: a ``Content-Length`` over it is refused before reading, and a
+    chunked body is counted as it arrives and refused (413) the moment it passes the limit,
+    without reading the rest.
     """
 
     def __init__(self, app: ASGIApp, state: ServerState):
@@ -50,10 +56,45 @@ class Guard:
         path = scope.get("path", "")
         if self.state.api_key is not None and path.startswith(PROTECTED) and not self._authorized(headers):
             return await self._reject(scope, send, 401, "Incorrect API key provided.", "invalid_api_key", "authentication_error")
+        limit = self.state.max_body_bytes
+        too_large = f"request body over {limit} bytes"
         length = headers.get("content-length", b"")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return await self._reject(scope, send, 413, f"request body over {MAX_BODY_BYTES} bytes", "request_too_large")
-        await self.app(scope, receive, send)
+        if length.isdigit() and int(length) > limit:
+            return await self._reject(scope, send, 413, too_large, "request_too_large")
+
+        received = 0
+        over = False
+        replied = False
+
+        async def counted_receive():
+            nonlocal received, over
+            if over:
+                raise BodyTooLarge()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    over = True  # nothing more is read: whoever was reading gets an exception
+                    raise BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            nonlocal replied
+            if over:  # whatever the app answers to the exception, the client gets the 413
+                if not replied:
+                    replied = True
+                    await self._reject(scope, send, 413, too_large, "request_too_large")
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over and not replied:
+            replied = True
+            await self._reject(scope, send, 413, too_large, "request_too_large")
 
     def _authorized(self, headers: dict[str, bytes]) -> bool:
         scheme, _, token = headers.get("authorization", b"").partition(b" ")
@@ -120,13 +161,14 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health():
         if not state.engine.healthy:
-            raise APIError(503, f"engine down: {state.engine.error or 'not running'}", "server_error")
+            raise APIError(503, f"engine down: {state.engine.error or 'not running'}", "server_error",
+                           code="engine_down")
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         e = state.engine
-        text = render(e.stats, e.running, e.waiting, state.http_errors)
+        text = render(e.stats, e.running, e.waiting, state.http_errors, e.kv_tokens, e.max_kv_tokens)
         return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -143,9 +185,11 @@ def create_app(state: ServerState) -> FastAPI:
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of `prompt` or `messages`")
-        if body.messages is not None:
+        if body.messages is not None:  # sizes checked before any rendering or tokenizing
+            state.check_messages_size(body.messages)
             ids = await run_in_threadpool(state.apply_template, body.messages, body.add_generation_prompt)
         else:
+            state.check_text_size(len(body.prompt), "prompt")
             special = True if body.add_special_tokens is None else body.add_special_tokens
             ids = await run_in_threadpool(state.encode, body.prompt, special)
         return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}

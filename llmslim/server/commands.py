@@ -36,6 +36,17 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=_positive, default=64, help="waiting requests before 503 (default 64)")
     p.add_argument("--max-tokens", type=_positive, default=None, dest="max_tokens_cap",
                    help="refuse requests asking for more output tokens than this (default: the context)")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--max-kv-memory", type=_size, default=None, metavar="SIZE",
+                    help="KV cache the running batch may take, e.g. 2GiB: requests that would pass it wait "
+                    "(default: no bound beyond --max-batch x context)")
+    kv.add_argument("--max-kv-tokens", type=_positive, default=None, metavar="N",
+                    help="the same bound in KV cache positions (rows x padded length)")
+    p.add_argument("--request-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="a request still unfinished this long after it arrived is aborted (504; default: none)")
+    p.add_argument("--limit-concurrency", type=_positive, default=None, metavar="N",
+                   help="connections and requests in progress before uvicorn answers 503 "
+                   "(default: 2 x (max batch + max queue) + 64)")
     fast = p.add_mutually_exclusive_group()
     fast.add_argument("--fast", dest="fast", action="store_true", default=True,
                       help="int4/int8 CPU kernels and bf16 compute (default)")
@@ -61,6 +72,33 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+
+
+def _size(text: str) -> int:
+    """Bytes from ``2GiB``, ``1.5G`` (binary), ``500MB`` (decimal) or a plain number."""
+    number = text.strip().rstrip("bBiIkKmMgGtT")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"must be a size such as 2GiB, 512MiB or 1.5G, got {text!r}") from None
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive size, got {text!r}")
+    return int(value)
 
 
 def _keep_unknown(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +133,7 @@ def cmd_serve(args) -> int:
     import torch
 
     from . import build
+    from .startup import Loading
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,18 +141,49 @@ def cmd_serve(args) -> int:
     if key is None and not _loopback(args.host):
         print(f"warning: listening on {args.host} without an API key; anyone who can reach it can use it",
               file=sys.stderr)
+    exit_code = 0
+
+    def load():
+        return build(args.checkpoint, args.served_model_name, key, args.max_batch or 16, args.max_queue,
+                     args.max_model_len, args.max_tokens_cap, fast=args.fast, batched=args.batched,
+                     request_timeout=args.request_timeout, max_kv_tokens=args.max_kv_tokens,
+                     max_kv_memory=args.max_kv_memory, on_down=down)
+
+    def ready(app, engine) -> None:
+        kv = f", KV budget {engine.max_kv_tokens} positions" if engine.max_kv_tokens else ""
+        print(f"serving {args.checkpoint} as {app.state.llmslim.name!r} on http://{args.host}:{args.port} "
+              f"(max batch {engine.max_batch}, context {engine.max_model_len}{kv})", file=sys.stderr, flush=True)
+
+    def down(reason: str) -> None:  # the engine failed too often: exit, so that a supervisor restarts us
+        nonlocal exit_code
+        exit_code = 1
+        print(f"error: the engine is down ({reason}); exiting", file=sys.stderr, flush=True)
+        server.should_exit = True
+
+    # Bind first, load in the background: until the model is ready every route answers 503 "loading".
+    loading = Loading(load)
+    server = uvicorn.Server(uvicorn_config(args, loading))
+    loading.start(on_ready=ready, on_error=lambda e: setattr(server, "should_exit", True))
+    print(f"loading {args.checkpoint}; http://{args.host}:{args.port} answers 503 until it is ready",
+          file=sys.stderr, flush=True)
     try:
-        app, engine = build(args.checkpoint, args.served_model_name, key, args.max_batch or 16, args.max_queue,
-                            args.max_model_len, args.max_tokens_cap, fast=args.fast, batched=args.batched)
-    except ValueError as e:  # e.g. --max-model-len beyond the model's context
-        raise UserError(str(e)) from None
-    print(f"serving {args.checkpoint} as {app.state.llmslim.name!r} on http://{args.host}:{args.port} "
-          f"(max batch {engine.max_batch}, context {engine.max_model_len})", file=sys.stderr, flush=True)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        server.run()
     finally:
-        engine.stop()
-    return 0
+        if loading.engine is not None:
+            loading.engine.stop()
+    if loading.error is not None:
+        if isinstance(loading.error, ValueError):  # e.g. --max-model-len beyond the model's context
+            raise UserError(str(loading.error)) from None
+        raise loading.error
+    return exit_code
+
+
+def uvicorn_config(args, app):
+    """uvicorn's configuration for ``llmslim serve``: bounded concurrency, no access log spam."""
+    import uvicorn
+
+    limit = args.limit_concurrency or 2 * ((args.max_batch or 16) + args.max_queue) + 64
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=limit)
 
 
 def _loopback(host: str) -> bool:

@@ -3,8 +3,12 @@
 A handler turns the body into prompt token ids and ``SamplingParams``, submits one engine
 request per prompt, and then either collects every event into one JSON response or streams
 them as server-sent events ending with ``data: [DONE]``. Whatever way the handler ends
-(finished, error, client gone), unfinished engine requests are aborted, so a disconnected
-client frees its batch slots at the next decode step.
+(finished, error, client gone, ``--request-timeout`` passed), unfinished engine requests are
+aborted, so a disconnected client frees its batch slots at the next decode step.
+
+Nothing here calls the tokenizer on the event loop: prompts are tokenized (and chat templates
+rendered) in the threadpool after their size is checked, and log-prob token texts come from a
+table (``ServerState.token_text``).
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from ..runtime.sampling import SamplingParams
-from .engine import Done, Event, Failed, LengthError, Output, PromptLogprobs, QueueFull
+from .engine import Done, EngineDown, Event, Failed, LengthError, Output, PromptLogprobs, QueueFull
 from .outputs import TopLogprobs
-from .schemas import ChatRequest, CompletionRequest
+from .schemas import ChatRequest, CompletionRequest, Sampling
 from .state import APIError, ServerState, error_body
 
 router = APIRouter()
@@ -41,6 +45,15 @@ class ClientGone(Exception):
     pass
 
 
+class TimedOut(Exception):
+    pass
+
+
+def _timeout_error(state: ServerState) -> APIError:
+    return APIError(504, f"the request took longer than this server allows ({state.request_timeout:g} s)",
+                    "timeout_error", None, "request_timeout")
+
+
 class Submission:
     """The engine requests of one HTTP request, and their events on this event loop."""
 
@@ -51,6 +64,8 @@ class Submission:
         self.rids: list[str] = []
         self.ended: set[int] = set()
         self.closed = False
+        timeout = state.request_timeout
+        self.deadline = self.loop.time() + timeout if timeout else None
 
     def _sink(self, k: int) -> Callable[[Event], None]:
         def put(event: Event) -> None:  # called on the engine thread
@@ -68,6 +83,9 @@ class Submission:
         except QueueFull as e:
             self.close()
             raise APIError(503, str(e), "server_overloaded", None, "queue_full") from None
+        except EngineDown as e:
+            self.close()
+            raise APIError(503, str(e), "server_error", None, "engine_down") from None
         except LengthError as e:
             self.close()
             raise APIError(400, str(e), "BadRequestError", param, "context_length_exceeded") from None
@@ -76,11 +94,18 @@ class Submission:
             raise APIError(400, str(e), "BadRequestError", param) from None
 
     async def events(self, request: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
-        """Events until every request is done; with ``request``, stops if its client leaves."""
+        """Events until every request is done; with ``request``, stops if its client leaves
+        (``ClientGone``); past the request timeout, raises ``TimedOut``."""
         next_check = self.loop.time() + DISCONNECT_POLL_S
         while len(self.ended) < len(self.rids):
+            wait = DISCONNECT_POLL_S if request else None
+            if self.deadline is not None:
+                left = self.deadline - self.loop.time()
+                if left <= 0:
+                    raise TimedOut()
+                wait = left if wait is None else min(wait, left)
             try:
-                k, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S if request else None)
+                k, event = await asyncio.wait_for(self.queue.get(), wait)
             except TimeoutError:
                 k, event = -1, None
             # Checked on a clock, not only when idle: tokens may arrive faster than the poll interval.
@@ -146,19 +171,45 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def _failure(event: Failed) -> APIError:
-    shutting = "shutting down" in event.message
-    return APIError(503 if shutting else 500, event.message, "server_error" if shutting else "InternalServerError")
+    if event.status == 503:
+        return APIError(503, event.message, "server_error", None, event.code)
+    return APIError(500, event.message, "InternalServerError")
 
 
-def _max_tokens(state: ServerState, requested: int | None, prompt_len: int, param: str) -> int:
-    """The request's max_tokens, or what is left of the context; over the server's cap -> 400."""
+def _max_tokens(state: ServerState, requested: int | None, prompt_len: int, param: str, n: int = 1) -> int:
+    """The request's max_tokens, or what is left of the context (and of the KV budget); over the
+    server's cap -> 400."""
     cap = state.max_tokens_cap
     if requested is None:
         left = max(state.engine.max_model_len - prompt_len, 0)
+        budget = state.engine.max_kv_tokens
+        if budget is not None:
+            left = max(min(left, budget // n - prompt_len), 0)
         return min(left, cap) if cap else left
     if cap and requested > cap:
         raise APIError(400, f"{param}={requested} is more than this server allows ({cap})", param=param)
     return requested
+
+
+def _check_supported(body: Sampling) -> None:
+    refused = body.unsupported()
+    if refused is not None:
+        param, message = refused
+        raise APIError(400, message, param=param)
+
+
+def _params(state: ServerState, body: Sampling, max_tokens: int, logprobs: int | None,
+            prompt_logprobs: int | None) -> SamplingParams:
+    """``SamplingParams`` of a request, or a 400 naming the parameter that is wrong."""
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens})",
+                       param="min_tokens")
+    if body.logit_bias:
+        state.check_ids([int(k) for k in body.logit_bias], "logit_bias")
+    try:
+        return body.sampling(max_tokens, logprobs, prompt_logprobs)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
 
 
 # --- completions --------------------------------------------------------------------------------
@@ -204,10 +255,14 @@ class TextChoice:
 async def completions(body: CompletionRequest, request: Request):
     state: ServerState = request.app.state.llmslim
     state.check_model(body.model)
+    _check_supported(body)
     prompts, texts = await _completion_prompts(state, body.prompt)
     want_lp = body.logprobs is not None
-    params = [body.sampling(_max_tokens(state, body.max_tokens, len(ids), "max_tokens"), body.logprobs,
-                            body.logprobs if body.echo and want_lp else None) for ids in prompts]
+    params = [_params(state, body, _max_tokens(state, body.max_tokens, len(ids), "max_tokens", body.n),
+                      body.logprobs, body.logprobs if body.echo and want_lp else None) for ids in prompts]
+    if body.echo and any(t is None for t in texts):  # token-id prompts: their text, off the event loop
+        texts = await run_in_threadpool(lambda: [t if t is not None else state.decode(p)
+                                                 for t, p in zip(texts, prompts, strict=True)])
     sub = Submission(state)
     sub.submit(prompts, params, "prompt")
     rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.n
@@ -216,7 +271,7 @@ async def completions(body: CompletionRequest, request: Request):
 
     def echo_prefix(k: int, i: int, event: PromptLogprobs | None) -> None:
         c = choices[k * n + i]
-        c.text.append(texts[k] if texts[k] is not None else state.decode(prompts[k]))
+        c.text.append(texts[k])
         if event is not None:
             c.add_logprobs(prompts[k], event.entries)
 
@@ -252,6 +307,8 @@ async def completions(body: CompletionRequest, request: Request):
                 apply(k, event, pending)
         except ClientGone:
             return JSONResponse(error_body("client disconnected", "invalid_request_error"), 499)
+        except TimedOut:
+            raise _timeout_error(state) from None
         finally:
             sub.close()
         return {"id": rid, "object": "text_completion", "created": created, "model": state.name,
@@ -266,9 +323,9 @@ async def completions(body: CompletionRequest, request: Request):
         sent_lp = dict.fromkeys(choices, 0)  # log-prob entries already streamed per choice
         sent_text = dict.fromkeys(choices, 0)
         try:
-            async for k, event in sub.events():
+            async for k, event in _until_timeout(sub):
                 if isinstance(event, Failed):
-                    yield _sse(error_body(event.message, "server_error"))
+                    yield _sse(error_body(event.message, "server_error", None, event.code))
                     break
                 if isinstance(event, Done):
                     completion_tokens += event.completion_tokens
@@ -297,6 +354,16 @@ async def completions(body: CompletionRequest, request: Request):
     return EngineStream(stream(), sub.close)
 
 
+async def _until_timeout(sub: Submission) -> AsyncIterator[tuple[int, Event]]:
+    """A stream's events; past the request timeout, one ``Failed`` that says so (then the stream ends)."""
+    try:
+        async for item in sub.events():
+            yield item
+    except TimedOut:
+        err = _timeout_error(sub.state)
+        yield -1, Failed(err.message, err.status, err.code)
+
+
 async def _completion_prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str | None]]:
     """Token ids of each prompt, and its text when it came as text (for echo)."""
     if isinstance(prompt, str):
@@ -306,26 +373,19 @@ async def _completion_prompts(state: ServerState, prompt) -> tuple[list[list[int
     if isinstance(prompt[0], int):
         prompt = [prompt]
     if isinstance(prompt[0], str):
-        ids = [await run_in_threadpool(_encode_bounded, state, p) for p in prompt]
+        # A token covers at least one character of ordinary text, so text far beyond
+        # max_model_len * (longest token) cannot fit: refuse it before spending time tokenizing.
+        for p in prompt:
+            state.check_text_size(len(p), "prompt")
+        ids = [await run_in_threadpool(state.encode, p) for p in prompt]
+        if not all(ids):
+            raise APIError(400, "the prompt is empty after tokenization", param="prompt")
         return ids, list(prompt)
     for p in prompt:
         if not p:
             raise APIError(400, "a token-id prompt is empty", param="prompt")
         state.check_ids(p, "prompt")
     return [list(p) for p in prompt], [None] * len(prompt)
-
-
-def _encode_bounded(state: ServerState, text: str) -> list[int]:
-    # A token covers at least one character of ordinary text, so text far beyond
-    # max_model_len * (longest token) cannot fit; refuse it before spending time tokenizing.
-    limit = state.engine.max_model_len * 64
-    if len(text) > limit:
-        raise APIError(400, f"the prompt ({len(text)} characters) is far longer than the model's context "
-                       f"({state.engine.max_model_len} tokens)", param="prompt", code="context_length_exceeded")
-    ids = state.encode(text)
-    if not ids:
-        raise APIError(400, "the prompt is empty after tokenization", param="prompt")
-    return ids
 
 
 # --- chat ---------------------------------------------------------------------------------------
@@ -344,13 +404,15 @@ def _chat_logprobs(state: ServerState, ids: list[int], entries: list[tuple[float
 async def chat(body: ChatRequest, request: Request):
     state: ServerState = request.app.state.llmslim
     state.check_model(body.model)
+    _check_supported(body)
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    state.check_messages_size(body.messages)  # before rendering: that is the slow part
     ids = await run_in_threadpool(state.apply_template, body.messages, body.add_generation_prompt)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    params = body.sampling(_max_tokens(state, requested, len(ids), param),
-                           (body.top_logprobs or 0) if body.logprobs else None, None)
+    params = _params(state, body, _max_tokens(state, requested, len(ids), param, body.n),
+                     (body.top_logprobs or 0) if body.logprobs else None, None)
     sub = Submission(state)
     sub.submit([ids], [params], "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -374,6 +436,8 @@ async def chat(body: ChatRequest, request: Request):
                     reasons[event.index] = event.finish_reason
         except ClientGone:
             return JSONResponse(error_body("client disconnected", "invalid_request_error"), 499)
+        except TimedOut:
+            raise _timeout_error(state) from None
         finally:
             sub.close()
         return head | {"object": "chat.completion", "choices": [
@@ -388,9 +452,9 @@ async def chat(body: ChatRequest, request: Request):
         extra = {"usage": None} if include_usage else {}
         started: set[int] = set()
         try:
-            async for _, event in sub.events():
+            async for _, event in _until_timeout(sub):
                 if isinstance(event, Failed):
-                    yield _sse(error_body(event.message, "server_error"))
+                    yield _sse(error_body(event.message, "server_error", None, event.code))
                     break
                 if isinstance(event, Done) and include_usage:
                     yield _sse(chunk_head | {"choices": [], "usage": _usage(len(ids), event.completion_tokens)})

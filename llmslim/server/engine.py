@@ -13,7 +13,16 @@ So requests join and leave between decode steps; nothing waits for a whole batch
 Results go to each request's ``sink`` (a thread-safe callback the HTTP layer provides).
 The queue is bounded: ``submit`` raises ``QueueFull`` instead of letting latency grow without
 limit. Prompt and output lengths are checked by the caller (``check_lengths``) and capped here
-as a backstop.
+as a backstop. With a KV budget (``max_kv_tokens``, or ``max_kv_memory`` in bytes) a request
+is admitted only while the running batch's KV cache, at its largest, stays within it; the
+others wait their turn (FIFO).
+
+An exception in a step (a bug, not a bad request: those never get here) fails the running
+rows, and the loop starts again with an empty batch; waiting requests keep their places.
+More than ``max_restarts`` failures within ``restart_window`` seconds and the engine goes
+down: every request fails, ``submit`` raises ``EngineDown`` at once (never a request that
+waits forever), ``/health`` answers 503 and ``on_down`` is called (the CLI exits then, so a
+supervisor restarts the process).
 """
 
 from __future__ import annotations
@@ -31,9 +40,9 @@ from torch import nn
 
 from ..runtime.cache import mergeable
 from ..runtime.model_info import eos_ids, model_context
-from ..runtime.sampling import Sampler, SamplingParams, process
+from ..runtime.sampling import LogitsProcessor, Sampler, SamplingParams
 from ..runtime.stops import StopStrings
-from .kvbatch import PaddedBatch, prefill
+from .kvbatch import PaddedBatch, prefill, prefill_chunks
 from .metrics import EngineStats
 from .outputs import Detokenizer, TopLogprobs, token_logprobs
 
@@ -70,6 +79,8 @@ class Done:
 @dataclass
 class Failed:
     message: str
+    status: int = 500  # 503: the engine is down or shutting down (try again / elsewhere)
+    code: str | None = None
 
 
 Event = PromptLogprobs | Output | Done | Failed
@@ -84,6 +95,10 @@ class LengthError(ValueError):
     """Prompt or prompt + max_tokens longer than the context the server allows."""
 
 
+class EngineDown(Exception):
+    """The engine is not running (it failed too often, or is shutting down): 503 at once."""
+
+
 # --- bookkeeping ---------------------------------------------------------------------------------
 
 
@@ -93,10 +108,17 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     sink: Sink
+    stop_ids: frozenset[int] = frozenset()  # stop_token_ids, and EOS unless ignore_eos
+    processor: LogitsProcessor | None = None  # built once, shared by the request's choices
     arrival: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     unfinished: int = 0
     completion_tokens: int = 0
+
+    @property
+    def kv_tokens(self) -> int:
+        """The most KV positions the request's rows can need together."""
+        return self.params.n * (len(self.prompt) + self.params.max_tokens)
 
 
 @dataclass
@@ -132,6 +154,12 @@ class Engine:
         max_model_len: int | None = None,
         prefill_budget: int = 1024,
         batched: bool = True,
+        max_kv_tokens: int | None = None,
+        max_kv_memory: int | None = None,
+        prompt_logprobs_chunk: int | None = None,
+        max_restarts: int = 3,
+        restart_window: float = 60.0,
+        on_down: Callable[[str], None] | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -140,7 +168,21 @@ class Engine:
         self.batched = batched
         self.vocab_size = model.get_input_embeddings().num_embeddings
         # ids past the vocabulary (tiny test configs carry GPT-2's 50256) can never be sampled
-        self.eos_ids = {t for t in eos_ids(model, tokenizer) if 0 <= t < self.vocab_size}
+        self.eos_ids = frozenset(t for t in eos_ids(model, tokenizer) if 0 <= t < self.vocab_size)
+        # echo + logprobs: prompt positions per forward, so that their logits (and log-softmax)
+        # take about 64 MB whatever the prompt's length
+        self.prompt_logprobs_chunk = prompt_logprobs_chunk or max(16, 2**24 // self.vocab_size)
+        self.kv_bytes_per_token: int | None = None
+        if max_kv_memory is not None:
+            if max_kv_tokens is not None:
+                raise ValueError("give max_kv_tokens or max_kv_memory, not both")
+            self.kv_bytes_per_token = kv_bytes_per_token(model)
+            max_kv_tokens = max_kv_memory // self.kv_bytes_per_token
+            if max_kv_tokens < 1:
+                raise ValueError(f"a KV budget of {max_kv_memory} bytes holds no token "
+                                 f"({self.kv_bytes_per_token} bytes each)")
+        self.max_kv_tokens = max_kv_tokens
+        self.max_restarts, self.restart_window, self.on_down = max_restarts, restart_window, on_down
         self.stats = EngineStats()
         self._waiting: deque[Request] = deque()
         self._aborts: set[str] = set()
@@ -148,8 +190,10 @@ class Engine:
         self._cond = threading.Condition()
         self._ids = itertools.count()
         self._stop = False
+        self._down = False  # no more requests: failed too often, or stopped
+        self._failures: list[float] = []
         self._thread: threading.Thread | None = None
-        self.error: str | None = None  # set if the loop died: /health turns 503
+        self.error: str | None = None  # why the engine went down: /health turns 503
 
     # --- API for the HTTP layer (any thread) ---
 
@@ -166,7 +210,7 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        return not self._down and self._thread is not None and self._thread.is_alive()
 
     def check_lengths(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len > self.max_model_len:
@@ -185,17 +229,26 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if any(t >= self.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if any(t >= self.vocab_size for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         if params.n > self.max_batch:
             raise ValueError(f"n={params.n} is more than the server's batch size ({self.max_batch})")
         self.check_lengths(len(prompt), params.max_tokens)
-        rid = f"{next(self._ids)}"
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        req = Request(f"{next(self._ids)}", list(prompt), params, sink, stop_ids,
+                      LogitsProcessor(params, prompt, stop_ids))
+        if self.max_kv_tokens is not None and req.kv_tokens > self.max_kv_tokens:
+            raise ValueError(f"the request needs up to {req.kv_tokens} KV cache positions (n x (prompt + "
+                             f"max_tokens)); this server's KV budget is {self.max_kv_tokens}")
         with self._cond:
+            if self._down or self._stop or self._thread is None or not self._thread.is_alive():
+                raise EngineDown(f"the engine is down ({self.error or 'not running'}); retry later")
             if len(self._waiting) >= self.max_queue:
                 self.stats.rejected += 1
                 raise QueueFull(f"the server's queue is full ({self.max_queue} waiting requests); retry later")
-            self._waiting.append(Request(rid, list(prompt), params, sink))
+            self._waiting.append(req)
             self._cond.notify()
-        return rid
+        return req.id
 
     def abort(self, rid: str) -> None:
         """Stop request ``rid`` at the next step (no-op when it already finished)."""
@@ -211,36 +264,90 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def kv_tokens(self) -> int:
+        """KV cache positions the running batch may reach (rows x (columns + most tokens left))."""
+        return self._footprint()
+
+    def _footprint(self, extra: Request | None = None) -> int:
+        """``kv_tokens`` with request ``extra`` admitted too. A padded batch holds every row at
+        the longest row's width, so it is counted that way, not as a sum of row lengths."""
+        total = 0
+        joins = None
+        if extra is not None:
+            joins = self._groups[0] if self.batched and self._groups else None
+            if joins is None:
+                total += extra.kv_tokens
+        for g in self._groups:
+            rows, width = len(g.seqs), g.batch.length
+            left = max((s.req.params.max_tokens - len(s.out) for s in g.seqs), default=0)
+            if g is joins:
+                rows += extra.params.n
+                width, left = max(width, len(extra.prompt)), max(left, extra.params.max_tokens)
+            total += rows * (width + left)
+        return total
+
     # --- the loop (engine thread only) ---
 
     def _run(self) -> None:
         try:
             with torch.inference_mode():
-                while True:
-                    with self._cond:
-                        while not (self._stop or self._waiting or self._groups or self._aborts):
-                            self._cond.wait()
-                        if self._stop:
-                            break
-                        aborts, self._aborts = self._aborts, set()
-                    self._drop(aborts)
-                    self._admit()
-                    if self._groups:
-                        self._decode()
-        except Exception as e:  # a bug, not a bad request: fail everything, let /health say so
-            log.exception("engine loop died")
-            self.error = f"{type(e).__name__}: {e}"
-            self._fail_all(f"engine error: {self.error}")
+                while not self._serve():
+                    pass
         finally:
-            self._fail_all("the server is shutting down")
+            self._fail_all("the server is shutting down", 503, "shutting_down")
+            with self._cond:
+                self._down = True
 
-    def _fail_all(self, message: str) -> None:
+    def _serve(self) -> bool:
+        """Run the loop; True when stopped, False after a failure it recovered from."""
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stop or self._waiting or self._groups or self._aborts):
+                        self._cond.wait()
+                    if self._stop:
+                        return True
+                    aborts, self._aborts = self._aborts, set()
+                self._drop(aborts)
+                self._admit()
+                if self._groups:
+                    self._decode()
+        except Exception as e:  # a bug, not a bad request
+            log.exception("engine step failed")
+            reason = f"{type(e).__name__}: {e}"
+            running, self._groups = self._groups, []
+            for req in {id(s.req): s.req for g in running for s in g.seqs}.values():
+                _send(req, Failed(f"engine error: {reason}", 500, "engine_error"))
+            now = time.monotonic()
+            self._failures = [t for t in self._failures if now - t < self.restart_window] + [now]
+            if len(self._failures) > self.max_restarts:
+                self._go_down(reason)
+                return True
+            self.stats.restarts += 1
+            log.warning("engine restarted after: %s (%d of %d restarts in %.0f s)", reason,
+                        len(self._failures), self.max_restarts, self.restart_window)
+            return False
+
+    def _go_down(self, reason: str) -> None:
+        log.error("engine down after %d failures within %.0f s: %s", len(self._failures), self.restart_window, reason)
+        with self._cond:
+            self.error = f"{len(self._failures)} failures within {self.restart_window:.0f} s, the last: {reason}"
+            self._down = True
+        self._fail_all(f"the engine is down: {self.error}", 503, "engine_down")
+        if self.on_down is not None:
+            try:
+                self.on_down(self.error)
+            except Exception:
+                log.exception("on_down failed")
+
+    def _fail_all(self, message: str, status: int = 500, code: str | None = None) -> None:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         reqs = {id(s.req): s.req for g in self._groups for s in g.seqs} | {id(r): r for r in waiting}
         self._groups = []
         for req in reqs.values():
-            _send(req, Failed(message))
+            _send(req, Failed(message, status, code))
 
     def _drop(self, aborts: set[str]) -> None:
         if not aborts:
@@ -269,6 +376,8 @@ class Engine:
                 # step's prefills stall the running rows (the first prefill always goes).
                 if req.params.n > free or (budget < len(req.prompt) and budget < self.prefill_budget):
                     return
+                if self.max_kv_tokens is not None and self._groups and self._footprint(req) > self.max_kv_tokens:
+                    return  # the head waits until running rows free enough KV memory
                 self._waiting.popleft()
             budget -= len(req.prompt)
             try:
@@ -280,16 +389,22 @@ class Engine:
     def _start(self, req: Request) -> None:
         p = req.params
         want_prompt_lp = p.prompt_logprobs is not None and len(req.prompt) > 1
-        if p.max_tokens == 0 and not want_prompt_lp:
-            cache, logits = None, None
+        entries: list = [None]
+        if want_prompt_lp:
+            # a chunk of positions at a time: [chunk, vocab] logits, never [prompt, vocab]
+            def score(start: int, logits: torch.Tensor) -> None:
+                targets = req.prompt[start + 1:start + 1 + logits.shape[0]]
+                lp = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
+                entries.extend(token_logprobs(lp, targets, p.prompt_logprobs))
+
+            cache, last = prefill_chunks(self.model, req.prompt, self.prompt_logprobs_chunk, score)
+        elif p.max_tokens == 0:
+            cache, last = None, None
         else:
-            cache, logits = prefill(self.model, req.prompt, all_logits=want_prompt_lp)
+            cache, logits = prefill(self.model, req.prompt, all_logits=False)
+            last = logits[-1]
         self.stats.prompt_tokens += len(req.prompt)
         if p.prompt_logprobs is not None:
-            entries: list = [None]
-            if want_prompt_lp:
-                lp = torch.log_softmax(logits[:-1].float(), dim=-1)
-                entries += token_logprobs(lp, req.prompt[1:], p.prompt_logprobs)
             _send(req, PromptLogprobs(entries))
         req.unfinished = p.n
         if p.max_tokens == 0:
@@ -299,9 +414,8 @@ class Engine:
             return
         seqs = [Sequence(req, i, Sampler(p, i), Detokenizer(self.tokenizer), StopStrings(p.stop))
                 for i in range(p.n)]
-        last = logits[-1:]
         for s in seqs:
-            self._advance(s, last[0])
+            self._advance(s, last)
         alive = [s for s in seqs if s.finish_reason is None]
         if not alive:
             return
@@ -336,8 +450,8 @@ class Engine:
         ``argmax``: the raw logits' argmax if already known, the greedy choice when nothing
         (penalties, a min_tokens ban) changes the logits."""
         req, p = s.req, s.req.params
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
-        processed = process(logits, p, req.prompt, s.out, stop_ids)
+        stop_ids = req.stop_ids
+        processed = req.processor(logits, s.out)
         if p.greedy and argmax is not None and processed is logits:
             token = argmax
         else:
@@ -384,3 +498,10 @@ def _send(req: Request, event: Event) -> None:
         req.sink(event)
     except Exception:  # a broken sink (its event loop gone) must not stop the engine
         log.exception("could not deliver an event of request %s", req.id)
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of KV cache one position takes in ``model`` (all layers), measured by a one-token prefill."""
+    cache, _ = prefill(model, [0], all_logits=False)
+    return sum(layer.keys[0, :, :1].numel() * layer.keys.element_size()
+               + layer.values[0, :, :1].numel() * layer.values.element_size() for layer in cache.layers)

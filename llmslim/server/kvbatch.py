@@ -28,6 +28,8 @@ bookkeeping of which row is where.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -130,3 +132,22 @@ def prefill(model: nn.Module, prompt: list[int], all_logits: bool) -> tuple[obje
     out = model(input_ids=ids, position_ids=torch.arange(len(prompt)).view(1, -1), use_cache=True,
                 logits_to_keep=0 if all_logits else 1, **{cache_kwarg(model): cache})
     return cache, out.logits[0]
+
+
+@torch.inference_mode()
+def prefill_chunks(model: nn.Module, prompt: list[int], chunk: int,
+                   on_logits: Callable[[int, torch.Tensor], None]) -> tuple[object, torch.Tensor]:
+    """Prefill ``prompt`` ``chunk`` positions at a time into a fresh cache, handing the logits of
+    every position to ``on_logits(start, logits [<=chunk, vocab])``; returns the cache and the
+    last position's logits ``[vocab]``. The logits of the whole prompt never exist at once."""
+    cache = new_cache(model)
+    kw = {cache_kwarg(model): cache}
+    last = None
+    for start in range(0, len(prompt), chunk):
+        ids = torch.tensor([prompt[start:start + chunk]], dtype=torch.long)
+        positions = torch.arange(start, start + ids.shape[1]).view(1, -1)
+        logits = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=0, **kw).logits[0]
+        on_logits(start, logits)
+        last = logits[-1].clone()
+        del logits
+    return cache, last

@@ -44,6 +44,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     steps: int = 0
+    restarts: int = 0  # engine loop restarts after a failed step
     finished: dict[str, int] = field(default_factory=dict)  # choices by finish reason
     ttft: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
@@ -60,10 +61,17 @@ def _metric(name: str, kind: str, help_text: str, value: float, labels: str = ""
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"]
 
 
-def render(stats: EngineStats, running: int, waiting: int, http_errors: dict[int, int]) -> str:
+def render(stats: EngineStats, running: int, waiting: int, http_errors: dict[int, int],
+           kv_tokens: int | None = None, kv_budget: int | None = None) -> str:
     lines: list[str] = []
     lines += _metric("llmslim_requests_running", "gauge", "Sequences in the running batch.", running)
     lines += _metric("llmslim_requests_waiting", "gauge", "Requests in the queue.", waiting)
+    if kv_tokens is not None:
+        lines += _metric("llmslim_kv_tokens", "gauge", "KV cache positions the running batch may reach.", kv_tokens)
+    if kv_budget is not None:
+        lines += _metric("llmslim_kv_tokens_budget", "gauge", "KV cache positions allowed (--max-kv-*).", kv_budget)
+    lines += _metric("llmslim_engine_restarts_total", "counter", "Engine loop restarts after a failed step.",
+                     stats.restarts)
     lines += _metric("llmslim_requests_total", "counter", "Requests finished.", stats.requests)
     lines += _metric("llmslim_requests_rejected_total", "counter", "Requests refused, queue full.", stats.rejected)
     lines += _metric("llmslim_requests_aborted_total", "counter", "Requests cancelled by the client.", stats.aborted)
