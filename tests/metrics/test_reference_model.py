@@ -52,4 +52,8 @@ def test_bigbench_task_beats_chance(reference):
     model, tok = reference
     r = evaluate_task(model, tok, "goal_step_wikihow_goal_inference", limit=40, progress=False)
     assert r["n"] == 40 and r["chance"] == pytest.approx(0.25, abs=0.01)
-    assert r["acc"] > 0.2 and r["acc_stderr"] > 0
+    # Above chance, not merely near it: measured 0.35 (14 of 40; stderr 0.076). The margin leaves
+    # room for one answer flipped by another platform's float rounding (0.325), not for chance
+    # level (0.25) or one example above it. (At limit=100 the same model scores 0.30; the other
+    # offline BIG-bench tasks show no signal at 40 examples.)
+    assert r["acc"] > r["chance"] + 0.05 and r["acc_stderr"] > 0
