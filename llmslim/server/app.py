@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .completions import router
 from .metrics import render
+from .page import router as page_router
 from .schemas import DetokenizeRequest, TokenizeRequest
 from .state import APIError, ServerState, error_body
 
@@ -157,6 +158,7 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "InternalServerError"), 500)
 
     app.include_router(router)
+    app.include_router(page_router)  # the chat playground at /, and the facts it shows
 
     @app.get("/health")
     async def health():
