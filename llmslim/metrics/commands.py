@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from ..errors import UserError
@@ -15,6 +16,7 @@ PPL_HELP = ("held-out text: built-in wiki|web|stories|technical|code, hub wikite
 def register(subparsers) -> None:
     add_eval(subparsers)
     add_compare(subparsers)
+    add_report(subparsers)
 
 
 def add_eval(sub) -> None:
@@ -65,7 +67,26 @@ def add_compare(sub) -> None:
     p.add_argument("results", nargs="+", metavar="RESULT.json")
     p.add_argument("--output", metavar="REPORT.md", help="also write the markdown table here")
     p.add_argument("--plot", metavar="PNG", help="write a quality-vs-size plot (PNG, needs matplotlib)")
+    p.add_argument("--html", metavar="REPORT.html", help="also write the self-contained HTML report (as llmslim report)")
     p.set_defaults(func=cmd_compare)
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page: trade-off plots, per-layer logs, tasks, and how each model was made",
+        description="Build an HTML report from results written by 'llmslim eval --output': quality vs size and "
+        "vs speed with the Pareto front, task accuracy with error bars, per-layer loss / sparsity / bits from "
+        "each checkpoint's quant_log.json, and the commands and recipes that made each model. One file, plots "
+        "as inline SVG, data embedded: it opens offline. Checkpoints are found where eval recorded them, or "
+        "at the result's 'model' path (from here or from the result file's folder).",
+        epilog="example:\n  llmslim report base.json rtn4.json gptq4.json --html report.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("results", nargs="+", metavar="RESULT.json")
+    p.add_argument("--html", metavar="REPORT.html", required=True, help="where to write the report")
+    p.add_argument("--title", default="llmslim report", help="the page's title")
+    p.set_defaults(func=cmd_report)
 
 
 def check_eval_args(args) -> list[str]:
@@ -118,6 +139,9 @@ def cmd_eval(args) -> int:
         measure_speed=args.speed, peak_rss=peak, token_budget=args.batch_tokens, name=args.name,
         progress=not args.no_progress,
     )
+    result["command"] = command_line(args)
+    if Path(args.model).expanduser().exists():
+        result["model_path"] = str(Path(args.model).expanduser().resolve())
     print(format_result(result))
     if args.output:
         write_json(args.output, result)
@@ -138,4 +162,29 @@ def cmd_compare(args) -> int:
         print(f"wrote {args.output}")
     if args.plot:
         print(f"wrote {plot_quality_vs_size(results, args.plot)}")
+    if args.html:
+        write_html(args.results, results, args.html)
     return 0
+
+
+def cmd_report(args) -> int:
+    from .report import read_result
+
+    write_html(args.results, [read_result(p) for p in args.results], args.html, args.title)
+    return 0
+
+
+def write_html(paths: list[str], results: list[dict], out: str, title: str = "llmslim report") -> None:
+    from .html import build_report
+    from .report import write_text
+
+    if Path(out).is_dir():
+        raise UserError(f"--html {out} is a folder; give a file name such as report.html")
+    write_text(out, build_report(results, [Path(p) for p in paths], title))
+    print(f"wrote {out}")
+
+
+def command_line(args) -> str | None:
+    """The command as typed (``llmslim eval ...``), recorded in the result for the report."""
+    argv = getattr(args, "argv", None)
+    return shlex.join(["llmslim", *argv]) if argv is not None else None
