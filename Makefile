@@ -6,7 +6,7 @@ OUT ?= out
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup test test-slow lint demo clean llama-cpp
+.PHONY: setup test test-slow lint demo clean llama-cpp browser
 
 setup: $(VENV)/.installed $(VENV)/llama.cpp/.installed
 
@@ -67,9 +67,21 @@ $(GPTQMODEL_VENV)/.installed: $(VENV)/.installed
 	$(GPTQMODEL_VENV)/bin/python -c 'import gptqmodel, optimum'
 	touch $@
 
+# A real browser for the page tests (tests/server/test_playground.py, tests/metrics/test_report_browser.py):
+# Debian's Chromium (Playwright's own browser download is not available) and Playwright for Python,
+# which the tests point at it. apt-get needs root (CI runs as root; elsewhere install chromium once).
+PLAYWRIGHT ?= 1.65.2
+browser: $(VENV)/.browser
+$(VENV)/.browser: $(VENV)/.installed
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	$(PY) -m pip install -q playwright==$(PLAYWRIGHT)
+	$(PY) -c 'import playwright.sync_api' && chromium --version
+	touch $@
+
 # Every peer is installed here, so a skipped slow test is a test that silently did not run:
 # LLMSLIM_FAIL_ON_SKIP=1 turns any skip into a failure (tests/conftest.py).
-test-slow: setup $(LMEVAL_VENV)/.installed $(GPTQMODEL_VENV)/.installed
+test-slow: setup $(LMEVAL_VENV)/.installed $(GPTQMODEL_VENV)/.installed $(VENV)/.browser
 	LMEVAL_PYTHON=$(CURDIR)/$(LMEVAL_VENV)/bin/python \
 	LLMSLIM_GPTQMODEL_PYTHON=$(CURDIR)/$(GPTQMODEL_VENV)/bin/python GPTQMODEL_CPU_WORKERS=2 \
 	LLMSLIM_FAIL_ON_SKIP=1 $(PY) -m pytest -q -rs -m slow

@@ -589,7 +589,7 @@ td.front { text-align: left; white-space: normal; min-width: 10em; max-width: 16
 figcaption { font-size: 12px; color: #5f6368; max-width: 350px; padding: 0 4px; }
 .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 50%; margin-right: 6px; }
 .plots { display: flex; flex-wrap: wrap; gap: 14px; }
-figure { margin: 0; background: white; border: 1px solid #e2e2de; border-radius: 6px; padding: 6px; max-width: 100%;
+figure { margin: 0 0 10px; width: fit-content; background: white; border: 1px solid #e2e2de; border-radius: 6px; padding: 6px; max-width: 100%;
   overflow-x: auto; }
 svg.plot { display: block; max-width: 100%; height: auto; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 6px 0; font-size: 14px; }

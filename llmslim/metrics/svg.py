@@ -192,7 +192,7 @@ def dot_errorbars(rows: list[Bar], title: str, x_label: str, lo: float = 0.0, hi
     """One row per model: a dot at the value, a bar of +-err, an optional dashed reference line."""
     row_h = 26
     label_w = min(max((len(r.label) for r in rows), default=4) * 7 + 16, 200)
-    f = Frame(width, 34 + 46 + row_h * len(rows), left=label_w, right=18, x0=lo, x1=hi)
+    f = Frame(width, 44 + 46 + row_h * len(rows), left=label_w, right=18, top=44, x0=lo, x1=hi)
     xt = nice_ticks(lo, hi)
     f.x0, f.x1 = xt[0], xt[-1]
     out = _open(width, f.height, title, "errorbars") + _axes(f, xt, [], x_label, "")
@@ -200,7 +200,8 @@ def dot_errorbars(rows: list[Bar], title: str, x_label: str, lo: float = 0.0, hi
         x = f.px(reference)
         out.append(f'<line class="reference" x1="{x:.1f}" x2="{x:.1f}" y1="{f.top}" y2="{f.height - f.bottom}" '
                    f'stroke="#777" stroke-dasharray="4 3"><title>{escape(reference_label)}</title></line>')
-        out.append(f'<text x="{x + 3:.1f}" y="{f.top + 11}" font-size="10" fill="#555">{escape(reference_label)}</text>')
+        out.append(f'<text x="{x:.1f}" y="{f.top - 3}" text-anchor="middle" font-size="10" fill="#555">'
+                   f"{escape(reference_label)}</text>")
     for i, r in enumerate(rows):
         y = f.top + row_h * (i + 0.5)
         c = color(r.series)
