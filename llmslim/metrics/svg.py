@@ -25,7 +25,7 @@ def fmt(x: float, digits: int = 4) -> str:
     """A short label: ``digits`` significant digits, no exponent for everyday magnitudes."""
     if x == 0:
         return "0"
-    if 1e-3 <= abs(x) < 1e6:
+    if 1e-4 <= abs(x) < 1e6:
         return f"{x:.{digits}g}"
     return f"{x:.2e}"
 
@@ -149,6 +149,7 @@ def scatter(points: list[Point], title: str, x_label: str, y_label: str, x_from_
     f.x0, f.x1 = min(f.x0, xt[0]), max(f.x1, xt[-1])
     if yt:
         f.y0, f.y1 = min(f.y0, yt[0]), max(f.y1, yt[-1])
+    f.left = max(f.left, 30 + 7 * max((len(fmt(t)) for t in yt), default=0))  # room for the tick labels
     out = _open(width, height, title, "scatter") + _axes(f, xt, yt, x_label, y_label)
     front = sorted((p for p in points if p.front), key=lambda p: p.x)
     if len(front) > 1:
