@@ -40,6 +40,7 @@ from ..config import RecoverConfig
 from ..errors import UserError
 from ..nn import GPTQLinear
 from ..util import atomic_path, atomic_write_text
+from .gptq import torch_threads
 from .learn import LearnedGrid, keep_zeros, sign_sgd_
 from .walk import (
     capture_block_inputs,
@@ -53,6 +54,9 @@ from .walk import (
 
 SPARSE = 0.1  # a float student whose block linears are at least this fraction zeros is sparse
 ADAMW_LR = 1e-5  # block mode, float weights
+# Below this many activations per step (samples x tokens x width) a step is a few small ops that a
+# thread pool only slows down (on a busy machine, many times over): train on one thread.
+SMALL_STEP = 2**20
 
 
 @dataclass
@@ -300,33 +304,13 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
         entry = BlockLog(i, "", loss_before, loss_before, "input", 0, 0.0, time.perf_counter() - t0)
         return entry, before, target
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + i)
-    n = X.shape[0]
     bs = s_in.sizes[0]
-    best, best_state, planned, k = float("inf"), None, config.iters, 0
+    planned = config.iters
     bar = tqdm(total=planned, desc=f"block {i}", unit="it", leave=False, disable=not progress)
-    while k < planned:
-        idx = torch.randperm(n, generator=gen)[:bs]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp):
-            out = run_block(block, X[idx], s_in.args[0], s_in.kwargs[0])
-        loss = F.mse_loss(out.float(), target[idx])
-        if not torch.isfinite(loss):
-            break
-        value = float(loss.detach())
-        if value < best:  # the parameters that gave this loss, before the step below moves them
-            best, best_state = value, _snapshot(snapshot_of)
-        loss.backward()
-        step(k, planned)
-        k += 1
-        bar.update()
-        bar.set_postfix(loss=f"{value:.4g}", best=f"{best:.4g}",
-                        tok_s=f"{k * bs * X.shape[1] / (time.perf_counter() - t0 - t_eval):.0f}")
-        if deadline is not None:
-            if k == 2:  # plan the iterations that fit, so the learning rate still decays to 0
-                per = (time.perf_counter() - t0 - t_eval) / 2
-                planned = max(k, min(config.iters, k + int((deadline - time.perf_counter()) / per)))
-                bar.total = planned
-            elif time.perf_counter() >= deadline:
-                break
+    threads = 1 if bs * X.shape[1] * X.shape[2] < SMALL_STEP else torch.get_num_threads()
+    with torch_threads(threads):
+        k, best, best_state = _iterate(block, X, target, s_in, bs, gen, planned, deadline, config, step, snapshot_of,
+                                       bar, t0, t_eval)
     bar.close()
 
     if best_state is not None:
@@ -354,6 +338,38 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
     entry = BlockLog(i, "grid" if kind == "quantized" else "weights", loss_before, loss_after, kept, k, lr,
                      time.perf_counter() - t0)
     return entry, after, target
+
+
+def _iterate(block, X, target, s_in: _Inputs, bs: int, gen, planned: int, deadline, config: RecoverConfig, step,
+             snapshot_of: list, bar, t0: float, t_eval: float):
+    """The training steps of one block: a random mini-batch, the loss against the original block's
+    outputs, a step; the parameters of the lowest loss seen are kept. Returns (steps, best loss, best)."""
+    n = X.shape[0]
+    best, best_state, k = float("inf"), None, 0
+    while k < planned:
+        idx = torch.randperm(n, generator=gen)[:bs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp):
+            out = run_block(block, X[idx], s_in.args[0], s_in.kwargs[0])
+        loss = F.mse_loss(out.float(), target[idx])
+        if not torch.isfinite(loss):
+            break
+        value = float(loss.detach())
+        if value < best:  # the parameters that gave this loss, before the step below moves them
+            best, best_state = value, _snapshot(snapshot_of)
+        loss.backward()
+        step(k, planned)
+        k += 1
+        bar.update()
+        bar.set_postfix(loss=f"{value:.4g}", best=f"{best:.4g}",
+                        tok_s=f"{k * bs * X.shape[1] / (time.perf_counter() - t0 - t_eval):.0f}")
+        if deadline is not None:
+            if k == 2:  # plan the iterations that fit, so the learning rate still decays to 0
+                per = (time.perf_counter() - t0 - t_eval) / 2
+                planned = max(k, min(config.iters, k + int((deadline - time.perf_counter()) / per)))
+                bar.total = planned
+            elif time.perf_counter() >= deadline:
+                break
+    return k, best, best_state
 
 
 def _sign_step(learned: dict[str, LearnedGrid], lr: float):
