@@ -146,6 +146,8 @@ def run_one(row: str, args) -> dict:
         config = RecoverConfig(iters=iters, batch_size=min(8, calib.shape[0]), max_time=args.block_max_time)
         logs = timed("recover", lambda: recover_blocks(model, teacher, calib, config, progress=not args.quiet))
         result["blocks_recovered"] = sum(x.kept == "recovered" for x in logs)
+        result["block_loss"] = [sum(x.loss_before for x in logs if x.trained),
+                                sum(min(x.loss_before, x.loss_after) for x in logs if x.trained)]
     elif spec["recover"] == "+e2e":
         config = RecoverConfig(mode="e2e", tokens=args.e2e_tokens, seqlen=args.e2e_seqlen, max_time=args.e2e_max_time,
                                lr=args.e2e_lr, lora_rank=args.e2e_lora_rank, checkpoint_every=args.e2e_every,
