@@ -22,6 +22,17 @@ def _positive_int_or_minus_one(text: str) -> int:
     return value
 
 
+def add_memory_options(p) -> None:
+    """--max-memory and --device: how much memory the block driver may use, and where it computes."""
+    m = p.add_argument_group("memory and device (models bigger than memory: eval/scale.md)")
+    m.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory for the block-by-block driver, e.g. 1.5GB (default: half of what is available); "
+                   "bounds the samples per forward, calibration activations beyond a quarter of it go to disk")
+    m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                   help="where block forwards and solvers run: cpu (default), cuda, or auto (cuda when torch sees "
+                   "a GPU); the model itself is streamed from disk either way")
+
+
 def add_quantize(sub) -> None:
     p = sub.add_parser(
         "quantize",
@@ -90,6 +101,7 @@ def add_quantize(sub) -> None:
                    help="accept .bin (pickle) weights; only for files you trust (safetensors are always preferred)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_memory_options(p)
     p.set_defaults(func=cmd_quantize)
 
 
@@ -126,9 +138,13 @@ def cmd_quantize(args) -> int:
 
 def _run_recipe(args, recipe) -> int:
     from .pipeline.run import compress_to_folder
+    from .util import parse_size
 
+    max_memory = getattr(args, "max_memory", None)
     s = compress_to_folder(args.model, recipe, args.out, force=args.force, resume=args.resume,
-                           batch_size=args.batch_size, allow_pickle=args.allow_pickle)
+                           batch_size=args.batch_size, allow_pickle=args.allow_pickle,
+                           max_memory=parse_size(max_memory) if max_memory else None,
+                           device=getattr(args, "device", "cpu"))
     print()
     for config, stage in zip(recipe.stages, s["stages"], strict=True):
         if config.stage == "export":
@@ -204,6 +220,7 @@ def add_compress(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) weights you trust")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_memory_options(p)
     p.set_defaults(func=cmd_compress)
 
 
@@ -219,13 +236,13 @@ _GRID_OPTIONS = {"bits": 4, "group_size": 128, "sym": True, "mse": None, "target
 _GPTQ_OPTIONS = {"desc_act": False, "static_groups": False, "act_group_aware": None, "true_sequential": True,
                  "damp_percent": 0.01, "block_size": 128, "sparsity": 0.0, "nm": ""}
 _CALIB_OPTIONS = {"batch_size": None, "resume": False, "calib": "wiki", "nsamples": 128, "seqlen": 2048,
-                  "seed": 0, "text_field": "text"}
+                  "seed": 0, "text_field": "text", "device": "cpu"}
 _BNB_OPTIONS = {"double_quant": False, "compute_dtype": "bf16", "int8_threshold": 6.0}
 
 
 def _refuse_foreign_options(args) -> None:
-    if args.method in ("nf4", "fp4", "int8"):
-        foreign = _GRID_OPTIONS | _GPTQ_OPTIONS | _CALIB_OPTIONS
+    if args.method in ("nf4", "fp4", "int8"):  # transformers loads and quantizes: no block driver
+        foreign = _GRID_OPTIONS | _GPTQ_OPTIONS | _CALIB_OPTIONS | {"max_memory": None}
     elif args.method == "rtn":  # RTN reads no calibration data and does not resume
         foreign = _BNB_OPTIONS | _GPTQ_OPTIONS | _CALIB_OPTIONS
     else:
@@ -284,6 +301,7 @@ def add_prune(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) weights you trust")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sparsegpt/wanda run into the same --out")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_memory_options(p)
     p.set_defaults(func=cmd_prune)
 
 
@@ -299,6 +317,10 @@ def cmd_prune(args) -> int:
         if given:
             raise UserError(f"--method {args.method} reads no calibration data: drop "
                             + ", ".join("--" + k.replace("_", "-") for k in given))
+    if config.method not in ("sparsegpt", "wanda"):  # only these go through the block driver
+        given = [f for f, v in (("--device", args.device != "cpu"), ("--max-memory", args.max_memory)) if v]
+        if given:
+            raise UserError(f"--method {args.method} does not use {', '.join(given)} (sparsegpt and wanda do)")
     calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
     return _run_recipe(args, Recipe((config,), calib))
 

@@ -23,6 +23,8 @@ from ..pack import pack, unpack
 from ..quant.walk import linear_shape, set_module
 from .hf import empty_model, read_safetensors
 
+MAX_SHARD_SIZE = "2GB"  # safetensors shards of at most this (the index file names them): any size loads
+
 
 def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool) -> dict:
     """The ``quantization_config`` block, with the keys GPTQ consumers read."""
@@ -53,38 +55,69 @@ def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool) ->
     return qc
 
 
+def stored_dtype(model: nn.Module) -> torch.dtype:
+    """Float tensors are stored in fp16 like every GPTQ checkpoint (bf16 models stay bf16)."""
+    src_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.bfloat16 if src_dtype == torch.bfloat16 else torch.float16
+
+
+def stored(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor as the checkpoint holds it (floats in ``dtype``; fp16 ones as they are)."""
+    v = v.detach()
+    return (v.to(dtype) if v.is_floating_point() and v.dtype != torch.float16 else v).contiguous()
+
+
+def gptq_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor the checkpoint of ``model`` holds, by name, in state-dict order. Works on a
+    model whose weights are on ``meta`` too (names, dtypes and shapes: what a streamed write plans).
+
+    Tied tensors (embeddings shared with lm_head) are stored once: converting each name's tensor
+    separately would write a second copy of the embedding matrix.
+    """
+    dtype = dtype or stored_dtype(model)
+    state, seen = {}, set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        key = id(v) if v.device.type == "meta" else v.data_ptr()
+        if key in seen and v.numel():
+            continue
+        seen.add(key)
+        state[k] = stored(v, dtype)
+    for k in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(k, None)
+    return state
+
+
 def save_gptq(
     model: nn.Module,
     tokenizer,
     out_dir: Path,
     config: IntConfig,
     skipped: list[str] | None = None,
-    max_shard_size: str = "2GB",
+    max_shard_size: str | None = None,
+    weights_written: bool = False,
 ) -> None:
-    """Write ``model`` (its linears already swapped for ``GPTQLinear``) as a GPTQ v1 folder."""
+    """Write ``model`` (its linears already swapped for ``GPTQLinear``) as a GPTQ v1 folder.
+
+    ``weights_written``: the safetensors shards are already in ``out_dir`` (a streamed run wrote
+    them block by block; ``model`` may be on ``meta``): write the rest of the folder only.
+    """
     out_dir = Path(out_dir)
     quantized = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
     lm_head = any(n == "lm_head" or n.endswith(".lm_head") for n in quantized)
     qc = quantization_config(config, skipped or [], lm_head)
-
-    # Float tensors are stored in fp16 like every GPTQ checkpoint (bf16 models stay bf16).
-    src_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    dtype = torch.bfloat16 if src_dtype == torch.bfloat16 else torch.float16
-    # Tied tensors (embeddings shared with lm_head) are stored once: converting each name's tensor
-    # separately would write a second copy of the embedding matrix.
-    state, seen = {}, set()
-    for k, v in model.state_dict().items():
-        if v.data_ptr() in seen and v.numel():
-            continue
-        seen.add(v.data_ptr())
-        state[k] = (v.to(dtype) if v.is_floating_point() and v.dtype != torch.float16 else v).contiguous()
+    dtype = stored_dtype(model)
+    state = None if weights_written else gptq_tensors(model, dtype)
     if lm_head:
         model.config.tie_word_embeddings = False
     model.config.quantization_config = qc
     old_dtype = getattr(model.config, "dtype", None)
     model.config.dtype = dtype
     try:
-        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
+        if weights_written:
+            save_config(model, out_dir)
+        else:
+            model.save_pretrained(out_dir, state_dict=state, safe_serialization=True,
+                                  max_shard_size=max_shard_size or MAX_SHARD_SIZE)
     finally:
         del model.config.quantization_config
         model.config.dtype = old_dtype
@@ -93,6 +126,20 @@ def save_gptq(
         indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+def save_config(model: nn.Module, out_dir: Path) -> None:
+    """config.json and generation_config.json exactly as ``save_pretrained`` writes them."""
+    config = model.config
+    old = config.dtype, getattr(config, "architectures", None)
+    config.dtype = str(model.dtype).split(".")[1]
+    config.architectures = [model.__class__.__name__]
+    try:
+        config.save_pretrained(out_dir)
+        if model.can_generate():
+            model.generation_config.save_pretrained(out_dir)
+    finally:
+        config.dtype, config.architectures = old
 
 
 def divisibility_problems(model: nn.Module, group_size: int) -> list[tuple[str, int]]:

@@ -76,14 +76,24 @@ def compress_to_folder(
     resume: bool = False,
     batch_size: int | None = None,
     allow_pickle: bool = False,
+    max_memory: float | None = None,
+    device: str = "cpu",
+    stream: bool | None = None,
 ) -> dict:
     """Load ``source``, run ``recipe``, write the checkpoint to ``out`` atomically. Returns the summary
-    that is also written to ``quant_log.json``."""
+    that is also written to ``quant_log.json``.
+
+    A recipe of one GPTQ or RTN stage on a local safetensors model is streamed (``pipeline.stream``:
+    one decoder block in memory at a time, the same bytes) unless ``stream`` is False; ``max_memory``
+    (bytes) bounds the block driver, ``device`` (auto, cpu, cuda) is where it computes.
+    """
+    from ..quant.sequential import resolve_device
     from ..util import check_output
 
     out = Path(out)
     t0 = time.perf_counter()
     check_output(out, force, resume)
+    device = resolve_device(device)
     if recipe.calibrated:  # a bad dataset fails before minutes of loading
         load_documents(recipe.calibration.dataset, "calib", recipe.calibration.text_field)
     folder = resolve(source)
@@ -92,7 +102,8 @@ def compress_to_folder(
         raise UserError(f"{source} is already quantized; compress the original float model")
     tokenizer = load_tokenizer(folder)
     first = handler_for(recipe.stages[0])
-    model = None if first.loads_source else load_hf(folder, torch.float32, allow_pickle)
+    streamed = _streamed(recipe, folder, hf_config, stream)  # opens every shard's header: bad files fail now
+    model = None if first.loads_source or streamed else load_hf(folder, torch.float32, allow_pickle)
     calib = recipe_tokens(recipe.calibration, tokenizer, hf_config) if recipe.calibrated else None
     resume = resume and partial_dir(out).exists()
     # The teacher of a recover stage: the source model, loaded when that stage starts.
@@ -104,11 +115,14 @@ def compress_to_folder(
     try:
         with staged_output(out, force, resume) as tmp:
             base = Context(calib, None, resume, batch_size, source=folder, allow_pickle=allow_pickle, teacher=teacher,
-                           tokenizer=tokenizer)
-            model, reports = _run_stages(model, recipe, base, tmp)
-            for f in tmp.glob("*.safetensors"):
-                f.unlink()
-            save_model(model, tokenizer, tmp, recipe, reports)
+                           tokenizer=tokenizer, device=device, max_memory=max_memory)
+            for f in [*tmp.glob("*.safetensors"), *tmp.glob("model.safetensors.index.json")]:
+                f.unlink()  # weights of an interrupted run: rewritten whole
+            if streamed:
+                model, reports = _run_streamed(streamed, recipe, base, tmp)
+            else:
+                model, reports = _run_stages(model, recipe, base, tmp)
+            save_model(model, tokenizer, tmp, recipe, reports, weights_written=streamed is not None)
             summary = _summary(source, folder, recipe, reports, tmp, time.perf_counter() - t0)
             atomic_write_text(tmp / "quant_log.json", json.dumps(summary, indent=1))
             atomic_write_text(tmp / "recipe.yaml", recipe.to_yaml())
@@ -119,6 +133,30 @@ def compress_to_folder(
                                f"kept in {partial_dir(out)}: rerun with --resume once that is fixed") from None
         raise
     return summary
+
+
+def _streamed(recipe: Recipe, folder: str, hf_config, stream: bool | None):
+    from .stream import prepare
+
+    if stream is False:
+        return None
+    streamed = prepare(recipe, folder, hf_config)
+    if isinstance(streamed, str):
+        if stream:
+            raise UserError(f"cannot compress {folder} block by block: {streamed}")
+        return None
+    return streamed
+
+
+def _run_streamed(streamed, recipe: Recipe, base: Context, tmp: Path):
+    ctx = dataclasses.replace(base, state_dir=tmp / "_state" / "stage_0", source=None)
+    try:
+        model, report = streamed.run(recipe.stages[0], ctx, tmp)
+    except UserError:
+        if not any(p.is_file() for p in (tmp / "_state").rglob("*")):
+            shutil.rmtree(tmp)  # a mistake, not a crash: nothing to resume, nothing left behind
+        raise
+    return model, [report]
 
 
 def _run_stages(model: nn.Module | None, recipe: Recipe, base: Context, tmp: Path):
@@ -226,8 +264,10 @@ def quantize_to_folder(
     return compress_to_folder(source, recipe, out, force, resume, batch_size, allow_pickle)
 
 
-def save_model(model: nn.Module, tokenizer, out: Path, recipe: Recipe, reports: list[QuantReport]) -> None:
-    """Write the model in the format its last stage made (stages that keep the kind, such as recover, make none)."""
+def save_model(model: nn.Module, tokenizer, out: Path, recipe: Recipe, reports: list[QuantReport],
+               weights_written: bool = False) -> None:
+    """Write the model in the format its last stage made (stages that keep the kind, such as recover, make none).
+    ``weights_written``: a streamed run has written the GPTQ shards already; the rest is written here."""
     made = [i for i, c in enumerate(recipe.stages) if handler_for(c).makes != SAME]
     kind = handler_for(recipe.stages[made[-1]]).makes if made else "float"
     if kind == "bnb":
@@ -235,7 +275,7 @@ def save_model(model: nn.Module, tokenizer, out: Path, recipe: Recipe, reports: 
     elif kind == "gptq":
         config = recipe.stages[made[-1]]
         _warn_vllm_group_size(model, config)
-        save_gptq(model, tokenizer, out, config, reports[made[-1]].skipped)
+        save_gptq(model, tokenizer, out, config, reports[made[-1]].skipped, weights_written=weights_written)
     else:
         save_hf(model, tokenizer, out)
 

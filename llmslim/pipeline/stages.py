@@ -67,6 +67,8 @@ class Context:
     batch_size: int | None = None  # calibration samples per forward (None: automatic)
     source: str | None = None  # folder of the input model while no stage has changed it
     allow_pickle: bool = False
+    device: str = "cpu"  # where block forwards and solvers run (resolved: cpu, cuda, cuda:N)
+    max_memory: float | None = None  # bytes the block driver may use (None: a share of what is available)
     teacher: Callable[[], nn.Module] | None = None  # the model before any stage (loaded on first call)
     tokenizer: Any = None
     earlier: tuple = ()  # configs of the stages that ran before this one
@@ -113,7 +115,8 @@ def run_gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> tuple[nn.Mod
     # A model pruned before keeps its zeros (GPTQ's updates would fill them in): prune-then-quantize.
     pruned = any(r.get("method") in UNSTRUCTURED_METHODS for r in getattr(model.config, "pruning", None) or [])
     logs = [asdict(x) for x in gptq_blocks(model, config, ctx.calib, state_dir=ctx.state_dir, resume=ctx.resume,
-                                            batch_size=ctx.batch_size, keep_zeros=pruned)]
+                                            batch_size=ctx.batch_size, keep_zeros=pruned, device=ctx.device,
+                                            max_memory=ctx.max_memory)]
     if config.layers.quantize_lm_head and not isinstance(model.get_output_embeddings(), GPTQLinear):
         logs.append(gptq_lm_head(model, config, ctx.calib, ctx.batch_size))
     return model, QuantReport(config.stage, logs, skipped, time.perf_counter() - t0)
@@ -168,7 +171,8 @@ def run_prune(model: nn.Module, config: PruneConfig, ctx: Context) -> tuple[nn.M
     elif config.method == "magnitude":
         logs = [asdict(x) for x in magnitude_layers(model, config)]
     else:
-        logs = [asdict(x) for x in prune_blocks(model, config, ctx.calib, ctx.state_dir, ctx.resume, ctx.batch_size)]
+        logs = [asdict(x) for x in prune_blocks(model, config, ctx.calib, ctx.state_dir, ctx.resume, ctx.batch_size,
+                                                device=ctx.device, max_memory=ctx.max_memory)]
     measured = sparsity_report(model)
     record = {"method": config.method, **{k: v for k, v in asdict(config).items() if k in _PRUNE_OWN[config.method]},
               "sparsity_measured": measured["sparsity"], "nm_measured": measured["nm"],

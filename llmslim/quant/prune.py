@@ -104,11 +104,14 @@ def prune_blocks(
     state_dir: Path | None = None,
     resume: bool = False,
     batch_size: int | None = None,
+    device: str = "cpu",
+    max_memory: float | None = None,
 ) -> list[PruneLog]:
-    """SparseGPT or Wanda on every target linear, in place."""
+    """SparseGPT or Wanda on every target linear, in place (forwards and solves on ``device``)."""
     targets = prune_targets(model, config)
     solver = {"sparsegpt": SparseGPTSolver, "wanda": WandaSolver}[config.method](config)
-    return run_blocks(model, solver, set(targets), calib, state_dir, resume, batch_size)
+    return run_blocks(model, solver, set(targets), calib, state_dir, resume, batch_size, device=device,
+                      max_memory=max_memory)
 
 
 @torch.no_grad()

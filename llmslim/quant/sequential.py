@@ -14,14 +14,23 @@ that stops as soon as the group's inputs were seen.
 
 Finished blocks and the activations after them are checkpointed, so ``resume`` continues an
 interrupted run and reaches the same result as an uninterrupted one.
+
+Bounded memory: with a ``BlockIO`` the model need not be in memory at all (its blocks on the
+``meta`` device): each block is loaded just before it is solved and handed back (written, freed)
+right after. The activations between blocks move to files when they would pass a share of
+``max_memory`` (read back exactly: the same result). With ``device`` (e.g. ``cuda``) each block's
+forwards and solves run there, the activations stay in CPU memory or on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -161,6 +170,97 @@ def _available_bytes() -> float:
     return 8 * 2**30
 
 
+def default_max_memory() -> float:
+    """The memory budget when none is given: half of what the machine has available now."""
+    return 0.5 * _available_bytes()
+
+
+class BlockIO:
+    """Where the blocks' weights are when the model is not all in memory (``formats.stream``
+    implements it): the driver asks for each block before touching it and hands it back once it
+    is finished (a resumed run too, for the blocks it restores). ``embed`` maps token ids to input
+    embeddings when the embedding matrix is not loaded."""
+
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def load(self, i: int, block: nn.Module) -> None:
+        pass
+
+    def done(self, i: int, block: nn.Module) -> None:
+        pass
+
+
+class Activations:
+    """Hidden states between two blocks, one tensor per calibration batch, in memory or (with
+    ``spill``, a folder) in files: the same values either way, written and read back exactly."""
+
+    def __init__(self, spill: Path | None = None, count: int = 0):
+        self.spill = spill
+        self._mem: list[torch.Tensor] = []
+        self._n = count
+        if spill is not None and not count:
+            shutil.rmtree(spill, ignore_errors=True)
+            spill.mkdir(parents=True)
+
+    def like(self, spill: Path | None) -> Activations:
+        """An empty store of the same kind (in ``spill`` when this one is on disk)."""
+        return Activations(spill if self.spill is not None else None)
+
+    def append(self, t: torch.Tensor) -> None:
+        t = t.detach().cpu()
+        if self.spill is None:
+            self._mem.append(t)
+        else:
+            save_file({"h": t.contiguous()}, self.spill / f"h{self._n:05d}.safetensors")
+        self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        if not 0 <= j < self._n:
+            raise IndexError(j)
+        return self._mem[j] if self.spill is None else load_file(self.spill / f"h{j:05d}.safetensors")["h"]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[j] for j in range(self._n))
+
+
+class _Discard:
+    def append(self, t: torch.Tensor) -> None:
+        pass
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one is refused."""
+    device = device or "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU on this machine; "
+                        "use --device cpu (the default) or auto")
+    if device not in ("cpu", "meta") and not device.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda (cuda:N), got {device!r}")
+    return device
+
+
+def _on(device: str):
+    """Tensors created without a device go to ``device`` (the solvers are written device-free)."""
+    return contextlib.nullcontext() if device == "cpu" else torch.device(device)
+
+
+def _to(obj, device: str):
+    if device == "cpu" and not (torch.is_tensor(obj) and obj.device.type != "cpu"):
+        return obj
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
 class BlockState:
     """Checkpoints of finished blocks in ``state_dir``: block_NNNN.safetensors, hidden.safetensors."""
 
@@ -190,11 +290,16 @@ class BlockState:
         atomic_write_text(meta, json.dumps({"fingerprint": self.fingerprint}))
         return 0
 
-    def save_block(self, i: int, block: nn.Module, logs: list, hidden: list[torch.Tensor]) -> None:
-        tensors = {k: v.contiguous() for k, v in block.state_dict().items()}
+    def save_block(self, i: int, block: nn.Module, logs: list, hidden) -> None:
+        tensors = {k: v.contiguous().cpu() for k, v in block.state_dict().items()}
         _atomic_save(tensors, self.dir / f"block_{i:04d}.safetensors",
                      {"logs": json.dumps([asdict(x) for x in logs])})
-        # Written last: the hidden states say how many blocks are done.
+        # Written last: the hidden states say how many blocks are done (activations spilled to
+        # files are named, not copied: they stay until the block after next is done).
+        if isinstance(hidden, Activations) and hidden.spill is not None:
+            _atomic_save({}, self.dir / "hidden.safetensors", {"blocks_done": str(i + 1), "spill": str(hidden.spill),
+                                                                "batches": str(len(hidden))})
+            return
         _atomic_save({f"h{j}": h.contiguous() for j, h in enumerate(hidden)}, self.dir / "hidden.safetensors",
                      {"blocks_done": str(i + 1)})
 
@@ -206,8 +311,15 @@ class BlockState:
             logs = [log_type(**x) for x in json.loads(f.metadata()["logs"])]
         return load_file(path), logs
 
-    def load_hidden(self) -> list[torch.Tensor]:
-        t = load_file(self.dir / "hidden.safetensors")
+    def load_hidden(self):
+        from safetensors import safe_open
+
+        path = self.dir / "hidden.safetensors"
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        if "spill" in meta:
+            return Activations(Path(meta["spill"]), count=int(meta["batches"]))
+        t = load_file(path)
         return [t[f"h{j}"] for j in range(len(t))]
 
 
@@ -232,12 +344,16 @@ def gptq_blocks(
     batch_size: int | None = None,
     log: Callable[[str], None] = print,
     keep_zeros: bool = False,
+    io: BlockIO | None = None,
+    device: str = "cpu",
+    max_memory: float | None = None,
 ) -> list[LayerLog]:
     """Quantize every accepted linear of the decoder blocks in place (swapped for GPTQLinear);
     with ``keep_zeros`` (a model pruned before) every exact zero weight stays zero."""
     targets, _ = select_layers(model, replace(config.layers, quantize_lm_head=False),
                                lambda in_f, out_f: can_pack(in_f, out_f, config.bits))
-    return run_blocks(model, GPTQSolver(config, keep_zeros), set(targets), calib, state_dir, resume, batch_size, log)
+    return run_blocks(model, GPTQSolver(config, keep_zeros), set(targets), calib, state_dir, resume, batch_size, log,
+                      io=io, device=device, max_memory=max_memory)
 
 
 def run_blocks(
@@ -249,40 +365,78 @@ def run_blocks(
     resume: bool = False,
     batch_size: int | None = None,
     log: Callable[[str], None] = print,
+    io: BlockIO | None = None,
+    device: str = "cpu",
+    max_memory: float | None = None,
 ) -> list:
     """Run ``solver`` on the linears named in ``targets`` (full names), block by block; returns
-    the solver's log entries in order."""
+    the solver's log entries in order.
+
+    ``io``: the blocks' weights come from it and go back to it (a model bigger than memory).
+    ``max_memory`` (bytes; default ``default_max_memory()``): half of it bounds the samples per
+    forward, a quarter the activations kept in memory between blocks (beyond that they go to files
+    in ``state_dir``, or a temporary folder). ``device``: where the forwards and solves run.
+    """
     blocks_name, blocks = find_blocks(model)
     config = solver.config
+    io = io or BlockIO()
     nsamples, seqlen = calib.shape
     widest = max(max(linear_weight(m).shape) for m in find_linears(blocks[0]).values())
+    budget = default_max_memory() if max_memory is None else max_memory
     if batch_size is None:
-        batch_size = auto_batch_size(nsamples, seqlen, widest, 0.25 * _available_bytes())
+        batch_size = auto_batch_size(nsamples, seqlen, widest, 0.5 * budget)
     batches = list(calib.split(batch_size))
     state = BlockState(state_dir, fingerprint(config, calib, model)) if state_dir else None
     start = state.start(resume) if state else 0
+    width = getattr(getattr(model, "config", None), "hidden_size", None) or widest
+    spill_root = None
+    with contextlib.ExitStack() as stack:
+        if 2 * nsamples * seqlen * width * 4 > 0.25 * budget:  # block inputs + outputs, float32
+            spill_root = state.dir / "activations" if state else Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="llmslim-act-")))
+        # A resumed run needs only the kwargs (masks, positions): its hidden states are in the checkpoint.
+        hidden = _Discard() if start else Activations(spill_root / "gen0" if spill_root else None)
+        inputs = capture_block_inputs(model, blocks, batches, embed=io.embed, store=hidden)
+        inputs.hidden = []
+        inputs.args = [_to(a, device) for a in inputs.args]
+        inputs.kwargs = [_to(k, device) for k in inputs.kwargs]
+        logs: list = []
+        if start:
+            log(f"resuming: {start} of {len(blocks)} blocks already done")
+            for i in range(start):
+                tensors, block_logs = state.load_block(i, solver.log_type)
+                io.load(i, blocks[i])
+                solver.restore(blocks[i], tensors)
+                io.done(i, blocks[i])
+                logs += block_logs
+            hidden = state.load_hidden()
 
-    inputs = capture_block_inputs(model, blocks, batches)
-    hidden = inputs.hidden
-    logs: list = []
-    if start:
-        log(f"resuming: {start} of {len(blocks)} blocks already done")
-        for i in range(start):
-            tensors, block_logs = state.load_block(i, solver.log_type)
-            solver.restore(blocks[i], tensors)
+        bar = tqdm(range(start, len(blocks)), desc=solver.label, unit="block", initial=start, total=len(blocks))
+        for i in bar:
+            block = blocks[i]
+            io.load(i, block)
+            prefix = f"{blocks_name}.{i}."
+            names = [n for n in find_linears(block) if prefix + n in targets]
+            outs = _outputs(hidden, spill_root, i)
+            if device != "cpu":
+                block.to(device)
+            block_logs = _solve_block(block, prefix, names, solver, hidden, inputs, bar, outs, device)
+            if device != "cpu":
+                block.to("cpu")
+            hidden = outs
             logs += block_logs
-        hidden = state.load_hidden()
-
-    bar = tqdm(range(start, len(blocks)), desc=solver.label, unit="block", initial=start, total=len(blocks))
-    for i in bar:
-        block = blocks[i]
-        prefix = f"{blocks_name}.{i}."
-        names = [n for n in find_linears(block) if prefix + n in targets]
-        block_logs, hidden = _solve_block(block, prefix, names, solver, hidden, inputs, bar)
-        logs += block_logs
-        if state:
-            state.save_block(i, block, block_logs, hidden)
+            if state:
+                state.save_block(i, block, block_logs, hidden)
+            io.done(i, block)
     return logs
+
+
+def _outputs(hidden, spill_root: Path | None, i: int) -> Activations:
+    """Where block ``i`` puts its outputs: its inputs' kind of store; on disk, the other of two
+    folders, so the inputs (and a resumable checkpoint naming them) stay intact meanwhile."""
+    if isinstance(hidden, Activations):
+        return hidden.like(spill_root / f"gen{(i + 1) % 2}" if spill_root else None)
+    return Activations()
 
 
 def _swap_quantized(block: nn.Module, config: GPTQConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -295,8 +449,14 @@ def _swap_quantized(block: nn.Module, config: GPTQConfig, tensors: dict[str, tor
         set_module(block, name, q)
 
 
-def _solve_block(block, prefix, names, solver: LayerSolver, hidden, inputs, bar):
-    """Compress the linears ``names`` of one block; returns their logs and the block's outputs."""
+def _solve_block(block, prefix, names, solver: LayerSolver, hidden, inputs, bar, outs: Activations,
+                 device: str = "cpu") -> list:
+    """Compress the linears ``names`` of one block; returns their logs, the block's outputs go to ``outs``."""
+    with _on(device):
+        return _solve_block_here(block, prefix, names, solver, hidden, inputs, bar, outs, device)
+
+
+def _solve_block_here(block, prefix, names, solver: LayerSolver, hidden, inputs, bar, outs, device):
     args, kwargs = inputs.args, inputs.kwargs
     config = solver.config
     layers = {n: block.get_submodule(n) for n in names}
@@ -305,7 +465,7 @@ def _solve_block(block, prefix, names, solver: LayerSolver, hidden, inputs, bar)
     logs: list = []
 
     def probe():
-        run_block(block, hidden[0][:1], _slice_args(args[0], 1), _slice_kwargs(kwargs[0], 1))
+        run_block(block, _to(hidden[0][:1], device), _slice_args(args[0], 1), _slice_kwargs(kwargs[0], 1))
 
     sets = sequential_groups(block, names, probe)  # layers sharing one input tensor
     true_sequential = getattr(config, "true_sequential", True)
@@ -346,7 +506,7 @@ def _solve_block(block, prefix, names, solver: LayerSolver, hidden, inputs, bar)
             handles.append(layers[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)))
         try:
             with torch.inference_mode():
-                outs = [run_block(block, hidden[0], args[0], kwargs[0])]
+                outs.append(run_block(block, _to(hidden[0], device), args[0], kwargs[0]))
         finally:
             for h in handles:
                 h.remove()
@@ -366,7 +526,7 @@ def _solve_block(block, prefix, names, solver: LayerSolver, hidden, inputs, bar)
                     for j, h in enumerate(hidden):
                         remaining.update(step)
                         try:
-                            run_block(block, h, args[j], kwargs[j])
+                            run_block(block, _to(h, device), args[j], kwargs[j])
                         except StopForward:
                             pass
             finally:
@@ -374,13 +534,14 @@ def _solve_block(block, prefix, names, solver: LayerSolver, hidden, inputs, bar)
                     h.remove()
             solve(step)
         with torch.inference_mode():
-            outs = [run_block(block, h, args[j], kwargs[j]) for j, h in enumerate(hidden)]
+            for j, h in enumerate(hidden):
+                outs.append(run_block(block, _to(h, device), args[j], kwargs[j]))
 
     for n in names:
         new = solver.finish(layers[n], results[n])
         if new is not None:
             set_module(block, n, new)
-    return logs, outs
+    return logs
 
 
 def _set_key(sets: list[list[str]], name: str) -> str:

@@ -130,8 +130,13 @@ class BlockInputs:
     kwargs: list[dict] = field(default_factory=list)
 
 
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]) -> BlockInputs:
-    captured = BlockInputs()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor],
+                         embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         store=None) -> BlockInputs:
+    """``embed``: token ids -> input embeddings, for a model whose embedding matrix is not loaded
+    (the model then runs on ``inputs_embeds``; the block inputs are the same). ``store``: where
+    the hidden states go (anything with ``append``; default a list)."""
+    captured = BlockInputs() if store is None else BlockInputs(hidden=store)
 
     def hook(module, args, kwargs):
         if args:
@@ -145,11 +150,12 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
         captured.kwargs.append(kwargs)
         raise StopForward
 
-    feed_until(model, blocks[0], hook, batches, with_kwargs=True)
+    feed_until(model, blocks[0], hook, batches, with_kwargs=True, embed=embed)
     return captured
 
 
-def feed_until(model: nn.Module, module: nn.Module, hook: Callable, batches, with_kwargs: bool = False) -> None:
+def feed_until(model: nn.Module, module: nn.Module, hook: Callable, batches, with_kwargs: bool = False,
+               embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Run ``model`` on each batch of input ids with ``hook`` as a pre-hook on ``module``; the
     hook raises ``StopForward`` once it has what it needs, which ends that batch's forward."""
     handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
@@ -157,7 +163,10 @@ def feed_until(model: nn.Module, module: nn.Module, hook: Callable, batches, wit
         with torch.inference_mode():
             for ids in batches:
                 try:
-                    model(input_ids=ids, use_cache=False)
+                    if embed is None:
+                        model(input_ids=ids, use_cache=False)
+                    else:
+                        model(inputs_embeds=embed(ids), use_cache=False)
                 except StopForward:
                     pass
     finally:
