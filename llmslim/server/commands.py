@@ -60,6 +60,11 @@ def register(sub) -> None:
     v.add_argument("--vllm-python", default=None,
                    help="python of the venv that has vLLM (default: this one)")
     v.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
+    v.add_argument("--tensor-parallel-size", "-tp", type=_positive, default=None, metavar="T",
+                   help="GPUs to split each layer across (vLLM's flag; checked first: heads, group sizes and "
+                   "packed words must split T ways, and the error names the sizes that work)")
+    v.add_argument("--pipeline-parallel-size", "-pp", type=_positive, default=None, metavar="P",
+                   help="stages to split the decoder blocks into (vLLM's flag, e.g. across machines)")
     p.set_defaults(func=cmd_serve)
     _keep_unknown(p)
 
@@ -124,6 +129,9 @@ def cmd_serve(args) -> int:
         from .vllm import launch
 
         return launch(args, extra)
+    if (args.tensor_parallel_size or 1) > 1 or (args.pipeline_parallel_size or 1) > 1:
+        raise UserError("--tensor-parallel-size/--pipeline-parallel-size need --engine vllm (the embedded engine "
+                        "runs on one machine's CPU)")
     if extra:
         raise UserError(f"unknown arguments {' '.join(extra)} (only --engine vllm passes extra flags on)")
     try:

@@ -7,7 +7,12 @@ checked first, because vLLM's own failures come late and are hard to read:
   older transformers, so it usually lives in a venv of its own);
 - the GPTQ group size divides the input size of every quantized layer (vLLM's GPTQ kernels
   refuse anything else; SmolLM2's 576 hidden size at g128 is the classic case). The sizes come
-  from the safetensors headers, so nothing is loaded.
+  from the safetensors headers, so nothing is loaded;
+- with ``--tensor-parallel-size T``, that vLLM can split the model T ways: attention heads (and
+  KV heads, or T a multiple of them), every row-parallel layer's input (o_proj, down_proj ...)
+  in T slices that the group size still divides, every column-parallel layer's output in T
+  slices that whole packed int32 words still cover; with ``--pipeline-parallel-size P``, at least
+  P decoder blocks. When T does not work the error names the sizes that do.
 
 Then the process is replaced (``exec``) by ``python -m vllm.entrypoints.openai.api_server``
 with the translated flags and every extra flag passed through untouched.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -37,20 +43,28 @@ INSTALL_HINT = (
 
 def quantized_input_sizes(folder: str | Path) -> dict[str, int]:
     """Input size of every GPTQ layer of a checkpoint, read from the safetensors headers."""
+    return {name: shape[0] for name, shape in quantized_shapes(folder).items()}
+
+
+def quantized_shapes(folder: str | Path) -> dict[str, tuple[int, int]]:
+    """(input size, output size) of every GPTQ layer of a checkpoint, from the safetensors headers."""
     from safetensors import safe_open
 
     folder = Path(folder)
-    sizes: dict[str, int] = {}
+    inputs: dict[str, int] = {}
+    outputs: dict[str, int] = {}
     bits = _gptq_config(folder).get("bits", 4)
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 if key.endswith(".g_idx"):
-                    sizes[key[: -len(".g_idx")]] = f.get_slice(key).get_shape()[0]
+                    inputs[key[: -len(".g_idx")]] = f.get_slice(key).get_shape()[0]
                 elif key.endswith(".qweight"):
                     name = key[: -len(".qweight")]
-                    sizes.setdefault(name, f.get_slice(key).get_shape()[0] * 32 // int(bits))
-    return sizes
+                    rows, cols = f.get_slice(key).get_shape()
+                    inputs.setdefault(name, rows * 32 // int(bits))
+                    outputs[name] = cols
+    return {n: (inputs[n], outputs[n]) for n in outputs}
 
 
 def _gptq_config(folder: Path) -> dict:
@@ -83,6 +97,86 @@ def check_group_size(folder: str | Path) -> None:
     )
 
 
+# Layers whose input vLLM splits across tensor-parallel ranks (RowParallelLinear); every other
+# quantized linear is split along its output (ColumnParallelLinear / QKV / merged gate-up). The
+# one per-architecture table: the leaf names vLLM's model files give their row-parallel layers.
+ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "c_proj", "dense_4h_to_h", "wo", "w2")
+
+
+def _is_row_parallel(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ROW_PARALLEL
+
+
+def parallel_problems(folder: str | Path, tp: int, pp: int = 1) -> list[str]:
+    """Why vLLM cannot run the checkpoint split ``tp`` ways by tensor and ``pp`` by pipeline
+    (empty: it can). Reads config.json and the safetensors headers only."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    text = config.get("text_config") or config
+    problems: list[str] = []
+    heads = text.get("num_attention_heads") or text.get("n_head")
+    kv = text.get("num_key_value_heads") or heads
+    layers = text.get("num_hidden_layers") or text.get("n_layer")
+    if heads and heads % tp:
+        problems.append(f"{heads} attention heads do not split into {tp}")
+    if kv and heads and not heads % tp and kv % tp and tp % kv:
+        problems.append(f"{kv} KV heads neither split into {tp} nor divide it")
+    if layers and pp > layers:
+        problems.append(f"{layers} decoder blocks cannot fill {pp} pipeline stages")
+    qc = _gptq_config(folder)
+    if not qc or tp == 1:
+        return problems
+    group = int(qc.get("group_size", -1))
+    word = 32 // math.gcd(32, int(qc.get("bits", 4)))  # output columns per packed int32 word of qzeros
+    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else 0)
+    for name, (in_f, out_f) in sorted(quantized_shapes(folder).items()):
+        if _is_row_parallel(name):
+            if in_f % tp:
+                problems.append(f"{name}: input {in_f} does not split into {tp}")
+            elif group > 0 and (in_f // tp) % group:
+                problems.append(f"{name}: input {in_f}/{tp} = {in_f // tp} is not a multiple of group size {group}")
+            elif group <= 0 and (in_f // tp) % word:
+                problems.append(f"{name}: input {in_f}/{tp} = {in_f // tp} does not fill whole packed words")
+        else:
+            # K/V projections with fewer KV heads than ranks are replicated, one head per rank.
+            part = head_dim if kv and tp > kv and head_dim and out_f == kv * head_dim else out_f / tp
+            if part != int(part):
+                problems.append(f"{name}: output {out_f} does not split into {tp}")
+            elif int(part) % word:
+                problems.append(f"{name}: output {out_f}/{tp} = {int(part)} is not a multiple of {word} "
+                                f"(the columns a packed int32 word holds at {qc.get('bits')} bits)")
+    return problems
+
+
+def working_tp_sizes(folder: str | Path, up_to: int = 8) -> list[int]:
+    """The tensor-parallel sizes up to ``up_to`` vLLM can split the checkpoint into."""
+    return [t for t in range(1, up_to + 1) if not parallel_problems(folder, t)]
+
+
+def check_parallel(folder: str | Path, tp: int, pp: int = 1) -> None:
+    """Raise ``UserError`` when vLLM could not split the checkpoint ``tp`` x ``pp`` ways, naming the
+    tensor-parallel sizes that work."""
+    problems = parallel_problems(folder, tp, pp)
+    if not problems:
+        return
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    works = working_tp_sizes(folder, max(8, tp))
+    hint = (f"--tensor-parallel-size {', '.join(map(str, works))} work{'s' if len(works) == 1 else ''}"
+            if works else "no tensor-parallel size up to 8 works")
+    fix = ""
+    qc = _gptq_config(Path(folder))
+    if qc and int(qc.get("group_size", -1)) > 0 and any("group size" in p for p in problems):
+        row_inputs = [i // tp for n, (i, _) in quantized_shapes(folder).items() if _is_row_parallel(n) and not i % tp]
+        g = largest_dividing_group(sorted(set(row_inputs)), int(qc["group_size"]))
+        if g >= 16:
+            fix = f"; for {tp} ways re-quantize with --group-size {g}"
+    raise UserError(f"{folder}: vLLM cannot split this model {tp}-way tensor x {pp}-way pipeline parallel: "
+                    f"{problems[0]}{more}. {hint}{fix}")
+
+
 def vllm_installed(python: str) -> bool:
     # abspath, not realpath: every venv's python is a symlink to the same base interpreter,
     # but each sees its own site-packages.
@@ -98,7 +192,8 @@ def vllm_installed(python: str) -> bool:
 
 def vllm_command(python: str, model: str, host: str, port: int, api_key: str | None = None,
                  max_model_len: int | None = None, served_model_name: str | None = None,
-                 max_batch: int | None = None, extra: list[str] | None = None) -> list[str]:
+                 max_batch: int | None = None, extra: list[str] | None = None, tensor_parallel: int = 1,
+                 pipeline_parallel: int = 1) -> list[str]:
     cmd = [python, "-m", VLLM_MODULE, "--model", model, "--host", host, "--port", str(port)]
     if api_key:
         cmd += ["--api-key", api_key]
@@ -108,6 +203,10 @@ def vllm_command(python: str, model: str, host: str, port: int, api_key: str | N
         cmd += ["--served-model-name", served_model_name]
     if max_batch:
         cmd += ["--max-num-seqs", str(max_batch)]
+    if tensor_parallel > 1:
+        cmd += ["--tensor-parallel-size", str(tensor_parallel)]
+    if pipeline_parallel > 1:
+        cmd += ["--pipeline-parallel-size", str(pipeline_parallel)]
     return cmd + list(extra or [])
 
 
@@ -117,16 +216,22 @@ def launch(args, extra: list[str]) -> int:
 
     folder = resolve(args.checkpoint)
     check_group_size(folder)
+    tp = getattr(args, "tensor_parallel_size", None) or 1
+    pp = getattr(args, "pipeline_parallel_size", None) or 1
+    check_parallel(folder, tp, pp)
     python = args.vllm_python or sys.executable
     # The key goes by environment, not argv: argv is visible to every user of the machine.
     cmd = vllm_command(python, folder, args.host, args.port, None, args.max_model_len,
-                       args.served_model_name, args.max_batch, extra)
+                       args.served_model_name, args.max_batch, extra, tp, pp)
     env = dict(os.environ)
     key = args.api_key or os.environ.get("LLMSLIM_API_KEY")
     if key:
         env["VLLM_API_KEY"] = key
     if args.dry_run:
         print(shlex.join(cmd))
+        works = working_tp_sizes(folder)
+        print(f"tensor-parallel sizes vLLM can split this checkpoint into: {', '.join(map(str, works)) or 'none'}",
+              file=sys.stderr)
         return 0
     if not vllm_installed(python):
         raise UserError(INSTALL_HINT.format(python=python))

@@ -1,0 +1,98 @@
+"""``llmslim serve --engine vllm --tensor-parallel-size T --pipeline-parallel-size P``: the flags
+reach vLLM, and before that llmslim checks that vLLM can split the checkpoint T ways (heads,
+group sizes per slice, packed words per slice) and names the sizes that work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmslim.cli import main
+from llmslim.errors import UserError
+from llmslim.server.vllm import check_parallel, parallel_problems, quantized_shapes, working_tp_sizes
+from tests.conftest import make_tiny_model, make_tiny_tokenizer
+
+
+def checkpoint(tmp_path, name, group_size, model=None, bits=4):
+    from llmslim.config import RTNConfig
+    from llmslim.formats.gptq import save_gptq
+    from llmslim.pipeline.stages import quantize
+
+    model = model or make_tiny_model("llama")  # hidden 64, 4 heads, 2 KV heads of 16, MLP 128
+    config = RTNConfig(bits=bits, group_size=group_size)
+    quantize(model, config)
+    save_gptq(model, make_tiny_tokenizer(), tmp_path / name, config)
+    return tmp_path / name
+
+
+def llama(hidden, heads, kv, intermediate, layers=2):
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=intermediate,
+                                            num_hidden_layers=layers, num_attention_heads=heads,
+                                            num_key_value_heads=kv, max_position_embeddings=256)).eval()
+
+
+def test_shapes_come_from_the_headers(tmp_path):
+    shapes = quantized_shapes(checkpoint(tmp_path, "g32", 32))
+    assert shapes["model.layers.0.self_attn.o_proj"] == (64, 64)
+    assert shapes["model.layers.0.self_attn.k_proj"] == (64, 32)
+    assert shapes["model.layers.1.mlp.down_proj"] == (128, 64)
+
+
+def test_group_size_per_slice_decides_the_tp_degrees(tmp_path):
+    g32 = checkpoint(tmp_path, "g32", 32)
+    assert parallel_problems(g32, 1) == [] and parallel_problems(g32, 2) == []
+    problems = parallel_problems(g32, 4)
+    # o_proj's 64 inputs in 4 slices of 16 are not whole groups of 32; down_proj's 128/4 = 32 are.
+    assert any("o_proj: input 64/4 = 16 is not a multiple of group size 32" in p for p in problems)
+    assert not any("down_proj" in p for p in problems)
+    assert working_tp_sizes(g32) == [1, 2]
+    with pytest.raises(UserError) as e:
+        check_parallel(g32, 4)
+    assert "--tensor-parallel-size 1, 2 work" in str(e.value) and "--group-size 16" in str(e.value)
+
+
+def test_per_channel_splits_further_and_heads_bound_it(tmp_path):
+    per_channel = checkpoint(tmp_path, "pc", -1)
+    # TP 4: 2 KV heads are replicated (4 is a multiple of 2), slices of 16 columns fill int32 words.
+    assert working_tp_sizes(per_channel) == [1, 2, 4]
+    assert any("4 attention heads do not split into 8" in p for p in parallel_problems(per_channel, 8))
+
+
+def test_heads_kv_heads_and_packed_words(tmp_path):
+    three_heads = checkpoint(tmp_path, "h3", 32, llama(96, 3, 1, 192))
+    assert any("3 attention heads" in p for p in parallel_problems(three_heads, 2))
+    assert working_tp_sizes(three_heads) == [1, 3]  # 96/3 = 32: whole groups; the one KV head is copied
+    kv3 = checkpoint(tmp_path, "kv3", -1, llama(192, 6, 3, 384))
+    assert any("3 KV heads neither split into 2 nor divide it" in p for p in parallel_problems(kv3, 2))
+    # 8-bit packs 4 columns per word: an MLP of 40 in 4 slices of 10 does not fill words.
+    narrow = checkpoint(tmp_path, "w8", -1, llama(64, 4, 4, 40), bits=8)
+    assert any("up_proj: output 40/4 = 10 is not a multiple of 4" in p for p in parallel_problems(narrow, 4))
+
+
+def test_pipeline_parallel_needs_a_block_per_stage(tmp_path):
+    g32 = checkpoint(tmp_path, "g32", 32)
+    assert parallel_problems(g32, 1, 2) == []
+    assert any("2 decoder blocks cannot fill 4 pipeline stages" in p for p in parallel_problems(g32, 1, 4))
+
+
+def test_float_checkpoints_are_checked_for_heads_only(tiny_folder):
+    folder = tiny_folder("llama")
+    assert parallel_problems(folder, 4) == [] and working_tp_sizes(folder) == [1, 2, 4]
+
+
+def test_serve_passes_tp_and_pp_through_or_names_what_works(tmp_path, capsys):
+    g32 = checkpoint(tmp_path, "g32", 32)
+    assert main(["serve", str(g32), "--engine", "vllm", "--dry-run", "-tp", "2", "--pipeline-parallel-size", "2",
+                 "--dtype", "float16"]) == 0
+    out = capsys.readouterr()
+    cmd = out.out.split()
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2" and cmd[cmd.index("--pipeline-parallel-size") + 1] == "2"
+    assert cmd[-2:] == ["--dtype", "float16"] and "sizes vLLM can split this checkpoint into: 1, 2" in out.err
+    assert main(["serve", str(g32), "--engine", "vllm", "--tensor-parallel-size", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--tensor-parallel-size 1, 2 work" in err[0]
+    assert main(["serve", str(g32), "-tp", "2"]) == 2
+    assert "need --engine vllm" in capsys.readouterr().err
