@@ -72,19 +72,110 @@ def gguf_to_folder(gguf: Path) -> Path:
     from .util import staged_output
 
     print(f"converting {gguf.name} to a Hugging Face folder (once) in {out}")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The weights are plain floats now; the "gguf" marker would make loaders expect a GGUF file.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
     with staged_output(out, force=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        if gguf_by_tensor(gguf, tmp):
+            return out
+        for f in tmp.glob("model*.safetensors*"):
+            f.unlink()
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are plain floats now; the "gguf" marker would make loaders expect a GGUF file.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.save_pretrained(tmp, safe_serialization=True)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
     return out
+
+
+# transformers' GGUF tensor processors that turn one GGUF tensor into one model tensor; the others
+# (MoE experts ...) merge tensors and go through transformers' whole-model loader.
+_ONE_TO_ONE = ("TensorProcessor", "LlamaTensorProcessor", "GPT2TensorProcessor", "NemotronTensorProcessor",
+               "Gemma2TensorProcessor", "Lfm2TensorProcessor", "MambaTensorProcessor")
+
+
+def gguf_by_tensor(gguf: Path, out: Path) -> bool:
+    """Write the float weights, config and generation config of ``gguf`` into ``out``, one tensor at
+    a time: each is dequantized and named exactly as transformers' GGUF loader does (its name map
+    and tensor processors), converted to float32 and written to its place in the shards; the whole
+    model is never in memory. False (nothing usable written) for an architecture whose GGUF tensors
+    do not map one to one."""
+    import numpy as np
+    import torch
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    from .shards import ShardWriter
+
+    reader = GGUFReader(gguf)
+    processor_type = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)
+    if processor_type.__name__ not in _ONE_TO_ONE:
+        return False
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    processor = processor_type(config=load_gguf_checkpoint(str(gguf))["config"])
+    names = get_gguf_hf_weights_map(model, processor)
+    plan, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:  # a tied tensor once, under its first name, as save_pretrained does
+            seen.add(id(t))
+            plan[name] = torch.empty(t.shape, dtype=torch.float32, device="meta")
+    writer = ShardWriter(out, plan, "2GB", total_parameters=model.num_parameters())
+    try:
+        sink = _WriteThrough(writer)
+        for tensor in reader.tensors:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+            r = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=names,
+                                  parsed_parameters={"tensors": sink})
+            if r.name in names:
+                sink[names[r.name]] = torch.from_numpy(np.require(r.weights, requirements=["C", "W"]))
+        for name in list(writer.pending):  # buffers the file does not carry (computed at construction)
+            owner, _, leaf = name.rpartition(".")
+            buf = model.get_submodule(owner)._buffers.get(leaf) if owner else None
+            if buf is not None and buf.device.type != "meta":
+                sink[name] = buf
+        if writer.pending:
+            writer.abort()
+            return False
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    config.dtype = "float32"
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    return True
+
+
+class _WriteThrough(dict):
+    """What transformers' tensor processors store a tensor into, writing it out instead."""
+
+    def __init__(self, writer):
+        super().__init__()
+        self.writer = writer
+
+    def __setitem__(self, name, tensor):
+        import torch
+
+        if name in self.writer and name in self.writer.pending:
+            self.writer.write(name, tensor.detach().to(torch.float32).contiguous())
 
 
 def read_config(folder: str):
