@@ -17,7 +17,10 @@ Steps (each also runnable alone: ``calib``, ``quantize-gptqmodel``, ``quantize-l
    ``quantize([{"input_ids", "attention_mask"}...])`` on exactly those tokens (its defaults
    otherwise: batch_size 1, act_group_aware, damp 0.05), ``save``.
 3. llmslim: ``llmslim.pipeline.stages.quantize(model, GPTQConfig(bits, group_size, sym), tokens)`` on
-   ``llmslim.loader.load("smollm2-135m")[0]``, then ``save_gptq``.
+   ``llmslim.loader.load("smollm2-135m")[0]``, then ``save_gptq`` (tool ``llmslim``: the model
+   whole in memory, as before issue 19); tool ``llmslim-stream``: what ``llmslim quantize`` runs
+   now, block by block from the checkpoint (``llmslim.pipeline.stream``), on the same tokens,
+   with ``--max-memory`` as given (default: half of the available memory).
    Both: quantize() wall time, process CPU time, VmHWM, and the 1-minute load average sampled
    every 5 s during the call (this machine is shared: timings mean little without it).
 4. perplexity of fp32 and every checkpoint, all loaded with ``llmslim.loader.load``: the last 20% of
@@ -156,6 +159,37 @@ def step_quantize_llmslim(work: Path, setting: dict) -> None:
     print(json.dumps(res))
 
 
+def step_quantize_llmslim_stream(work: Path, setting: dict, max_memory: str | None) -> None:
+    """The block-by-block path (``llmslim quantize``'s), on the calibration tensor both tools use."""
+    import torch
+
+    from llmslim.config import CalibConfig, GPTQConfig
+    from llmslim.formats.gptq import save_gptq
+    from llmslim.formats.hf import load_tokenizer
+    from llmslim.models import read_config, resolve
+    from llmslim.pipeline.recipe import Recipe
+    from llmslim.pipeline.stages import Context
+    from llmslim.pipeline.stream import prepare
+    from llmslim.util import parse_size
+
+    tokens = torch.load(work / "calib.pt")["tokens"]
+    config = GPTQConfig(bits=setting["bits"], group_size=setting["group_size"], sym=setting["sym"],
+                        desc_act=setting["desc_act"])
+    folder = resolve(MODEL)
+    tok = load_tokenizer(folder)
+    out = work / f"llmslim-stream_{setting['name']}"
+    out.mkdir(parents=True, exist_ok=True)
+    with Meter() as m:  # the model's loading is inside (block by block), unlike the in-memory tools' load
+        run = prepare(Recipe((config,), CalibConfig("wiki", NSAMPLES, SEQLEN, SEED)), folder, read_config(folder))
+        model, report = run.run(config, Context(tokens, max_memory=parse_size(max_memory) if max_memory else None),
+                                out)
+    save_gptq(model, tok, out, config, report.skipped, weights_written=True)
+    res = m.result() | {"tool": "llmslim-stream", "setting": setting["name"], "max_memory": max_memory,
+                        "torch_threads": torch.get_num_threads(), "report_seconds": round(report.seconds, 1)}
+    (work / f"llmslim-stream_{setting['name']}.json").write_text(json.dumps(res | {"dir": str(out)}, indent=1))
+    print(json.dumps(res))
+
+
 def step_ppl(work: Path, name: str) -> None:
     """Perplexity of ``fp32`` or of the checkpoint folder ``work/name``, loaded with llmslim."""
     from llmslim.data import eval_text
@@ -182,12 +216,13 @@ def table(work: Path, settings: list[dict]) -> str:
     fp = read("ppl_fp32.json")
     rows.append(f"| fp32 | — | {fp.get('perplexity', float('nan')):.2f} | — | — | — | — |")
     for s in settings:
-        for tool in ("gptqmodel", "llmslim"):
+        for tool in ("gptqmodel", "llmslim", "llmslim-stream"):
             q, p = read(f"{tool}_{s['name']}.json"), read(f"ppl_{tool}_{s['name']}.json")
             if not q:
                 continue
             ppl = f"{p['perplexity']:.2f}" if p else "…"
-            rows.append(f"| {s['name']} | {q['tool']} | {ppl} | {q['quantize_seconds']:.0f} | {q['cpu_seconds']:.0f} "
+            label = q["tool"] + (f" (--max-memory {q['max_memory']})" if q.get("max_memory") else "")
+            rows.append(f"| {s['name']} | {label} | {ppl} | {q['quantize_seconds']:.0f} | {q['cpu_seconds']:.0f} "
                         f"| {q['peak_rss_mb']:.0f} | {q['load_mean']} ({q['load_start']}→{q['load_end']}) |")
     n = fp.get("windows", PPL_WINDOWS)
     rows.append("")
@@ -212,11 +247,13 @@ def run(cmd: list[str], log: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("step", nargs="?", default="all",
-                    choices=["all", "calib", "quantize-gptqmodel", "quantize-llmslim", "ppl", "table"])
+                    choices=["all", "calib", "quantize-gptqmodel", "quantize-llmslim", "quantize-llmslim-stream", "ppl",
+                             "table"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/peers/compare"))
     ap.add_argument("--gptqmodel-python", default="/work/gptqmodel-venv/bin/python")
     ap.add_argument("--settings", default="4:128:sym,3:128:sym", help="bits:group:sym|asym, comma-separated")
-    ap.add_argument("--tools", default="gptqmodel,llmslim")
+    ap.add_argument("--tools", default="gptqmodel,llmslim,llmslim-stream")
+    ap.add_argument("--max-memory", default=None, help="llmslim-stream's --max-memory (default: llmslim's default)")
     ap.add_argument("--setting", default=None, help="one setting, for the single-step commands")
     ap.add_argument("--name", default=None, help="ppl: fp32 or a checkpoint folder name under --work")
     ap.add_argument("--md", type=Path, default=None, help="write the table here too")
@@ -231,6 +268,8 @@ def main() -> None:
         return step_quantize_gptqmodel(args.work, parse_setting(args.setting))
     if args.step == "quantize-llmslim":
         return step_quantize_llmslim(args.work, parse_setting(args.setting))
+    if args.step == "quantize-llmslim-stream":
+        return step_quantize_llmslim_stream(args.work, parse_setting(args.setting), args.max_memory)
     if args.step == "ppl":
         return step_ppl(args.work, args.name)
     if args.step == "all":
@@ -243,7 +282,8 @@ def main() -> None:
             for tool in args.tools.split(","):
                 py = args.gptqmodel_python if tool == "gptqmodel" else sys.executable
                 if not (args.work / f"{tool}_{s['name']}.json").exists():
-                    run([py, me, f"quantize-{tool}", "--setting", spec, *w], log)
+                    extra = ["--max-memory", args.max_memory] if tool == "llmslim-stream" and args.max_memory else []
+                    run([py, me, f"quantize-{tool}", "--setting", spec, *w, *extra], log)
                 if (args.work / f"{tool}_{s['name']}.json").exists() and \
                         not (args.work / f"ppl_{tool}_{s['name']}.json").exists():
                     run([sys.executable, me, "ppl", "--name", f"{tool}_{s['name']}", *w], log)

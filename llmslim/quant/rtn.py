@@ -12,10 +12,10 @@ from ..nn import GPTQLinear
 from .walk import linear_weight, set_module
 
 
-def rtn_layers(model: nn.Module, config: RTNConfig, targets: dict[str, nn.Module]) -> list[dict]:
+def rtn_layers(model: nn.Module, config: RTNConfig, targets: dict[str, nn.Module], progress: bool = True) -> list[dict]:
     """Swap each of ``targets`` (full name -> linear) for a ``GPTQLinear`` holding its RTN codes."""
     logs = []
-    for name, layer in tqdm(targets.items(), desc="RTN layers", unit="layer"):
+    for name, layer in tqdm(targets.items(), desc="RTN layers", unit="layer", disable=not progress):
         W = linear_weight(layer).detach().float()
         Q, scales, zeros = quantize_rtn(W, config.bits, config.group_size, config.sym, config.mse, config.gguf_grid)
         g = config.group_size if config.group_size != -1 else W.shape[1]
