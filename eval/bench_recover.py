@@ -213,7 +213,7 @@ def main() -> None:
     p.add_argument("--autoround-python", help="python of a venv with auto-round==0.16.1")
     p.add_argument("--smoke", action="store_true",
                    help="tiny settings that only check the plumbing (calib 8x128, 2 eval windows of 256, 2 iters, "
-                   "20 s of e2e); the numbers mean nothing")
+                   "60 s of e2e); the numbers mean nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars in the row processes")
     p.add_argument("--out", type=Path, default=HERE / "results" / "recover.json")
     p.add_argument("--report", action="store_true", help="run nothing: print the table of --out, write .md and plot")
@@ -223,7 +223,7 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.nsamples, args.calib_seqlen, args.windows, args.seqlen = 8, 128, 2, 256
-        args.iters, args.e2e_max_time, args.e2e_seqlen, args.e2e_every, args.probe_windows = 2, 20.0, 128, 2, 1
+        args.iters, args.e2e_max_time, args.e2e_seqlen, args.e2e_every, args.probe_windows = 2, 60.0, 128, 2, 1
         if args.rows == DEFAULT_ROWS:
             args.rows = ["gptq-3-g128", "gptq-3-g128+block@2", "depth6", "depth6+e2e"]
             if args.autoround_python:

@@ -47,7 +47,7 @@ def add_recover(sub) -> None:
     t.add_argument("--iters", type=int, default=200, help="block: signed-gradient steps per block (default 200)")
     t.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
     t.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: block 1/iters, or 1e-5 for sparse float weights; e2e 1e-3 scales, "
+                   help="learning rate (default: block 5e-3, AutoRound's, or 1e-5 for sparse float weights; e2e 1e-3 scales, "
                    "1e-4 LoRA, 1e-5 all weights)")
     t.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS",
                    help="stop cleanly after this long with the best student so far (default: no limit)")

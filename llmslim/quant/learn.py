@@ -68,10 +68,13 @@ class LearnedGrid(nn.Module):
         self.register_buffer("mask", mask)  # True = pruned: the weight stays 0
         u = Q.float()
         if reference is not None and rounding:
-            # Where the teacher's weight sits relative to the chosen code, within half a step: V = 0
-            # reproduces the codes exactly, and small offsets first flip the codes the teacher leans away from.
-            pos = reference.float() / S[g].T + Z[g].T.float()
-            u = u + (pos - u).clamp(-0.499, 0.499)
+            # Where the teacher's weight sits relative to the chosen code, when that code is its nearest
+            # (as in AutoRound, which starts from round-to-nearest): small offsets first flip the codes
+            # the teacher leans away from. A code the solver moved further (GPTQ's compensation) starts at
+            # its center: flipping it back toward the teacher would undo the compensation. V = 0
+            # reproduces the codes exactly either way.
+            offset = reference.float() / S[g].T + Z[g].T.float() - u
+            u = u + torch.where(offset.abs() < 0.499, offset, torch.zeros_like(offset))
         self.register_buffer("u", u)
         self.V = nn.Parameter(torch.zeros_like(u)) if rounding else None
         self.a = nn.Parameter(torch.zeros_like(S))
