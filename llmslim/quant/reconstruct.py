@@ -68,8 +68,8 @@ SMALL_STEP = 2**20
 class BlockLog:
     block: int
     trained: str  # "grid" (quantized linears) | "weights" (sparse float linears) | "" (nothing: out of time)
-    loss_before: float  # mean squared error vs the original block's output, whole calibration set
-    loss_after: float
+    loss_before: float | None  # mean squared error vs the original block's output, whole calibration set
+    loss_after: float | None  # (None: not reached before --max-time)
     kept: str  # "recovered" | "input"
     iters: int
     lr: float
@@ -249,7 +249,7 @@ def recover_blocks(
         for i in bar:
             now = time.perf_counter()
             if deadline is not None and now >= deadline:
-                logs += [BlockLog(k, "", float("nan"), float("nan"), "input", 0, 0.0, 0.0)
+                logs += [BlockLog(k, "", None, None, "input", 0, 0.0, 0.0)
                          for k in range(i, len(s_blocks))]
                 log(f"--max-time reached: blocks {i}..{len(s_blocks) - 1} keep their input weights")
                 break

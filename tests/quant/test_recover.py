@@ -192,6 +192,15 @@ def test_block_mode_max_time(monkeypatch):
                                       progress=False)
     assert time.perf_counter() - t0 < 3 + 2.5
     assert all(x.iters < 100000 for x in logs)
+    # Out of time before the last block: it keeps its input weights, and the stage still reports.
+    from llmslim.pipeline.stages import Context, run_recover
+
+    student, teacher = gptq_pair()
+    _, report = run_recover(student, RecoverConfig(iters=100000, max_time=0.01),
+                            Context(tokens(8, 32), teacher=lambda: teacher))
+    last = report.layers[-1]
+    assert last["kept"] == "input" and last["loss_before"] is None and last["iters"] == 0
+    assert report.extra["recover"]["blocks"] == 2
 
 
 def test_block_mode_refuses_what_it_cannot_recover():
