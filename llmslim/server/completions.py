@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import anyio
@@ -55,26 +56,63 @@ def _timeout_error(state: ServerState) -> APIError:
 
 
 class Submission:
-    """The engine requests of one HTTP request, and their events on this event loop."""
+    """The engine requests of one HTTP request, and their events on this event loop.
 
-    def __init__(self, state: ServerState):
-        self.state = state
+    The hand-off is built for batch 1, where one decode step takes ~15 ms and every wake-up of
+    the event loop competes with the decode for the CPU: the engine thread appends events to a
+    deque and wakes the loop only when it has to -- for a streamed response when no wake-up is
+    already pending (events that arrive meanwhile ride along), for a whole response only when a
+    request ends (nothing is sent before then). A whole response thus costs the event loop one
+    wake-up, not one per token; the loop still looks for a gone client every
+    ``DISCONNECT_POLL_S`` and for the request timeout.
+    """
+
+    def __init__(self, state: ServerState, stream: bool = False):
+        self.state, self.stream = state, stream
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.items: deque[tuple[int, Event]] = deque()
         self.rids: list[str] = []
         self.ended: set[int] = set()
         self.closed = False
+        self._waiter: asyncio.Future | None = None
+        self._pending = False  # a wake-up is scheduled on the loop and has not run yet
         timeout = state.request_timeout
         self.deadline = self.loop.time() + timeout if timeout else None
 
     def _sink(self, k: int) -> Callable[[Event], None]:
+        items, stream = self.items, self.stream
+
         def put(event: Event) -> None:  # called on the engine thread
+            items.append((k, event))
+            if self._pending or not (stream or isinstance(event, Done | Failed)):
+                return
+            self._pending = True
             try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (k, event))
+                self.loop.call_soon_threadsafe(self._wake)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
         return put
+
+    def _wake(self) -> None:  # on the event loop
+        self._pending = False
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until the engine wakes us or ``timeout`` seconds pass (no task per wait, unlike wait_for)."""
+        waiter = self._waiter = self.loop.create_future()
+        if self.items:  # arrived before the waiter existed: do not sleep on it
+            self._waiter = None
+            return
+        timer = self.loop.call_later(timeout, _resolve, waiter) if timeout is not None else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], param: str) -> None:
         try:
@@ -97,27 +135,26 @@ class Submission:
         """Events until every request is done; with ``request``, stops if its client leaves
         (``ClientGone``); past the request timeout, raises ``TimedOut``."""
         next_check = self.loop.time() + DISCONNECT_POLL_S
+        items = self.items
         while len(self.ended) < len(self.rids):
-            wait = DISCONNECT_POLL_S if request else None
-            if self.deadline is not None:
-                left = self.deadline - self.loop.time()
-                if left <= 0:
-                    raise TimedOut()
-                wait = left if wait is None else min(wait, left)
-            try:
-                k, event = await asyncio.wait_for(self.queue.get(), wait)
-            except TimeoutError:
-                k, event = -1, None
+            if not items:
+                wait = DISCONNECT_POLL_S if request else None
+                if self.deadline is not None:
+                    left = self.deadline - self.loop.time()
+                    if left <= 0:
+                        raise TimedOut()
+                    wait = left if wait is None else min(wait, left)
+                await self._wait(wait)
             # Checked on a clock, not only when idle: tokens may arrive faster than the poll interval.
             if request is not None and self.loop.time() >= next_check:
                 next_check = self.loop.time() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
                     raise ClientGone()
-            if event is None:
-                continue
-            if isinstance(event, Done | Failed):
-                self.ended.add(k)
-            yield k, event
+            while items:
+                k, event = items.popleft()
+                if isinstance(event, Done | Failed):
+                    self.ended.add(k)
+                yield k, event
 
     def close(self) -> None:
         """Abort whatever has not finished (idempotent)."""
@@ -161,8 +198,29 @@ class EngineStream(StreamingResponse):
             self.on_close()
 
 
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
 def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_json(obj)}\n\n"
+
+
+class Chunks:
+    """The SSE chunks of one stream: ``head`` (id, object, created, model) is serialized once,
+    each chunk only adds its choice (the same bytes ``_sse(head | {"choices": [...], ...})`` gives)."""
+
+    def __init__(self, head: dict, usage_null: bool):
+        self.prefix = "data: " + _json(head)[:-1] + ',"choices":['
+        self.suffix = '],"usage":null}\n\n' if usage_null else "]}\n\n"
+
+    def __call__(self, choice: dict) -> str:
+        return self.prefix + _json(choice) + self.suffix
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -263,7 +321,7 @@ async def completions(body: CompletionRequest, request: Request):
     if body.echo and any(t is None for t in texts):  # token-id prompts: their text, off the event loop
         texts = await run_in_threadpool(lambda: [t if t is not None else state.decode(p)
                                                  for t, p in zip(texts, prompts, strict=True)])
-    sub = Submission(state)
+    sub = Submission(state, body.stream)
     sub.submit(prompts, params, "prompt")
     rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.n
     choices = {k * n + i: TextChoice(state, want_lp) for k in range(len(prompts)) for i in range(n)}
@@ -322,6 +380,8 @@ async def completions(body: CompletionRequest, request: Request):
         nonlocal completion_tokens
         sent_lp = dict.fromkeys(choices, 0)  # log-prob entries already streamed per choice
         sent_text = dict.fromkeys(choices, 0)
+        chunks = Chunks({"id": rid, "object": "text_completion", "created": created, "model": state.name},
+                        include_usage)
         try:
             async for k, event in _until_timeout(sub):
                 if isinstance(event, Failed):
@@ -337,13 +397,10 @@ async def completions(body: CompletionRequest, request: Request):
                 if not text and not want_lp and c.finish_reason is None:
                     continue
                 sent_text[idx] = len(c.text)
-                chunk = {"id": rid, "object": "text_completion", "created": created, "model": state.name,
-                         "choices": [{"index": idx, "text": text, "logprobs": c.logprobs_block(sent_lp[idx]),
-                                      "finish_reason": c.finish_reason}]}
+                chunk = chunks({"index": idx, "text": text, "logprobs": c.logprobs_block(sent_lp[idx]),
+                                "finish_reason": c.finish_reason})
                 sent_lp[idx] = len(c.tokens)
-                if include_usage:
-                    chunk["usage"] = None
-                yield _sse(chunk)
+                yield chunk
             if include_usage:
                 yield _sse({"id": rid, "object": "text_completion", "created": created, "model": state.name,
                             "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
@@ -413,7 +470,7 @@ async def chat(body: ChatRequest, request: Request):
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = _params(state, body, _max_tokens(state, requested, len(ids), param, body.n),
                      (body.top_logprobs or 0) if body.logprobs else None, None)
-    sub = Submission(state)
+    sub = Submission(state, body.stream)
     sub.submit([ids], [params], "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.name}
@@ -449,7 +506,7 @@ async def chat(body: ChatRequest, request: Request):
 
     async def stream() -> AsyncIterator[str]:
         chunk_head = head | {"object": "chat.completion.chunk"}
-        extra = {"usage": None} if include_usage else {}
+        chunks = Chunks(chunk_head, include_usage)
         started: set[int] = set()
         try:
             async for _, event in _until_timeout(sub):
@@ -462,15 +519,15 @@ async def chat(body: ChatRequest, request: Request):
                     continue
                 if event.index not in started:
                     started.add(event.index)
-                    yield _sse(chunk_head | {"choices": [{"index": event.index, "delta": {"role": "assistant",
-                               "content": ""}, "logprobs": None, "finish_reason": None}]} | extra)
+                    yield chunks({"index": event.index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None})
                 if not event.text and event.finish_reason is None and event.logprobs is None:
                     continue
                 lp = ({"content": _chat_logprobs(state, event.token_ids, event.logprobs)}
                       if event.logprobs is not None else None)
                 delta = {"content": event.text} if event.text or event.finish_reason is None else {}
-                yield _sse(chunk_head | {"choices": [{"index": event.index, "delta": delta, "logprobs": lp,
-                                                      "finish_reason": event.finish_reason}]} | extra)
+                yield chunks({"index": event.index, "delta": delta, "logprobs": lp,
+                              "finish_reason": event.finish_reason})
             yield "data: [DONE]\n\n"
         finally:
             sub.close()

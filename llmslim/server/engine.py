@@ -131,8 +131,10 @@ class Sequence:
     detok: Detokenizer
     stops: StopStrings
     out: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0  # characters of ``text`` already sent
+    # Text decoded but not sent yet: what a stop string could still claim (its longest length
+    # minus one; nothing when there are no stop strings). Everything before it has been sent,
+    # so no step touches the whole text (which would make a long output quadratic).
+    unsent: str = ""
     finish_reason: str | None = None
 
 
@@ -432,16 +434,20 @@ class Engine:
     def _decode(self) -> None:
         t0 = time.perf_counter()
         rows = 0
+        finished = False
         for g in self._groups:
             logits = g.batch.step([s.out[-1] for s in g.seqs])
             best = logits.argmax(-1).tolist()  # one call for every greedy row instead of one per row
-            for s, row, token in zip(g.seqs, logits, best, strict=True):
+            for s, row, token in zip(g.seqs, logits.unbind(0), best, strict=True):
                 self._advance(s, row, token)
-            done = [i for i, s in enumerate(g.seqs) if s.finish_reason is not None]
-            g.batch.remove(done)
             rows += len(g.seqs)
-            g.seqs = [s for s in g.seqs if s.finish_reason is None]
-        self._groups = [g for g in self._groups if g.seqs]
+            done = [i for i, s in enumerate(g.seqs) if s.finish_reason is not None]
+            if done:  # (most steps: nobody finished, nothing to rebuild)
+                finished = True
+                g.batch.remove(done)
+                g.seqs = [s for s in g.seqs if s.finish_reason is None]
+        if finished:
+            self._groups = [g for g in self._groups if g.seqs]
         self.stats.observe_step(rows, time.perf_counter() - t0)
 
     def _advance(self, s: Sequence, logits: torch.Tensor, argmax: int | None = None) -> None:
@@ -468,19 +474,20 @@ class Engine:
 
         if token in stop_ids:  # banned before min_tokens, so this is a real stop
             s.finish_reason = "stop"  # the stop token's own text is not part of the output
-            s.text += s.detok.flush()
+            text = s.unsent + s.detok.flush()
         else:
             piece = s.detok.add(token)
-            s.text += piece
-            cut = s.stops.find(s.text, len(s.text) - len(piece)) if piece else -1
+            text = s.unsent + piece
+            # (a stop string ending in the new piece starts within the unsent text: it holds enough)
+            cut = s.stops.find(text, len(text) - len(piece)) if piece else -1
             if cut >= 0:
-                s.text, s.finish_reason = s.text[:cut], "stop"
+                text, s.finish_reason = text[:cut], "stop"
             elif len(s.out) >= p.max_tokens or len(req.prompt) + len(s.out) >= self.max_model_len:
                 s.finish_reason = "length"
-                s.text += s.detok.flush()
-        end = len(s.text) if s.finish_reason else max(s.sent, s.stops.safe(s.text))
-        _send(req, Output(s.index, s.text[s.sent:end], [token], lp, s.finish_reason))
-        s.sent = end
+                text += s.detok.flush()
+        end = len(text) if s.finish_reason else max(0, s.stops.safe(text))
+        s.unsent = text[end:]
+        _send(req, Output(s.index, text[:end], [token], lp, s.finish_reason))
         if s.finish_reason:
             self.stats.finished[s.finish_reason] = self.stats.finished.get(s.finish_reason, 0) + 1
             req.unfinished -= 1

@@ -90,9 +90,11 @@ class PaddedBatch:
         """The position the next token of each row takes (its real length so far)."""
         return [self.length - p for p in self.pad]
 
-    @torch.inference_mode()
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row; returns the next-token logits ``[rows, vocab]``."""
+        if not torch.is_inference_mode_enabled():  # the engine's thread already runs in it: no cost there
+            with torch.inference_mode():
+                return self.step(tokens)
         rows = len(self.pad)
         # llmslim's lean forward when the model has one (Llama family after ``accelerate``): the
         # same arithmetic without transformers' per-module Python, which at this model size costs
@@ -101,11 +103,11 @@ class PaddedBatch:
             self._lean, self._lean_checked = LeanLlama.for_model(self.model, self.cache), True
         lean = self._lean
         input_ids = torch.tensor(tokens, dtype=torch.long)
-        pad = torch.tensor(self.pad).view(rows, 1)
-        if lean is not None and rows == 1 and self.pad[0] == 0:
+        if lean is not None and rows == 1 and self.pad[0] == 0:  # a batch of one: the batch-1 forward
             logits = lean(input_ids, self.length, self.cache).view(1, -1)
             self.length += 1
             return logits
+        pad = torch.tensor(self.pad).view(rows, 1)
         attend = torch.arange(self.length + 1).view(1, -1) >= pad
         if lean is not None:
             positions = torch.tensor(self.positions(), dtype=torch.long)

@@ -35,15 +35,15 @@ class Detokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
+        self.decode = decoder(tokenizer, skip_special_tokens)
         self.tokens: list[int] = []
         self.prefix = 0  # window start
         self.read = 0  # tokens already turned into text
 
     def add(self, token: int) -> str:
         self.tokens.append(token)
-        window = self.tokens[self.prefix:]
-        before = self.tokenizer.decode(self.tokens[self.prefix:self.read], skip_special_tokens=self.skip)
-        text = self.tokenizer.decode(window, skip_special_tokens=self.skip)
+        before = self.decode(self.tokens[self.prefix:self.read])
+        text = self.decode(self.tokens[self.prefix:])
         if len(text) > len(before) and not text.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.tokens)
             return text[len(before):]
@@ -51,7 +51,18 @@ class Detokenizer:
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""
-        before = self.tokenizer.decode(self.tokens[self.prefix:self.read], skip_special_tokens=self.skip)
-        text = self.tokenizer.decode(self.tokens[self.prefix:], skip_special_tokens=self.skip)
+        before = self.decode(self.tokens[self.prefix:self.read])
+        text = self.decode(self.tokens[self.prefix:])
         self.prefix = self.read = len(self.tokens)
         return text[len(before):]
+
+
+def decoder(tokenizer, skip_special_tokens: bool):
+    """``ids -> text`` as ``tokenizer.decode`` gives it, straight from the Rust tokenizer when the
+    transformers wrapper would add nothing (no clean-up of spaces): per token, the wrapper's
+    conversions and checks cost more Python than the decode itself."""
+    rust = getattr(tokenizer, "_tokenizer", None)
+    if rust is not None and callable(getattr(rust, "decode", None)) and \
+            not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: rust.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
