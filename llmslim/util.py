@@ -61,6 +61,28 @@ def peak_rss_bytes() -> int:
     return rss_bytes()[1]
 
 
+def _meminfo_bytes(key: str, default: float) -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return default
+
+
+def available_memory_bytes() -> float:
+    """Memory the system can give this process now (MemAvailable; 8 GiB where unknown)."""
+    return _meminfo_bytes("MemAvailable", 8 * 2**30)
+
+
+def total_memory_bytes() -> float:
+    """The machine's memory (MemTotal; 16 GiB where unknown): unlike what is free now, the same on
+    every run, so a size derived from it reproduces."""
+    return _meminfo_bytes("MemTotal", 16 * 2**30)
+
+
 def release_free_memory() -> None:
     """Hand memory the process freed back to the system (glibc keeps it otherwise: after tokenizing
     a corpus, hundreds of MB stay resident though nothing uses them). A no-op elsewhere."""

@@ -23,6 +23,7 @@ CLIENTS=${CLIENTS:-1,4,16}
 REQUESTS=${REQUESTS:-2}
 MAX_TOKENS=${MAX_TOKENS:-128}
 PORT=${PORT:-8031}
+THREADS=${THREADS:-}  # llmslim's torch threads (default: torch's); 1 on a machine shared with other jobs
 OUT=${OUT:-serve/results}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 mkdir -p "$OUT"
@@ -64,7 +65,8 @@ for server in $SERVERS; do
   case $server in
     llmslim)
       run llmslim /tmp/llmslim-bench-llmslim.log \
-        llmslim serve "$CKPT" --host 127.0.0.1 --port "$PORT" --max-batch 16 --max-model-len 2048 ;;
+        llmslim serve "$CKPT" --host 127.0.0.1 --port "$PORT" --max-batch 16 --max-model-len 2048 \
+        ${THREADS:+--threads "$THREADS"} ;;
     vllm)
       if ! "$VLLM_PYTHON" -c "import vllm" 2>/dev/null; then echo "vllm: $VLLM_PYTHON cannot import vllm, skipped"; continue; fi
       # vLLM computes on one core unless its OpenMP threads are bound to all of them.

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from ..config import RecoverConfig
 from ..errors import UserError
 from ..nn import GPTQLinear
-from ..util import atomic_path
+from ..util import atomic_path, available_memory_bytes
 from .learn import LearnedGrid, LoRALinear, keep_zeros
 from .walk import find_blocks, find_linears, linear_weight, set_module
 
@@ -155,15 +155,6 @@ def checkpointed(blocks: nn.ModuleList, enabled: bool) -> Iterator[None]:
             del b.forward
 
 
-def _available_bytes() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30
-
 
 def activation_bytes(model: nn.Module, rows: int, seqlen: int) -> float:
     """A rough size of what the backward pass keeps of the decoder blocks for ``rows`` sequences:
@@ -252,7 +243,7 @@ def distill(
     seqlen, vocab = train.shape[1], _vocab(student)
     micro = max(1, min(config.batch_size, train.shape[0], LOGIT_BUDGET // (seqlen * vocab)))
     if checkpointing is None:
-        checkpointing = activation_bytes(student, micro, seqlen) > 0.3 * _available_bytes()
+        checkpointing = activation_bytes(student, micro, seqlen) > 0.3 * available_memory_bytes()
     trainable = Trainable(student, config, pruned)
     try:
         return _train(student, teacher, blocks, train, val, config, trainable, micro, state_dir, resume,

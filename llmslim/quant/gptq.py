@@ -101,10 +101,15 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
         # chol(H^-1) without forming H^-1: with J the reversal, J H J = L L^T gives
         # H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular. One Cholesky and one
         # triangular solve instead of Cholesky, cholesky_inverse and a second Cholesky (~2.5x faster).
+        # Each n x n copy is 0.5 GB at 11008 inputs: flip(0, 1) makes the same (contiguous) matrix
+        # as [flip][:, flip] in one copy instead of two, and nothing is kept once used.
         Hd = H + percent * mean_diag * eye
-        L, info = torch.linalg.cholesky_ex(Hd[flip][:, flip])
+        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
+        del Hd
         if info == 0:
-            U = torch.linalg.solve_triangular(L, eye, upper=False)[flip][:, flip]
+            U = torch.linalg.solve_triangular(L, eye, upper=False)
+            del L
+            U = U[flip][:, flip]  # indexing, not flip(): U is column-major, the result must be row-major
             if bool(torch.isfinite(U.diagonal()).all()):
                 return U, percent
         percent = min(percent * 2, 1.0)

@@ -108,9 +108,9 @@ def prune_blocks(
     max_memory: float | None = None,
 ) -> list[PruneLog]:
     """SparseGPT or Wanda on every target linear, in place (forwards and solves on ``device``)."""
-    targets = prune_targets(model, config)
+    targets = set(prune_targets(model, config))  # names only
     solver = {"sparsegpt": SparseGPTSolver, "wanda": WandaSolver}[config.method](config)
-    return run_blocks(model, solver, set(targets), calib, state_dir, resume, batch_size, device=device,
+    return run_blocks(model, solver, targets, calib, state_dir, resume, batch_size, device=device,
                       max_memory=max_memory)
 
 

@@ -42,7 +42,13 @@ from tqdm.auto import tqdm
 from ..config import GPTQConfig
 from ..errors import UserError
 from ..nn import GPTQLinear, can_pack
-from ..util import atomic_path, atomic_write_text
+from ..util import (
+    atomic_path,
+    atomic_write_text,
+    available_memory_bytes,
+    release_free_memory,
+    total_memory_bytes,
+)
 from .gptq import GPTQResult, accumulate_hessian, gptq_quantize, layer_loss
 from .walk import (
     StopForward,
@@ -108,7 +114,8 @@ class LayerSolver:
         return ""
 
     def finish(self, layer: nn.Module, payload) -> nn.Module | None:
-        """The module that replaces ``layer`` when its block is done (None: keep it)."""
+        """The module that replaces ``layer`` when its block is done (None: keep it). Called right
+        after ``solve``; the driver swaps it in once the block's forwards are over."""
         return None
 
     def restore(self, block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -160,19 +167,27 @@ def auto_batch_size(nsamples: int, seqlen: int, widest: int, budget_bytes: float
     return int(max(1, min(nsamples, budget_bytes // per_sample)))
 
 
-def _available_bytes() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30
-
-
 def default_max_memory() -> float:
     """The memory budget when none is given: half of what the machine has available now."""
-    return 0.5 * _available_bytes()
+    return 0.5 * available_memory_bytes()
+
+
+def default_batch_size(nsamples: int, seqlen: int, widest: int, max_memory: float | None,
+                       log: Callable[[str], None] = print) -> int:
+    """Samples per forward when ``--batch-size`` is not given. A different split changes the floats
+    summed into each Hessian, and so some rounded codes: the split must not follow how much memory
+    happens to be free, or the same command on the same machine writes different bytes under load.
+    It is derived from ``max_memory`` when given, else from the machine's total memory; only when
+    that much is not free now is it lowered (with a warning naming the size to reproduce)."""
+    if max_memory is not None:
+        return auto_batch_size(nsamples, seqlen, widest, 0.5 * max_memory)
+    # A quarter of the machine's memory, when twice that is free now.
+    wanted = auto_batch_size(nsamples, seqlen, widest, 0.25 * total_memory_bytes())
+    fits = auto_batch_size(nsamples, seqlen, widest, 0.5 * available_memory_bytes())
+    if fits < wanted:
+        log(f"warning: {fits} calibration samples per forward instead of {wanted} (less memory free "
+            f"now); the result differs from a run with --batch-size {wanted}")
+    return min(wanted, fits)
 
 
 class BlockIO:
@@ -350,9 +365,10 @@ def gptq_blocks(
 ) -> list[LayerLog]:
     """Quantize every accepted linear of the decoder blocks in place (swapped for GPTQLinear);
     with ``keep_zeros`` (a model pruned before) every exact zero weight stays zero."""
-    targets, _ = select_layers(model, replace(config.layers, quantize_lm_head=False),
-                               lambda in_f, out_f: can_pack(in_f, out_f, config.bits))
-    return run_blocks(model, GPTQSolver(config, keep_zeros), set(targets), calib, state_dir, resume, batch_size, log,
+    # Names only: a dict of the modules held here would keep every replaced float layer alive.
+    targets = set(select_layers(model, replace(config.layers, quantize_lm_head=False),
+                                lambda in_f, out_f: can_pack(in_f, out_f, config.bits))[0])
+    return run_blocks(model, GPTQSolver(config, keep_zeros), targets, calib, state_dir, resume, batch_size, log,
                       io=io, device=device, max_memory=max_memory)
 
 
@@ -384,7 +400,7 @@ def run_blocks(
     widest = max(max(linear_weight(m).shape) for m in find_linears(blocks[0]).values())
     budget = default_max_memory() if max_memory is None else max_memory
     if batch_size is None:
-        batch_size = auto_batch_size(nsamples, seqlen, widest, 0.5 * budget)
+        batch_size = default_batch_size(nsamples, seqlen, widest, max_memory, log)
     batches = list(calib.split(batch_size))
     state = BlockState(state_dir, fingerprint(config, calib, model)) if state_dir else None
     start = state.start(resume) if state else 0
@@ -477,12 +493,21 @@ def _solve_block_here(block, prefix, names, solver: LayerSolver, hidden, inputs,
             Hn, _ = H[key]
             W = linear_weight(layers[n]).detach().float()
             Wnew, payload, entry = solver.solve(prefix + n, layers[n], W, Hn)
+            del Hn, W
             _set_weight(layers[n], Wnew)
-            results[n] = payload
+            # The module the layer becomes, made now: packed codes are a fraction of the solver's
+            # full-size payload, which would otherwise wait for the rest of the block's forward.
+            results[n] = solver.finish(layers[n], payload)
+            del payload
+            if all(m in results for s in sets if key in s for m in s):
+                del H[key]  # every layer reading this input is solved
             logs.append(entry)
             if getattr(entry, "fallback", None):
                 tqdm.write(f"warning: {prefix + n}: {entry.fallback}{solver.fallback_note}")
             bar.set_postfix_str(f"{n} {solver.postfix(entry)}")
+            # The solver's temporaries are freed, but glibc keeps them in its heap, fragmented: over
+            # a block's layers that is hundreds of MB resident for nothing (measured at width 1024).
+            release_free_memory()
 
     def accumulate(name: str, X: torch.Tensor) -> None:
         key = _set_key(sets, name)
@@ -538,9 +563,8 @@ def _solve_block_here(block, prefix, names, solver: LayerSolver, hidden, inputs,
                 outs.append(run_block(block, _to(h, device), args[j], kwargs[j]))
 
     for n in names:
-        new = solver.finish(layers[n], results[n])
-        if new is not None:
-            set_module(block, n, new)
+        if results[n] is not None:
+            set_module(block, n, results[n])
     return logs
 
 
