@@ -54,8 +54,8 @@ def format_result(result: dict) -> str:
     sp = result.get("sparsity") or {}
     if sp.get("sparsity"):
         kinds = ", ".join(f"{k} {v:.0%}" for k, v in sp["by_type"].items())
-        rows.append(("sparsity (block linears)", f"{sp['sparsity']:.1%}{' ' + sp['nm'] if sp.get('nm') else ''}  "
-                     f"({kinds})"))
+        label = "sparsity (block linears)" if sp.get("pruned", True) else "zero weights (not pruned)"
+        rows.append((label, f"{sp['sparsity']:.1%}{' ' + sp['nm'] if sp.get('nm') else ''}  ({kinds})"))
     ppl = result.get("perplexity")
     if ppl:
         rows.append((f"perplexity [{ppl_setup(ppl)}]", f"{ppl['perplexity']:.4f}  "

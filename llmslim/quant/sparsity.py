@@ -43,6 +43,18 @@ def parameter_count(model: nn.Module) -> int:
     return total
 
 
+def was_pruned(model: nn.Module) -> bool:
+    """Whether a pruning stage ran on the model: alone (``config.pruning``) or joint with GPTQ
+    (``quantization_config.meta``)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "pruning", None):
+        return True
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else qc.to_dict() if hasattr(qc, "to_dict") else {}
+    meta = qc.get("meta") or {}
+    return bool(meta.get("sparsity") or meta.get("nm"))
+
+
 @torch.no_grad()
 def sparsity_report(model: nn.Module) -> dict:
     """Overall and per-layer-type sparsity of the decoder blocks' linears, the N:M pattern they all
@@ -64,6 +76,9 @@ def sparsity_report(model: nn.Module) -> dict:
     nm = next((f"{n}:{m}" for n, m in COMMON_NM if (n, m) in patterns), None) if total and overall else None
     return {
         "parameters": parameter_count(model),
+        # Zeros are not pruning unless something pruned: a 4-bit code can round to exactly 0 (~14%
+        # of a GPTQ checkpoint's weights), and a float model has a few exact zeros of its own.
+        "pruned": was_pruned(model),
         "blocks": len(blocks),
         "measured_weights": total,
         "sparsity": overall,

@@ -204,3 +204,19 @@ def test_pruning_a_bitsandbytes_checkpoint_is_refused(tiny_folder, tmp_path, cap
     recipe.write_text("stages:\n  - nf4: {}\n  - prune: {method: magnitude, sparsity: 0.5}\n")
     assert main(["compress", str(src), "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 2
     assert "cannot follow" in capsys.readouterr().err
+
+
+def test_eval_of_unpruned_quantized_model_does_not_call_its_zeros_sparsity(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    # 2-bit codes round many weights to exactly 0: zeros, but no pruning happened.
+    assert main(["quantize", str(tiny_folder("llama")), "--method", "rtn", "--bits", "2", "--sym",
+                 "--out", str(out)]) == 0
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--ppl", str(text), "--seqlen", "32", "--no-progress",
+                 "--output", str(tmp_path / "e.json")]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["sparsity"]["sparsity"] > 0 and result["sparsity"]["pruned"] is False
+    assert "zero weights (not pruned)" in printed and "sparsity (block linears)" not in printed
