@@ -8,7 +8,7 @@ stage key in a recipe file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 from .errors import UserError
@@ -62,6 +62,10 @@ class IntConfig:
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
             raise UserError(f"--group-size must be -1 (per-channel) or a positive integer, got {self.group_size}")
 
+    def for_layer(self, name: str) -> IntConfig:
+        """The grid one layer gets (GPTQ's per-layer overrides; the same for every layer here)."""
+        return self
+
     @property
     def gguf_grid(self) -> str | None:
         """``q4_0``/``q8_0`` when solving on that GGUF grid, else None."""
@@ -112,9 +116,16 @@ class GPTQConfig(IntConfig):
     # Sec. 3.5): 0 / "" = off; at most one of them.
     sparsity: float = 0.0
     nm: str = ""
+    # Per-layer grids (``llmslim tune``'s result): "FULL.LAYER.NAME=BITS:GROUP_SIZE" entries; every
+    # other layer takes ``bits``/``group_size``. Written to the checkpoint as GPTQModel's ``dynamic``.
+    overrides: tuple[str, ...] = ()
 
     def __post_init__(self):
         super().__post_init__()
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        settings = self.layer_settings  # checks every entry
+        if settings and self.target:
+            raise UserError(f"--target {self.target} fixes one grid for every layer: per-layer overrides do not apply")
         if self.target and self.desc_act and not self.static_groups:
             raise UserError(f"--target {self.target} needs each block of {GGUF_BLOCK} consecutive weights in one "
                             "group: with --desc-act add --static-groups")
@@ -139,9 +150,38 @@ class GPTQConfig(IntConfig):
         return parse_nm(self.nm)
 
     @property
+    def layer_settings(self) -> dict[str, tuple[int, int]]:
+        """``overrides`` parsed: full layer name -> (bits, group size)."""
+        return dict(parse_override(x) for x in self.overrides)
+
+    def for_layer(self, name: str) -> GPTQConfig:
+        """The config one layer is solved with: its own bits and group size when overridden."""
+        setting = self.layer_settings.get(name)
+        if setting is None:
+            return self
+        return replace(self, bits=setting[0], group_size=setting[1], overrides=())
+
+    @property
     def joint(self) -> bool:
         """Pruning in the same sweep (then group-aware reordering is off: natural column order)."""
         return bool(self.sparsity) or bool(self.nm)
+
+
+def parse_override(entry: str) -> tuple[str, tuple[int, int]]:
+    """``"model.layers.0.mlp.down_proj=3:64"`` -> (name, (3, 64))."""
+    name, _, setting = str(entry).rpartition("=")
+    try:
+        bits, group = (int(x) for x in setting.split(":"))
+    except ValueError:
+        raise UserError(f"overrides: {entry!r} must look like LAYER.NAME=BITS:GROUP_SIZE "
+                        "(e.g. model.layers.0.mlp.down_proj=3:64)") from None
+    if not name:
+        raise UserError(f"overrides: {entry!r} names no layer")
+    if bits not in SUPPORTED_BITS:
+        raise UserError(f"overrides: {entry!r}: bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if group != -1 and group <= 0:
+        raise UserError(f"overrides: {entry!r}: group size must be -1 or positive")
+    return name, (bits, group)
 
 
 def parse_nm(nm: str) -> tuple[int, int] | None:

@@ -26,8 +26,16 @@ from .hf import empty_model, read_safetensors
 MAX_SHARD_SIZE = "2GB"  # safetensors shards of at most this (the index file names them): any size loads
 
 
-def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool) -> dict:
-    """The ``quantization_config`` block, with the keys GPTQ consumers read."""
+def module_pattern(name: str, sign: str = "+") -> str:
+    """A GPTQModel/vLLM ``dynamic`` key matching exactly the module ``name`` (``+:`` override, ``-:`` skip)."""
+    return f"{sign}:^{name.replace('.', r'[.]')}$"
+
+
+def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool,
+                        grids: dict[str, tuple[int, int]] | None = None) -> dict:
+    """The ``quantization_config`` block, with the keys GPTQ consumers read. ``grids``: every
+    quantized module's (bits, group size); those that differ from the config's become ``dynamic``
+    overrides (GPTQModel's form, which vLLM reads too: the first matching regex wins)."""
     qc = {
         "quant_method": "gptq",
         "bits": config.bits,
@@ -49,10 +57,35 @@ def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool) ->
         # Joint pruning (SparseGPT's sparse + quantized mode): the zeros are stored as zero points.
         qc["meta"]["sparsity"] = float(config.sparsity) if config.sparsity else None
         qc["meta"]["nm"] = config.nm or None
-    if skipped:
-        # GPTQModel/vLLM "dynamic" rules: a "-:" regex excludes a module from quantization.
-        qc["dynamic"] = {f"-:^{name.replace('.', r'[.]')}$": {} for name in skipped}
+    # GPTQModel/vLLM "dynamic" rules: a "-:" regex excludes a module from quantization, a "+:" one
+    # gives it its own bits/group size.
+    dynamic = {module_pattern(name, "-"): {} for name in skipped}
+    for name, (bits, group) in (grids or {}).items():
+        if (bits, group) != (config.bits, config.group_size):
+            dynamic[module_pattern(name)] = {"bits": bits, "group_size": group}
+    if dynamic:
+        qc["dynamic"] = dynamic
     return qc
+
+
+def layer_grid(qc: dict, name: str) -> tuple[int, int]:
+    """(bits, group size) of module ``name`` under a ``quantization_config``: its first matching
+    ``+:`` (or bare) ``dynamic`` rule's values, else the config's own (GPTQModel's and vLLM's rule)."""
+    import re
+
+    bits, group = int(qc["bits"]), int(qc["group_size"])
+    for pattern, override in (qc.get("dynamic") or {}).items():
+        negative = pattern.startswith("-:")
+        raw = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        try:
+            hit = re.match(raw, name)
+        except re.error:
+            raise UserError(f"quantization_config.dynamic: {pattern!r} is not a valid regex") from None
+        if hit:
+            if negative:
+                break
+            return int(override.get("bits", bits)), int(override.get("group_size", group))
+    return bits, group
 
 
 def stored_dtype(model: nn.Module) -> torch.dtype:
@@ -104,7 +137,8 @@ def save_gptq(
     out_dir = Path(out_dir)
     quantized = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
     lm_head = any(n == "lm_head" or n.endswith(".lm_head") for n in quantized)
-    qc = quantization_config(config, skipped or [], lm_head)
+    grids = {n: (m.bits, m.group_size) for n, m in model.named_modules() if isinstance(m, GPTQLinear)}
+    qc = quantization_config(config, skipped or [], lm_head, grids)
     dtype = stored_dtype(model)
     state = None if weights_written else gptq_tensors(model, dtype)
     if lm_head:
@@ -143,11 +177,12 @@ def save_config(model: nn.Module, out_dir: Path) -> None:
 
 
 def divisibility_problems(model: nn.Module, group_size: int) -> list[tuple[str, int]]:
-    """Quantized layers whose input size the group size does not divide (vLLM refuses these)."""
+    """Quantized layers whose input size the group size does not divide (vLLM refuses these).
+    Each layer is checked with its own group size (a tuned model's may differ from ``group_size``)."""
     if group_size == -1:
         return []
     return [(n, m.in_features) for n, m in model.named_modules()
-            if isinstance(m, GPTQLinear) and m.in_features % group_size]
+            if isinstance(m, GPTQLinear) and m.group_size != -1 and m.in_features % m.group_size]
 
 
 def largest_dividing_group(sizes: list[int], group_size: int) -> int:
@@ -161,7 +196,6 @@ def load_gptq(folder: str, config, dtype: torch.dtype) -> nn.Module:
     """A GPTQ v1 (or v2) checkpoint -> model with ``GPTQLinear`` layers on the reference path."""
     qc = config.quantization_config
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    bits, group_size = int(qc["bits"]), int(qc["group_size"])
     del config.quantization_config
     weights = read_safetensors(folder)
     model = empty_model(config, dtype)
@@ -172,6 +206,7 @@ def load_gptq(folder: str, config, dtype: torch.dtype) -> nn.Module:
         except AttributeError:
             raise UserError(f"{folder}: quantized tensor {name}.qweight matches no layer of the model") from None
         in_f, out_f = linear_shape(layer)
+        bits, group_size = layer_grid(qc, name)  # mixed checkpoints: each module's own grid
         set_module(model, name, GPTQLinear(in_f, out_f, bits, group_size, f"{name}.bias" in weights))
         if v2:  # v2 stores true zeros; our buffers hold the v1 convention (zero - 1)
             weights[f"{name}.qzeros"] = pack(unpack(weights[f"{name}.qzeros"], bits, 1) - 1, bits, 1)

@@ -93,7 +93,8 @@ class Streamed:
         planned = copy.deepcopy(model)
         with torch.device("meta"):
             for name, (in_f, out_f, bias) in shapes.items():
-                set_module(planned, name, GPTQLinear(in_f, out_f, config.bits, config.group_size, bias))
+                own = config.for_layer(name)  # per-layer grids of a tuned model
+                set_module(planned, name, GPTQLinear(in_f, out_f, own.bits, own.group_size, bias))
         saved = as_saved(planned, gptq_tensors(planned, self.dtype))
         if saved is None:  # the same model as in __init__: not reached
             raise RuntimeError("the checkpoint's tensors cannot be written one by one")

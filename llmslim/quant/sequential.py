@@ -118,8 +118,8 @@ class LayerSolver:
         after ``solve``; the driver swaps it in once the block's forwards are over."""
         return None
 
-    def restore(self, block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Put a checkpointed finished block back (resume)."""
+    def restore(self, block: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Put a checkpointed finished block back (resume); ``prefix`` is the block's full name + "."."""
         block.load_state_dict(tensors)
 
 
@@ -134,20 +134,21 @@ class GPTQSolver(LayerSolver):
     def solve(self, name, layer, W, H):
         t0 = time.perf_counter()
         keep = (W == 0) if self.keep_zeros else None
-        r = gptq_quantize(W, H, **solver_options(self.config), keep_zeros=keep)
+        config = self.config.for_layer(name)  # a tuned model's layers each have their own grid
+        r = gptq_quantize(W, H, **solver_options(config), keep_zeros=keep)
         Wq = r.dequantize()
         log = LayerLog(name, W.shape[0], W.shape[1], r.loss, layer_loss(W, Wq, H), r.damp_percent,
                        time.perf_counter() - t0, r.fallback)
-        return Wq, r, log
+        return Wq, (r, config), log
 
     def postfix(self, log) -> str:
         return f"loss={log.gptq_loss:.3g}"
 
     def finish(self, layer, payload):
-        return _to_module(layer, payload, self.config)
+        return _to_module(layer, *payload)
 
-    def restore(self, block, tensors):
-        _swap_quantized(block, self.config, tensors)
+    def restore(self, block, tensors, prefix=""):
+        _swap_quantized(block, self.config, tensors, prefix)
 
 
 def _set_weight(layer: nn.Module, Wq: torch.Tensor) -> None:
@@ -422,7 +423,7 @@ def run_blocks(
             for i in range(start):
                 tensors, block_logs = state.load_block(i, solver.log_type)
                 io.load(i, blocks[i])
-                solver.restore(blocks[i], tensors)
+                solver.restore(blocks[i], tensors, f"{blocks_name}.{i}.")
                 io.done(i, blocks[i])
                 logs += block_logs
             hidden = state.load_hidden()
@@ -455,12 +456,13 @@ def _outputs(hidden, spill_root: Path | None, i: int) -> Activations:
     return Activations()
 
 
-def _swap_quantized(block: nn.Module, config: GPTQConfig, tensors: dict[str, torch.Tensor]) -> None:
+def _swap_quantized(block: nn.Module, config: GPTQConfig, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
     for name, layer in find_linears(block).items():
         if f"{name}.qweight" not in tensors:
             continue
         in_f, out_f = linear_weight(layer).shape[1], linear_weight(layer).shape[0]
-        q = GPTQLinear(in_f, out_f, config.bits, config.group_size, getattr(layer, "bias", None) is not None)
+        own = config.for_layer(prefix + name)
+        q = GPTQLinear(in_f, out_f, own.bits, own.group_size, getattr(layer, "bias", None) is not None)
         q.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
         set_module(block, name, q)
 
