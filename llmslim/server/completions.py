@@ -67,7 +67,9 @@ class Submission:
     ``DISCONNECT_POLL_S`` and for the request timeout.
     """
 
-    def __init__(self, state: ServerState, stream: bool = False):
+    def __init__(self, state: ServerState, stream: bool = False, arrival: float | None = None):
+        """``arrival``: when the request came (the loop's clock); the request timeout counts from
+        there, so time spent tokenizing or waiting for the tokenizer counts too."""
         self.state, self.stream = state, stream
         self.loop = asyncio.get_running_loop()
         self.items: deque[tuple[int, Event]] = deque()
@@ -77,7 +79,7 @@ class Submission:
         self._waiter: asyncio.Future | None = None
         self._pending = False  # a wake-up is scheduled on the loop and has not run yet
         timeout = state.request_timeout
-        self.deadline = self.loop.time() + timeout if timeout else None
+        self.deadline = (self.loop.time() if arrival is None else arrival) + timeout if timeout else None
 
     def _sink(self, k: int) -> Callable[[Event], None]:
         items, stream = self.items, self.stream
@@ -115,6 +117,8 @@ class Submission:
                 timer.cancel()
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], param: str) -> None:
+        if self.deadline is not None and self.loop.time() >= self.deadline:
+            raise _timeout_error(self.state)  # spent before the engine saw it: do not queue it
         try:
             for k, (ids, p) in enumerate(zip(prompts, params, strict=True)):
                 self.rids.append(self.state.engine.submit(ids, p, self._sink(k)))
@@ -249,6 +253,13 @@ def _max_tokens(state: ServerState, requested: int | None, prompt_len: int, para
     return requested
 
 
+def _check_lengths(state: ServerState, prompt_len: int, max_tokens: int, param: str) -> None:
+    try:
+        state.engine.check_lengths(prompt_len, max_tokens)
+    except LengthError as e:
+        raise APIError(400, str(e), "BadRequestError", param, "context_length_exceeded") from None
+
+
 def _check_supported(body: Sampling) -> None:
     refused = body.unsupported()
     if refused is not None:
@@ -311,6 +322,7 @@ class TextChoice:
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
+    arrival = asyncio.get_running_loop().time()
     state: ServerState = request.app.state.llmslim
     state.check_model(body.model)
     _check_supported(body)
@@ -318,10 +330,12 @@ async def completions(body: CompletionRequest, request: Request):
     want_lp = body.logprobs is not None
     params = [_params(state, body, _max_tokens(state, body.max_tokens, len(ids), "max_tokens", body.n),
                       body.logprobs, body.logprobs if body.echo and want_lp else None) for ids in prompts]
+    for ids, p in zip(prompts, params, strict=True):  # before echo decodes a prompt that cannot fit
+        _check_lengths(state, len(ids), p.max_tokens, "prompt")
     if body.echo and any(t is None for t in texts):  # token-id prompts: their text, off the event loop
         texts = await run_in_threadpool(lambda: [t if t is not None else state.decode(p)
                                                  for t, p in zip(texts, prompts, strict=True)])
-    sub = Submission(state, body.stream)
+    sub = Submission(state, body.stream, arrival)
     sub.submit(prompts, params, "prompt")
     rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.n
     choices = {k * n + i: TextChoice(state, want_lp) for k in range(len(prompts)) for i in range(n)}
@@ -459,6 +473,7 @@ def _chat_logprobs(state: ServerState, ids: list[int], entries: list[tuple[float
 
 @router.post("/v1/chat/completions")
 async def chat(body: ChatRequest, request: Request):
+    arrival = asyncio.get_running_loop().time()
     state: ServerState = request.app.state.llmslim
     state.check_model(body.model)
     _check_supported(body)
@@ -470,7 +485,7 @@ async def chat(body: ChatRequest, request: Request):
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = _params(state, body, _max_tokens(state, requested, len(ids), param, body.n),
                      (body.top_logprobs or 0) if body.logprobs else None, None)
-    sub = Submission(state, body.stream)
+    sub = Submission(state, body.stream, arrival)
     sub.submit([ids], [params], "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.name}

@@ -388,6 +388,29 @@ def test_input_size_is_checked_before_rendering_or_tokenizing(server, http, monk
     assert calls == []
 
 
+def test_token_id_prompts_are_length_checked_before_echo_decodes_them(server, http, monkeypatch):
+    """echo of a token-id prompt needs its text: a prompt that cannot fit is refused before that decode."""
+    calls = []
+    decode = server.state.decode
+    monkeypatch.setattr(server.state, "decode", lambda ids: calls.append(len(ids)) or decode(ids))
+    long = [40] * (server.engine.max_model_len + 1)
+    for prompt in (long, [[5, 6], long]):
+        assert_error(http.post("/v1/completions", json=GOOD | {"prompt": prompt, "echo": True, "max_tokens": 1}),
+                     400, "context_length_exceeded")
+    assert calls == []
+    ok = http.post("/v1/completions", json=GOOD | {"prompt": [40, 41], "echo": True, "max_tokens": 1})
+    assert ok.status_code == 200 and calls == [2]
+
+
+def test_raw_invalid_utf8_is_a_400(http):
+    """A surrogate written as raw UTF-8 bytes (not as a JSON escape) is not valid UTF-8: still a 400."""
+    for path, raw in (("/v1/completions", b'{"prompt": "ok\xed\xa0\x80bad"}'),
+                      ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}'),
+                      ("/tokenize", b'{"prompt": "\xed\xa0\x80"}')):
+        assert_error(http.post(path, content=raw, headers={"Content-Type": "application/json"}), 400)
+    assert_still_serving(http)
+
+
 # --- 8: echo + logprobs in bounded memory ---------------------------------------------------------------
 
 
@@ -460,6 +483,20 @@ def test_request_timeout():
                 assert time.time() < deadline, "the timed-out requests were not aborted"
                 time.sleep(0.05)
             assert http.post("/v1/completions", json=GOOD).status_code == 200
+    finally:
+        stop(running)
+
+
+def test_request_timeout_counts_from_arrival():
+    """Time spent tokenizing (or waiting for the tokenizer) counts: the timeout is from arrival."""
+    running = start(max_batch=4, request_timeout=1.0)
+    running.state.tokenizer = SlowTokenizer(running.state.tokenizer, 1.5)
+    try:
+        with httpx.Client(base_url=running.url, headers=AUTH, timeout=30) as http:
+            assert_error(http.post("/v1/completions", json=GOOD), 504, "request_timeout")
+            assert_error(http.post("/v1/chat/completions", json=CHAT), 504, "request_timeout")
+            # token ids need no tokenizer: served as usual
+            assert http.post("/v1/completions", json=GOOD | {"prompt": [5, 6, 7]}).status_code == 200
     finally:
         stop(running)
 
