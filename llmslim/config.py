@@ -167,6 +167,95 @@ class GPTQConfig(IntConfig):
         return bool(self.sparsity) or bool(self.nm)
 
 
+TUNE_BITS = (2, 3, 4, 8)
+TUNE_GROUPS = (32, 64, 128)
+BUDGET_KINDS = ("kl", "ppl", "size", "bpw")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What ``llmslim tune`` must meet: ``kl`` (nats/token, KL to the original), ``ppl`` (relative
+    perplexity increase, 0.05 for +5%), ``size`` (bytes of the checkpoint's weights) or ``bpw``
+    (bits per weight of the quantized layers, scales and zeros included)."""
+
+    kind: str
+    value: float
+
+    @property
+    def quality(self) -> bool:
+        return self.kind in ("kl", "ppl")
+
+    def __str__(self) -> str:
+        if self.kind == "ppl":
+            return f"ppl=+{self.value * 100:g}%"
+        if self.kind == "size":
+            return f"size={self.value / 1e6:g}MB"
+        return f"{self.kind}={self.value:g}"
+
+
+def parse_budget(text: str) -> Budget:
+    """``kl=0.1``, ``ppl=+5%``, ``size=90MB``, ``bpw=3.5`` -> ``Budget``."""
+    from .util import parse_size
+
+    kind, _, value = str(text).partition("=")
+    kind = kind.strip().lower()
+    if kind not in BUDGET_KINDS or not value.strip():
+        raise UserError(f"--budget must be one of kl=0.1, ppl=+5%, size=90MB, bpw=3.5; got {text!r}")
+    value = value.strip()
+    try:
+        if kind == "size":
+            number = float(parse_size(value))
+        elif kind == "ppl":
+            number = float(value.lstrip("+").rstrip("%")) / (100 if value.endswith("%") else 1)
+        else:
+            number = float(value)
+    except ValueError:
+        raise UserError(f"--budget {text}: {value!r} is not a number") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise UserError(f"--budget {text}: the value must be positive")
+    if kind == "bpw" and not 2 <= number <= 16:
+        raise UserError(f"--budget {text}: bits per weight must be between 2 and 16")
+    return Budget(kind, number)
+
+
+@dataclass(frozen=True)
+class TuneConfig(GPTQConfig):
+    """GPTQ with each layer's grid chosen to meet a budget (``llmslim tune``): every candidate
+    ``bits:group_size`` is priced on every layer (predicted KL increase, ``quant.sensitivity``),
+    the smallest model within a quality budget (or the best one within a size budget) is solved
+    for (``quant.allocate``), then GPTQ runs with the chosen grids. ``bits``/``group_size`` are
+    only the checkpoint's base grid: each layer that differs gets a ``dynamic`` override."""
+
+    stage: ClassVar[str] = "tune"
+    budget: str = ""
+    candidates: tuple[str, ...] = ()  # "bits:group_size"; () = bits 2/3/4/8 x groups 32/64/128
+    fisher_samples: int = 16  # calibration sequences for the Fisher pass
+    divisible: bool = True  # only group sizes that divide a layer's input size (vLLM needs it)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.overrides:
+            raise UserError("tune chooses every layer's grid: drop overrides")
+        if self.joint:
+            raise UserError("tune does not combine with --sparsity/--nm")
+        parse_budget(self.budget)
+        object.__setattr__(self, "candidates", tuple(str(c) for c in self.candidates))
+        if len(set(self.space)) != len(self.space):  # parsing checks every candidate
+            raise UserError(f"tune candidates repeat: {', '.join(self.candidates)}")
+        if not isinstance(self.fisher_samples, int) or self.fisher_samples < 1:
+            raise UserError(f"fisher_samples must be a positive integer, got {self.fisher_samples!r}")
+
+    @property
+    def space(self) -> list[tuple[int, int]]:
+        if not self.candidates:
+            return [(b, g) for b in TUNE_BITS for g in TUNE_GROUPS]
+        return [parse_override(f"x={c}")[1] for c in self.candidates]
+
+    @property
+    def target_budget(self) -> Budget:
+        return parse_budget(self.budget)
+
+
 def parse_override(entry: str) -> tuple[str, tuple[int, int]]:
     """``"model.layers.0.mlp.down_proj=3:64"`` -> (name, (3, 64))."""
     name, _, setting = str(entry).rpartition("=")
