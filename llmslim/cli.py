@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune(sub)
     add_info(sub)
     for module in ("llmslim.pipeline.commands", "llmslim.pipeline.recover_commands", "llmslim.metrics.commands",
-                   "llmslim.server.commands"):
+                   "llmslim.server.commands", "llmslim.tune.commands"):
         try:
             import importlib
 

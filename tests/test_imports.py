@@ -21,7 +21,7 @@ LAYERS = {
     "llmslim.quant": 1,
     "llmslim.formats": 2, "llmslim.loader": 2,
     "llmslim.pipeline": 3, "llmslim.runtime": 3,
-    "llmslim.metrics": 4, "llmslim.server": 4,
+    "llmslim.metrics": 4, "llmslim.server": 4, "llmslim.tune": 4,
     "llmslim.cli": 5,
 }
 

@@ -31,6 +31,7 @@ from ..config import (
     PruneConfig,
     RecoverConfig,
     RTNConfig,
+    TuneConfig,
 )
 from ..errors import UserError
 from .stages import SAME, handler_for, needs_calibration
@@ -46,9 +47,10 @@ STAGES: dict[str, Callable[..., object]] = {
     "export": ExportConfig,
     "prune": PruneConfig,
     "recover": RecoverConfig,
+    "tune": TuneConfig,
 }
 _CONFIG_TYPES = {"gptq": GPTQConfig, "rtn": RTNConfig, "nf4": BnbConfig, "fp4": BnbConfig, "int8": BnbConfig,
-                 "export": ExportConfig, "prune": PruneConfig, "recover": RecoverConfig}
+                 "export": ExportConfig, "prune": PruneConfig, "recover": RecoverConfig, "tune": TuneConfig}
 _IMPLIED = {"quant_type"}  # fields named by the stage itself, not keys
 _LAYER_KEYS = tuple(f.name for f in fields(LayerFilter))
 TOP_KEYS = ("llmslim_version", "calibration", "stages")
@@ -154,7 +156,7 @@ def _build(cls: type, make: Callable[..., object], options: object, label: str):
         raise UserError(f"{label}: expected a mapping, got {options!r}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in fields(cls) if f.name not in _IMPLIED]
-    if cls in (GPTQConfig, RTNConfig, BnbConfig, PruneConfig):
+    if cls in (GPTQConfig, RTNConfig, BnbConfig, PruneConfig, TuneConfig):
         known = [k for k in known if k != "layers"] + list(_LAYER_KEYS)
     for key, value in options.items():
         if key == "layers" and isinstance(value, LayerFilter):

@@ -9,6 +9,7 @@ New stages (pruning, recovery, export) plug in by adding one entry to ``HANDLERS
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from ..config import (
     PruneConfig,
     RecoverConfig,
     RTNConfig,
+    TuneConfig,
 )
 from ..data import calibration_tokens
 from ..errors import UserError
@@ -120,6 +122,22 @@ def run_gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> tuple[nn.Mod
     if config.layers.quantize_lm_head and not isinstance(model.get_output_embeddings(), GPTQLinear):
         logs.append(gptq_lm_head(model, config, ctx.calib, ctx.batch_size))
     return model, QuantReport(config.stage, logs, skipped, time.perf_counter() - t0)
+
+
+def run_tune(model: nn.Module, config: TuneConfig, ctx: Context) -> tuple[nn.Module, QuantReport]:
+    """Per-layer grids for a budget (``pipeline.tune``: measured sensitivities, exact allocation), then
+    GPTQ with them. As a recipe stage the result is the prediction; ``llmslim tune`` also verifies it
+    on held-out text and steps up when it misses."""
+    from .tune import tune_stage_config
+
+    if ctx.calib is None:
+        raise UserError("tune needs calibration data (--calib)")
+    t0 = time.perf_counter()
+    gptq, facts = tune_stage_config(model, config, ctx.calib, ctx.batch_size, ctx.device, ctx.max_memory)
+    model, report = run_gptq(model, gptq, dataclasses.replace(ctx, state_dir=None, resume=False))
+    report.stage, report.seconds = config.stage, time.perf_counter() - t0
+    report.extra["tune"] = facts
+    return model, report
 
 
 def run_bnb(model: nn.Module | None, config: BnbConfig, ctx: Context) -> tuple[nn.Module, QuantReport]:
@@ -251,6 +269,7 @@ HANDLERS: dict[type, Handler] = {
     ExportConfig: Handler(run_export, frozenset({"gptq", "float"}), "gguf", calibrated=False),
     RTNConfig: Handler(run_rtn, frozenset({"float"}), "gptq", calibrated=False),
     GPTQConfig: Handler(run_gptq, frozenset({"float"}), "gptq", calibrated=True),
+    TuneConfig: Handler(run_tune, frozenset({"float"}), "gptq", calibrated=True),
     BnbConfig: Handler(run_bnb, frozenset({"float"}), "bnb", calibrated=False, loads_source=True),
     RecoverConfig: Handler(run_recover, frozenset({"gptq", "float"}), SAME, calibrated=lambda c: c.mode == "block",
                            needs_teacher=True),

@@ -1,0 +1,219 @@
+"""From per-layer sensitivities and a budget to per-layer grids: the planning half of ``llmslim tune``.
+
+``sensitivities`` measures every candidate on every layer (``quant.sensitivity``, one pass of the
+block driver) or reads them from the cache, so a second budget on the same model takes seconds.
+``plan`` groups layers into units -- layers the fast kernels fuse (q/k/v, gate/up: they read the
+same input) share one grid, so a tuned model decodes with the same fused kernels as a uniform
+one -- and solves the allocation (``quant.allocate``). The result is a ``GPTQConfig`` with
+``overrides``: an ordinary GPTQ stage that reproduces the checkpoint without searching again.
+Checking the result on held-out text is the command's job (``llmslim.tune``): it needs metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import Budget, CalibConfig, GPTQConfig, TuneConfig
+from ..errors import UserError
+from ..models import cache_root
+from ..quant.allocate import Allocation, Unreachable, allocate, pareto_front
+from ..quant.sensitivity import Sensitivities, SensitivityLog, layer_bytes, measure
+from ..runtime.fusion import FUSE_GROUPS
+from ..util import atomic_write_text
+
+# The GPTQ options that change what a candidate costs (the cache key); bits/group are the candidates.
+_SOLVER_FIELDS = ("sym", "mse", "desc_act", "static_groups", "true_sequential", "damp_percent", "block_size",
+                  "act_group_aware")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Layers that get one grid together, with their common options' total bytes and predicted KL."""
+
+    names: tuple[str, ...]
+    options: tuple[str, ...]  # "bits:group_size"
+    bytes: tuple[int, ...]
+    kl: tuple[float, ...]
+    params: int  # weights in these layers
+
+
+@dataclass
+class Plan:
+    budget: Budget
+    config: GPTQConfig  # the GPTQ stage that makes it
+    choice: dict[str, str]  # layer -> "bits:group_size"
+    predicted_kl: float
+    predicted_bytes: int  # the checkpoint's weights: quantized layers + everything stored in float
+    bpw: float  # bits per weight of the quantized layers (scales, zeros, g_idx included)
+    internal: float  # the allocation's own target (max KL, or max bytes of the quantized layers)
+
+
+def cache_key(folder: str, config: TuneConfig, calib: CalibConfig) -> str:
+    """Same model files, calibration, solver options, space and Fisher samples -> same sensitivities."""
+    files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(folder).glob("*.safetensors"))
+    solver = {f: getattr(config, f) for f in _SOLVER_FIELDS}
+    key = json.dumps([str(Path(folder).resolve()), files, asdict(calib), solver, sorted(config.space),
+                      config.fisher_samples, config.divisible, asdict(config.layers), __version__], default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def cache_path(key: str) -> Path:
+    return cache_root() / "tune" / f"{key}.json"
+
+
+def save_sensitivities(s: Sensitivities, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"layers": [asdict(x) for x in s.layers], "shapes": s.shapes,
+                                        "fisher_tokens": s.fisher_tokens, "seconds": s.seconds}))
+
+
+def load_sensitivities(path: Path) -> Sensitivities | None:
+    try:
+        d = json.loads(path.read_text())
+        return Sensitivities([SensitivityLog(**x) for x in d["layers"]],
+                             {k: tuple(v) for k, v in d["shapes"].items()}, d["fisher_tokens"], d["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or from another version: measure again
+
+
+def sensitivities(model: nn.Module, config: TuneConfig, calib: torch.Tensor, key: str | None = None,
+                  batch_size: int | None = None, device: str = "cpu",
+                  max_memory: float | None = None) -> tuple[Sensitivities, bool]:
+    """The model's sensitivities, from the cache under ``key`` when there (second value True)."""
+    if key is not None:
+        cached = load_sensitivities(cache_path(key))
+        if cached is not None:
+            return cached, True
+    s, _ = measure(model, config, config.space, calib, config.fisher_samples, config.divisible,
+                   batch_size=batch_size, device=device, max_memory=max_memory)
+    if not s.layers:
+        raise UserError("no layer of the model can take any candidate of the space (bits "
+                        f"{sorted({b for b, _ in config.space})}, groups {sorted({g for _, g in config.space})})")
+    if key is not None:
+        save_sensitivities(s, cache_path(key))
+    return s, False
+
+
+def units(s: Sensitivities) -> list[Unit]:
+    """Layers grouped as the fast kernels fuse them; each unit's options are those all its layers take."""
+    by_name = {x.name: x for x in s.layers}
+    groups: dict[tuple, list[str]] = {}
+    for name in by_name:
+        parent, _, child = name.rpartition(".")
+        fused = next((g for g, members in FUSE_GROUPS.items() if child in members), None)
+        groups.setdefault((parent, fused) if fused else (name,), []).append(name)
+    out = []
+    for names in groups.values():
+        common = [c for c in by_name[names[0]].candidates if all(c in by_name[n].candidates for n in names)]
+        if not common:  # siblings that share no grid: each on its own
+            out += [_unit(s, [n], by_name) for n in names]
+            continue
+        out.append(_unit(s, names, by_name, common))
+    return out
+
+
+def _unit(s: Sensitivities, names: list[str], by_name: dict, options: list[str] | None = None) -> Unit:
+    options = options or by_name[names[0]].candidates
+    size, kl = [], []
+    for c in options:
+        bits, group = (int(v) for v in c.split(":"))
+        size.append(sum(layer_bytes(s.shapes[n][0], s.shapes[n][1], bits, group, s.shapes[n][2]) for n in names))
+        kl.append(sum(by_name[n].kl[by_name[n].candidates.index(c)] for n in names))
+    params = sum(s.shapes[n][0] * s.shapes[n][1] for n in names)
+    return Unit(tuple(names), tuple(options), tuple(size), tuple(kl), params)
+
+
+def float_bytes(model: nn.Module, quantized: set[str]) -> int:
+    """Bytes of everything the checkpoint stores besides the quantized layers (fp16, tied tensors once)."""
+    total, seen = 0, set()
+    skip = {f"{n}.{p}" for n in quantized for p in ("weight", "bias")}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if k in skip or v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        total += v.numel() * (2 if v.is_floating_point() else v.element_size())
+    return total
+
+
+def plan(s: Sensitivities, budget: Budget, base: GPTQConfig, fixed_bytes: int, internal: float | None = None) -> Plan:
+    """Per-layer grids for ``budget``. ``internal``: the allocation's target, when a retry tightens
+    it (default: the budget itself; ``ppl=+x%`` is the KL ln(1 + x): to first order a KL of k nats
+    per token raises the held-out perplexity by exp(k))."""
+    us = units(s)
+    sizes, costs = [list(u.bytes) for u in us], [list(u.kl) for u in us]
+    params = sum(u.params for u in us)
+    if internal is None:
+        internal = {"kl": budget.value, "ppl": math.log1p(budget.value), "size": budget.value - fixed_bytes,
+                    "bpw": budget.value * params / 8}[budget.kind]
+    if budget.quality:
+        result = allocate(sizes, costs, max_cost=internal)
+    else:
+        result = allocate(sizes, costs, max_size=internal)
+    if isinstance(result, Unreachable):
+        best = result.best
+        reach = (f"the least KL any choice predicts is {best.cost:.4g} (at {(best.size + fixed_bytes) / 1e6:.4g} MB)"
+                 if budget.quality else
+                 f"the smallest choice is {(best.size + fixed_bytes) / 1e6:.4g} MB, "
+                 f"{best.size * 8 / params:.2f} bits per weight")
+        raise UserError(f"--budget {budget} cannot be met with this space: {reach}")
+    return _plan(us, result, budget, base, fixed_bytes, params, internal)
+
+
+def _plan(us: list[Unit], a: Allocation, budget: Budget, base: GPTQConfig, fixed_bytes: int, params: int,
+          internal: float) -> Plan:
+    choice = {n: u.options[j] for u, j in zip(us, a.choice, strict=True) for n in u.names}
+    # The base grid: the one most weights use, so the dynamic rules stay few.
+    weight = Counter()
+    for u, j in zip(us, a.choice, strict=True):
+        weight[u.options[j]] += u.params
+    bits, group = (int(v) for v in weight.most_common(1)[0][0].split(":"))
+    overrides = tuple(f"{n}={c}" for n, c in choice.items() if c != f"{bits}:{group}")
+    keep = {f.name: getattr(base, f.name) for f in fields(GPTQConfig) if f.name not in ("bits", "group_size", "overrides")}
+    config = GPTQConfig(**keep, bits=bits, group_size=group, overrides=overrides)
+    return Plan(budget, config, choice, a.cost, int(a.size + fixed_bytes), a.size * 8 / params, internal)
+
+
+def uniform_points(s: Sensitivities, fixed_bytes: int) -> list[dict]:
+    """Predicted KL and bytes of every uniform setting of the space (layers that cannot take it keep
+    their nearest-in-size option), for the Pareto plot."""
+    us = units(s)
+    params = sum(u.params for u in us)
+    names = sorted({c for u in us for c in u.options}, key=lambda c: tuple(int(v) for v in c.split(":")))
+    out = []
+    for c in names:
+        size = kl = 0.0
+        for u in us:
+            j = u.options.index(c) if c in u.options else 0
+            size += u.bytes[j]
+            kl += u.kl[j]
+        out.append({"setting": c, "predicted_kl": kl, "bytes": int(size + fixed_bytes), "bpw": size * 8 / params})
+    return out
+
+
+def front(s: Sensitivities, fixed_bytes: int, points: int = 48) -> list[dict]:
+    us = units(s)
+    params = sum(u.params for u in us)
+    return [{"predicted_kl": a.cost, "bytes": int(a.size + fixed_bytes), "bpw": a.size * 8 / params}
+            for a in pareto_front([list(u.bytes) for u in us], [list(u.kl) for u in us], points)]
+
+
+def tune_stage_config(model: nn.Module, config: TuneConfig, calib: torch.Tensor, batch_size: int | None = None,
+                      device: str = "cpu", max_memory: float | None = None) -> tuple[GPTQConfig, dict]:
+    """What the recipe stage ``tune`` runs before GPTQ: measure (no cache: a stage has no model
+    identity), plan for the budget as predicted. Returns the GPTQ config and the facts to log."""
+    s, _ = sensitivities(model, config, calib, None, batch_size, device, max_memory)
+    fixed = float_bytes(model, set(s.shapes))
+    p = plan(s, config.target_budget, replace(config), fixed)
+    facts = {"budget": str(p.budget), "predicted_kl": p.predicted_kl, "predicted_bytes": p.predicted_bytes,
+             "bpw": p.bpw, "choice": p.choice, "sensitivity_seconds": s.seconds,
+             "note": "predicted only: llmslim tune verifies on held-out text"}
+    return p.config, facts
