@@ -121,3 +121,24 @@ def test_gptqmodel_reads_the_dynamic_config(mixed):
                        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == grids
+
+
+def test_a_killed_mixed_run_resumes_to_the_same_bytes(mixed, tmp_path, monkeypatch):
+    """Block 0's overridden layers come back from the checkpoint with their own grids."""
+    from llmslim.pipeline.run import compress_to_folder
+    from llmslim.quant import sequential
+
+    src, out, recipe = mixed
+    real_save = sequential.BlockState.save_block
+
+    def crash_after_first(self, i, *a):
+        real_save(self, i, *a)
+        if i == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sequential.BlockState, "save_block", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        compress_to_folder(str(src), recipe, tmp_path / "resumed", stream=False)
+    monkeypatch.setattr(sequential.BlockState, "save_block", real_save)
+    compress_to_folder(str(src), recipe, tmp_path / "resumed", resume=True, stream=False)
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
