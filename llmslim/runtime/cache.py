@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
+from .families import lean_ready
+
 CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, so calls can share one
 
 
@@ -32,7 +34,7 @@ def cache_kwarg(model: nn.Module) -> str:
 
 
 class AppendLayer(CacheLayerMixin):
-    """A cache layer ``runtime.lean.LeanLlama`` can write its single-row decode step into."""
+    """A cache layer ``runtime.lean.LeanDecoder`` can write its single-row decode step into."""
 
     @abstractmethod
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +129,9 @@ def _full_attention_only(config) -> bool:
 def make_cache(model: nn.Module, length: int):
     """A KV cache for ``length`` positions, reused across calls on the same model when big enough.
 
-    ``PreallocLayer``s for plain full-attention models, transformers' ``StaticCache`` otherwise.
+    ``PreallocLayer``s for plain full-attention models and for every model the lean forward runs
+    (it applies sliding windows itself, over a cache that keeps every key), transformers'
+    ``StaticCache`` otherwise.
     Sizes are rounded up to ``CACHE_BUCKET`` so that calls of similar length share one.
     """
     from transformers import StaticCache
@@ -139,7 +143,7 @@ def make_cache(model: nn.Module, length: int):
         return cache
     size = -(-length // CACHE_BUCKET) * CACHE_BUCKET
     config = model.config
-    if _full_attention_only(config):
+    if _full_attention_only(config) or lean_ready(model):
         n = config.get_text_config(decoder=True).num_hidden_layers
         cache = Cache(layers=[PreallocLayer(size) for _ in range(n)])
     else:
@@ -154,9 +158,16 @@ def make_cache(model: nn.Module, length: int):
 
 
 def new_cache(model: nn.Module):
-    """A fresh transformers ``DynamicCache`` for one prompt's prefill."""
+    """A fresh transformers ``DynamicCache`` for one prompt's prefill.
+
+    For a model the lean forward decodes, plain full layers even where the model has sliding
+    windows: the cache keeps every key (transformers' forward masks the window itself), so it
+    can join a ``BatchLayer`` batch, and the lean forward attends to each window's last columns.
+    """
     from transformers import DynamicCache
 
+    if lean_ready(model):
+        return DynamicCache()
     try:
         return DynamicCache(config=model.config)
     except (TypeError, ValueError, AttributeError):  # older transformers or odd configs
@@ -253,7 +264,7 @@ class BatchLayer(AppendLayer):
         return self.keys, self.values
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``update`` for a single row and keys/values laid out ``[T, heads, d]`` (``LeanLlama``'s
+        """``update`` for a single row and keys/values laid out ``[T, heads, d]`` (``LeanDecoder``'s
         decode path)."""
         T = k.shape[0]
         self.reserve(self.rows, 0, T)

@@ -95,6 +95,7 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
             set_module(model, name, Int8Linear.from_float(lm_head.weight, lm_head.bias))
     if hasattr(model, "config"):
         model.config.dtype = dtype
+    model._llmslim_accelerated = True  # the decode loops may run it on runtime.lean's forward
     if attention:
         use_decode_attention(model)
     gc.collect()

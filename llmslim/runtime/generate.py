@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .cache import cache_kwarg, make_cache
-from .lean import LeanLlama
+from .lean import LeanDecoder
 from .model_info import eos_ids
 from .sampling import Sampler, SamplingParams
 from .stops import StopStrings
@@ -114,15 +114,15 @@ def generate(
 class Stepper:
     """Runs the model one chunk at a time on a preallocated cache; returns the last logits.
 
-    Llama-family models prepared by ``runtime.fast.accelerate`` run through ``LeanLlama``;
-    every other model through its own ``forward``.
+    Models of a family ``runtime.families`` covers, prepared by ``runtime.fast.accelerate``, run
+    through ``LeanDecoder``; every other model through its own ``forward``.
     """
 
     def __init__(self, model: nn.Module, max_len: int):
         self.model = model
         self.cache = make_cache(model, max_len)
         self.cache_arg = cache_kwarg(model)
-        self.lean = LeanLlama.for_model(model, self.cache)
+        self.lean = LeanDecoder.for_model(model, self.cache)
         self.pos = 0
 
     def __call__(self, tokens: list[int]) -> torch.Tensor:

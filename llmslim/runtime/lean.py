@@ -1,28 +1,46 @@
-"""The forward of a Llama-family decoder with the Python around the arithmetic stripped.
+"""One decoder forward for every family in ``runtime.families``, with the Python around the
+arithmetic stripped.
 
 Both decode loops (``runtime.generate`` at batch 1, the server's ``kvbatch.PaddedBatch``) use
-it when ``LeanLlama.for_model`` finds exactly the structure it computes (fused projections
-from ``accelerate``, a cache of ``AppendLayer``s); every other model runs its own ``forward``.
-It lives apart from either loop because it is the one piece both share.
+it when ``LeanDecoder.for_model`` finds a family it computes on a model ``accelerate`` prepared
+and a cache of ``AppendLayer``s; every other model runs its own ``forward``. It lives apart
+from either loop because it is the one piece both share.
 """
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .cache import AppendLayer
-from .fusion import FusedLinear
+from .families import FAMILIES, activation, layer_windows, lean_ready, projection
+from .invariant import RowInvariant
 from .kernels import Int4Linear
 
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm (normalize in fp32, cast back, then the weight) in four ops."""
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _direct(module: nn.Module, dtype: torch.dtype):
+def _eps(norm: nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", None) or norm.eps
+
+
+def _norm(weight: torch.Tensor, eps: float, gemma: bool) -> Fn:
+    """transformers' RMSNorm of either kind as a plain function (normalize in fp32).
+
+    Llama's casts back before the weight; Gemma's multiplies by ``1 + w`` in fp32 and casts after.
+    """
+    n = weight.shape[-1]
+    if gemma:
+        w1 = 1.0 + weight.float()
+        return lambda x: (F.rms_norm(x.float(), (n,), eps=eps) * w1).to(x.dtype)
+    return lambda x: weight * F.rms_norm(x.float(), (n,), eps=eps).to(x.dtype)
+
+
+def _direct(module: nn.Module, dtype: torch.dtype) -> Fn:
     """A plain function for a linear module whose forward is one kernel call, else the module.
 
     Calling ``_weight_int4pack_mm_for_cpu`` directly skips the module's reshapes, casts and
@@ -35,140 +53,258 @@ def _direct(module: nn.Module, dtype: torch.dtype):
     return module
 
 
-class LeanLlama:
-    """The forward of a Llama-family decoder (Llama, Mistral, Qwen2) in as few ops as possible.
+def _signature(module: nn.Module) -> tuple:
+    """What decides a linear module's kernel path: its type, shapes/layout and dtype."""
+    first = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
+    return type(module).__name__, module.extra_repr(), getattr(first, "dtype", None)
+
+
+class Linear:
+    """One projection: a fused module, or sibling modules whose outputs are concatenated."""
+
+    def __init__(self, modules: list[nn.Module], dtype: torch.dtype):
+        fns = [_direct(m, dtype) for m in modules]
+        self.fn: Fn = fns[0] if len(fns) == 1 else (lambda x: torch.cat([f(x) for f in fns], -1))
+        self.key = tuple(_signature(m) for m in modules)
+
+
+def _rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``qk [M, heads, d]`` by ``cos``/``sin [M, 1, r]`` (r < d: the first r dims only).
+
+    ``sin`` comes with its first half negated: ``rotate_half(x) * sin == roll(x, r/2) * sin'``, one
+    op fewer per layer than transformers' ``cat(-x2, x1)``.
+    """
+    r = cos.shape[-1]
+    if r == qk.shape[-1]:
+        return torch.addcmul(qk * cos, torch.roll(qk, r // 2, -1), sin)
+    rot = qk[..., :r]
+    return torch.cat((torch.addcmul(rot * cos, torch.roll(rot, r // 2, -1), sin), qk[..., r:]), -1)
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float,
+           mask: torch.Tensor | None) -> torch.Tensor:
+    """Soft-capped attention as transformers' eager path computes it (SDPA has no soft-cap).
+
+    ``q [1, h, T, d]``, ``k``/``v [1, h_kv, L, d]`` with ``h`` a multiple of ``h_kv``; ``mask [T, L]``
+    (True: attend). A decode step's query heads may come folded as ``[1, h_kv, group, d]``.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    w = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / cap) * cap
+    if mask is not None:
+        w = w.masked_fill(~mask, float("-inf"))
+    return torch.matmul(F.softmax(w, -1, dtype=torch.float32).to(q.dtype), v)
+
+
+class Block:
+    """One decoder layer's weights as plain functions, and its few switches."""
+
+    def __init__(self, layer: nn.Module, family, window: int | None, dtype: torch.dtype, n_heads: int, n_kv: int):
+        attn, mlp = layer.self_attn, layer.mlp
+        gemma = family.gemma_norm
+        self.norm_in = _norm(layer.input_layernorm.weight, _eps(layer.input_layernorm), gemma)
+        self.qkv = Linear(projection(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), dtype)
+        self.o = Linear([attn.o_proj], dtype)
+        self.gate_up = Linear(projection(mlp, "gate_up_proj", ("gate_proj", "up_proj")), dtype)
+        self.down = Linear([mlp.down_proj], dtype)
+        self.inter = mlp.down_proj.in_features
+        act = activation(mlp)
+        self.act: Fn = F.silu if type(act).__name__ in ("SiLUActivation", "SiLU") else act
+        if family.sandwich:  # Gemma 2/3: the attention output and the MLP are normed before the residual
+            self.post_attn = _norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm), gemma)
+            self.norm_mlp = _norm(layer.pre_feedforward_layernorm.weight, _eps(layer.pre_feedforward_layernorm), gemma)
+            self.post_mlp = _norm(layer.post_feedforward_layernorm.weight, _eps(layer.post_feedforward_layernorm),
+                                  gemma)
+        else:
+            self.post_attn = self.post_mlp = None
+            self.norm_mlp = _norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm), gemma)
+        self.qk_norm = None
+        if family.qk_norm:  # q's and k's weights stacked per head: one norm over [M, heads + kv_heads, d]
+            d = attn.head_dim
+            w = torch.cat((attn.q_norm.weight.expand(n_heads, d), attn.k_norm.weight.expand(n_kv, d)))
+            self.qk_norm = _norm(w, _eps(attn.q_norm), gemma)
+        self.window = window
+        self.rope_key = getattr(attn, "layer_type", None) if family.rope_per_layer_type else None
+
+
+class LeanDecoder:
+    """The forward of a decoder of any family in ``runtime.families``, in as few ops as possible.
 
     At batch 1 and SmolLM2-135M size the int4 kernels take a few microseconds per layer and
     transformers' modular forward (module calls, decorators, mask and cache bookkeeping,
     separate q/k/v and gate/up calls) costs several times that. This forward does the same
-    arithmetic on the same modules with the Python around it stripped: fused q/k/v and
-    gate/up projections (made by ``accelerate``), rotary embedding applied to q and k in one
-    go, keys/values written straight into the ``PreallocLayer`` buffers, single-query
-    attention with grouped heads folded into the query axis. It is used only when the model
-    has exactly that structure; the results match the model's own forward (tests compare).
-    """
+    arithmetic on the same modules with the Python around it stripped: fused q/k/v and gate/up
+    projections, the rotary embedding applied to q and k in one go, keys/values written straight
+    into the ``AppendLayer`` buffers, single-query attention with grouped heads folded into the
+    query axis. Sliding-window layers keep every key and attend to the window's last columns.
 
-    ARCHS = ("llama", "mistral", "qwen2")
+    Batched decoding (``decode_batch``) is batch-invariant: a row's logits are bit for bit what
+    the same row decoded alone gives, whatever else is in the batch and however long the other
+    rows are. Attention runs per row over that row's own columns (no padding enters a
+    reduction), and every projection runs through ``invariant.RowInvariant`` (row counts whose
+    kernel sums in another order are cut into chunks that do not).
+    """
 
     def __init__(self, model: nn.Module):
         from torch.nn.functional import scaled_dot_product_attention
 
-        inner = model.model
-        config = model.config
+        inner, config = model.model, model.config
+        self.family = FAMILIES[config.model_type]
         attn = inner.layers[0].self_attn
         self.sdpa = scaled_dot_product_attention
-        self.embed, self.norm, self.rotary, self.head = inner.embed_tokens, inner.norm, inner.rotary_emb, model.lm_head
+        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
+        self.attn_cap = getattr(config, "attn_logit_softcapping", None)
+        self.final_cap = getattr(config, "final_logit_softcapping", None)
+        self.rope_keyed = "layer_type" in inspect.signature(self.rotary.forward).parameters
         dtype = self.embed.weight.dtype
-        self.layers = [
-            (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-             _direct(layer.self_attn.qkv_proj.inner, dtype), _direct(layer.self_attn.o_proj, dtype),
-             layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-             _direct(layer.mlp.gate_up_proj.inner, dtype), layer.mlp.gate_up_proj.sizes[0],
-             _direct(layer.mlp.down_proj, dtype))
-            for layer in inner.layers
-        ]
+        windows = layer_windows(config)
+        self.layers = [Block(layer, self.family, windows[i], dtype, self.n_heads, self.n_kv)
+                       for i, layer in enumerate(inner.layers)]
+        self.head = Linear([model.lm_head], dtype)
+        self.rows = RowInvariant()
 
     @classmethod
-    def for_model(cls, model: nn.Module, cache) -> LeanLlama | None:
-        """A ``LeanLlama`` for ``model`` if its structure is exactly the one this forward computes."""
-        if getattr(model, "_llmslim_no_lean", False):
+    def for_model(cls, model: nn.Module, cache) -> LeanDecoder | None:
+        """A ``LeanDecoder`` for ``model`` if ``accelerate`` prepared it, its family is covered and
+        ``cache`` is made of layers this forward writes into (``PreallocLayer``, ``BatchLayer``)."""
+        if not all(isinstance(layer, AppendLayer) for layer in cache.layers):
             return None
         lean = getattr(model, "_llmslim_lean", None)
         if lean is not None:
             return lean
-        config = getattr(model, "config", None)
-        inner = getattr(model, "model", None)
-        if config is None or inner is None or getattr(config, "model_type", None) not in cls.ARCHS:
+        if not lean_ready(model) or len(cache.layers) != len(model.model.layers):
             return None
-        if not all(isinstance(layer, AppendLayer) for layer in cache.layers):
-            return None  # caches it can write into directly (PreallocLayer, the server's BatchLayer)
-        if getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1:
-            return None
-        for part in ("embed_tokens", "norm", "rotary_emb", "layers"):
-            if not hasattr(inner, part):
-                return None
-        if len(cache.layers) != len(inner.layers):
-            return None
-        for layer in inner.layers:
-            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-            if not isinstance(getattr(attn, "qkv_proj", None), FusedLinear):
-                return None
-            if not isinstance(getattr(mlp, "gate_up_proj", None), FusedLinear):
-                return None
-            if type(mlp).__name__ not in ("LlamaMLP", "MistralMLP", "Qwen2MLP"):
-                return None
-            if type(attn).__name__ not in ("LlamaAttention", "MistralAttention", "Qwen2Attention"):
-                return None
         lean = cls(model)
         model._llmslim_lean = lean
         return lean
 
-    def __call__(self, input_ids: torch.Tensor, pos: int, cache) -> torch.Tensor:
-        """``input_ids [T]`` at positions ``pos..pos+T-1`` -> logits of the last position ``[vocab]``."""
-        T = input_ids.shape[0]
+    # --- pieces shared by every path ---
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> dict:
+        """cos and sign-folded sin ``[M, 1, r]`` for tokens at ``positions [M]``, per rotary table."""
+        keys = {b.rope_key for b in self.layers}
+        out = {}
+        for key in keys:
+            args = (key,) if self.rope_keyed else ()
+            cos, sin = self.rotary(x, positions.view(-1, 1), *args)  # [M, 1, r]: one "sequence" per token
+            half = cos.shape[-1] // 2
+            out[key] = cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return out
+
+    def _attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int | None):
+        """One new token of one sequence: ``q [nh, d]`` against its own ``keys``/``values [1, kv, L, d]``."""
+        if window is not None and keys.shape[2] > window:
+            keys, values = keys[:, :, -window:], values[:, :, -window:]
+        nkv, d = self.n_kv, self.head_dim
+        q = q.reshape(1, nkv, self.n_heads // nkv, d)  # grouped heads folded into the query axis
+        if self.attn_cap:
+            a = _eager(q, keys, values, self.scaling, self.attn_cap, None)
+        else:
+            a = self.sdpa(q, keys, values, scale=self.scaling)
+        return a.reshape(1, self.n_heads * d)
+
+    def _attend_chunk(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int,
+                      window: int | None) -> torch.Tensor:
+        """``T`` tokens at ``pos..`` (a prompt or a chunk of one): ``q [T, nh, d]``, keys of all ``pos + T``."""
+        T = q.shape[0]
+        start = max(0, pos - window + 1) if window is not None else 0  # older keys are outside every window
+        keys, values = keys[:, :, start:], values[:, :, start:]
+        mask = None
+        if pos or start or (window is not None and T > window) or (self.attn_cap and T > 1):
+            qpos = torch.arange(pos, pos + T).view(T, 1)
+            kpos = torch.arange(start, pos + T).view(1, -1)
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+        q = q.transpose(0, 1)[None]
+        if self.attn_cap:
+            a = _eager(q, keys, values, self.scaling, self.attn_cap, mask)
+        else:
+            a = self.sdpa(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scaling,
+                          enable_gqa=self.n_kv != self.n_heads)
+        return a[0].transpose(0, 1).reshape(T, self.n_heads * self.head_dim)
+
+    def _blocks(self, x: torch.Tensor, rope: dict, attend, linear) -> torch.Tensor:
+        """Every layer over ``x [M, hidden]``; ``attend(i, block, q, k, v)`` is the path's attention,
+        ``linear(proj, x)`` its way of calling a projection."""
+        M = x.shape[0]
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         nqk = (nh + nkv) * d
-        x = self.embed(input_ids)  # [T, hidden]
-        cos, sin = self.rotary(x, torch.arange(pos, pos + T).unsqueeze(0))
-        cos = cos[0, :, None, :]  # [T, 1, d]: broadcast over heads
-        # rotate_half(x) * sin == roll(x, d/2) * (sin with its first half negated): one op fewer per layer
-        half = d // 2
-        sin = torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
-        mask = None
-        if T > 1 and pos > 0:  # a chunk after earlier tokens: causal, shifted by what is cached
-            mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)
-        sdpa, scaling = self.sdpa, self.scaling
-        for i, (w1, eps1, qkv_proj, o_proj, w2, eps2, gate_up, inter, down) in enumerate(self.layers):
-            qkv = qkv_proj(_rms_norm(x, w1, eps1))
-            qk = qkv[:, :nqk].view(T, nh + nkv, d)
-            qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)
-            v = qkv[:, nqk:].view(T, nkv, d)
-            layer = cache.layers[i]
-            if T == 1 and layer.is_initialized:
-                keys, values = layer.append(qk[:, nh:], v)
-                # grouped heads folded into the query axis: [1, kv_heads, group, d]
-                a = sdpa(qk[:, :nh].reshape(1, nkv, nh // nkv, d), keys, values, scale=scaling).view(1, nh * d)
-            else:
-                keys, values = layer.update(qk[:, nh:].transpose(0, 1)[None], v.transpose(0, 1)[None])
-                a = sdpa(qk[:, :nh].transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=mask is None,
-                         scale=scaling, enable_gqa=nkv != nh)
-                a = a[0].transpose(0, 1).reshape(T, nh * d)
-            x = x + o_proj(a)
-            gu = gate_up(_rms_norm(x, w2, eps2))
-            x = x + down(F.silu(gu[:, :inter]) * gu[:, inter:])
-        x = self.norm(x[-1:])
-        return self.head(x)[0]
+        for i, b in enumerate(self.layers):
+            qkv = linear(b.qkv, b.norm_in(x))
+            qk = qkv[:, :nqk].view(M, nh + nkv, d)
+            if b.qk_norm is not None:
+                qk = b.qk_norm(qk)
+            cos, sin = rope[b.rope_key]
+            qk = _rotate(qk, cos, sin)
+            a = linear(b.o, attend(i, b, qk[:, :nh], qk[:, nh:], qkv[:, nqk:].view(M, nkv, d)))
+            x = x + (a if b.post_attn is None else b.post_attn(a))
+            gu = linear(b.gate_up, b.norm_mlp(x))
+            m = linear(b.down, b.act(gu[:, :b.inter]) * gu[:, b.inter:])
+            x = x + (m if b.post_mlp is None else b.post_mlp(m))
+        return x
 
-    def decode_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: torch.Tensor,
-                     cache) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, linear) -> torch.Tensor:
+        logits = linear(self.head, self.norm(x))
+        if self.final_cap:
+            logits = torch.tanh(logits / self.final_cap) * self.final_cap
+        return logits
+
+    # --- the paths ---
+
+    def __call__(self, input_ids: torch.Tensor, pos: int, cache) -> torch.Tensor:
+        """``input_ids [T]`` of one sequence at positions ``pos..pos+T-1`` -> logits of the last ``[vocab]``.
+
+        One token is exactly one row of ``decode_batch``; a longer chunk (a prompt, or a piece of
+        one) attends causally to what the cache holds and itself.
+        """
+        T = input_ids.shape[0]
+        x = self.embed(input_ids)
+        rope = self._rope(x, torch.arange(pos, pos + T))
+        layers = cache.layers
+
+        def attend(i, b, q, k, v):
+            layer = layers[i]
+            if T == 1 and layer.is_initialized:
+                keys, values = layer.append(k, v)
+                return self._attend_one(q[0], keys, values, b.window)
+            keys, values = layer.update(k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+            return self._attend_chunk(q, keys, values, pos, b.window)
+
+        x = self._blocks(x, rope, attend, _plain)
+        return self._logits(x[-1:], _plain)[0]
+
+    def decode_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """One token for each of ``B`` rows of a left-padded batch -> next-token logits ``[B, vocab]``.
 
-        ``positions [B]`` are each row's own positions; ``attend [B, L+1]`` (bool) says which cache
-        columns, the new one included, each row sees (its padding not). The cache layers take
-        ``update(keys [B, kv, 1, d], values)`` and return every column (the server's ``BatchLayer``).
+        ``positions [B]`` are each row's own positions (its real length so far). The cache layers
+        take ``update(keys [B, kv, 1, d], values)`` and return every column (the server's
+        ``BatchLayer``); row ``b``'s own columns are the last ``positions[b] + 1``.
         """
-        B = input_ids.shape[0]
-        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
-        nqk = (nh + nkv) * d
-        x = self.embed(input_ids)  # [B, hidden]
-        cos, sin = self.rotary(x, positions.view(B, 1))  # [B, 1, d]: broadcast over heads
-        half = d // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        mask = attend[:, None, None, :]  # [B, 1, 1, L+1] against queries [B, kv_heads, group, 1]
-        sdpa, scaling = self.sdpa, self.scaling
-        for i, (w1, eps1, qkv_proj, o_proj, w2, eps2, gate_up, inter, down) in enumerate(self.layers):
-            qkv = qkv_proj(_rms_norm(x, w1, eps1))
-            qk = qkv[:, :nqk].view(B, nh + nkv, d)
-            qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)
-            v = qkv[:, nqk:].view(B, nkv, 1, d)
-            keys, values = cache.layers[i].update(qk[:, nh:, None, :], v)
-            # grouped heads folded into the query axis: [B, kv_heads, group, d]
-            a = sdpa(qk[:, :nh].reshape(B, nkv, nh // nkv, d), keys, values, attn_mask=mask, scale=scaling)
-            x = x + o_proj(a.reshape(B, nh * d))
-            gu = gate_up(_rms_norm(x, w2, eps2))
-            x = x + down(F.silu(gu[:, :inter]) * gu[:, inter:])
-        return self.head(self.norm(x))
+        x = self.embed(input_ids)
+        rope = self._rope(x, positions)
+        lengths = (positions + 1).tolist()
+        layers = cache.layers
+
+        def attend(i, b, q, k, v):
+            keys, values = layers[i].update(k[:, :, None, :], v[:, :, None, :])
+            return torch.cat([self._attend_one(q[r], keys[r:r + 1, :, -n:], values[r:r + 1, :, -n:], b.window)
+                              for r, n in enumerate(lengths)])
+
+        rows = self.rows
+
+        def linear(proj, h):
+            return rows(proj.fn, proj.key, h)
+
+        return self._logits(self._blocks(x, rope, attend, linear), linear)
+
+
+def _plain(proj, h: torch.Tensor) -> torch.Tensor:
+    return proj.fn(h)

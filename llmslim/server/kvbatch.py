@@ -15,10 +15,11 @@ step writes one column in place and the attention reads views, so no step copies
 ``DynamicCache`` concatenates every layer's keys and values on every step: at 16 rows of a few
 hundred tokens that is ~100 MB moved per step on SmolLM2-135M). Buffers grow by doubling.
 
-Models that ``llmslim.runtime.fast.accelerate`` prepared (Llama family) decode the batch through
-``runtime.lean.LeanLlama.decode_batch`` — the same arithmetic without transformers' per-module
-Python — and a lone row through the batch-1 lean forward; every other model through its own
-``forward``.
+Models that ``llmslim.runtime.fast.accelerate`` prepared, of a family ``runtime.families`` covers,
+decode the batch through ``runtime.lean.LeanDecoder.decode_batch`` — the same arithmetic without
+transformers' per-module Python, batch-invariant (a row's logits are bit for bit those of the row
+decoded alone) — and a lone row through the batch-1 lean forward, which computes the same bits;
+every other model through its own ``forward``.
 
 Only plain ``DynamicLayer`` caches can be merged this way (sliding-window or recurrent layers
 keep extra state); ``runtime.cache.mergeable`` says so and the engine then decodes each
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from ..runtime.cache import BatchLayer, cache_kwarg, new_cache
-from ..runtime.lean import LeanLlama
+from ..runtime.lean import LeanDecoder
 
 
 class PaddedBatch:
@@ -96,24 +97,24 @@ class PaddedBatch:
             with torch.inference_mode():
                 return self.step(tokens)
         rows = len(self.pad)
-        # llmslim's lean forward when the model has one (Llama family after ``accelerate``): the
+        # llmslim's lean forward when the model has one (after ``accelerate``, families.py): the
         # same arithmetic without transformers' per-module Python, which at this model size costs
         # about as much as the batch-1 compute.
         if not self._lean_checked:  # the structure check walks every layer: once, not per step
-            self._lean, self._lean_checked = LeanLlama.for_model(self.model, self.cache), True
+            self._lean, self._lean_checked = LeanDecoder.for_model(self.model, self.cache), True
         lean = self._lean
         input_ids = torch.tensor(tokens, dtype=torch.long)
         if lean is not None and rows == 1 and self.pad[0] == 0:  # a batch of one: the batch-1 forward
             logits = lean(input_ids, self.length, self.cache).view(1, -1)
             self.length += 1
             return logits
-        pad = torch.tensor(self.pad).view(rows, 1)
-        attend = torch.arange(self.length + 1).view(1, -1) >= pad
         if lean is not None:
             positions = torch.tensor(self.positions(), dtype=torch.long)
-            logits = lean.decode_batch(input_ids, positions, attend, self.cache)
+            logits = lean.decode_batch(input_ids, positions, self.cache)
             self.length += 1
             return logits
+        pad = torch.tensor(self.pad).view(rows, 1)
+        attend = torch.arange(self.length + 1).view(1, -1) >= pad
         input_ids = input_ids.view(rows, 1)
         position_ids = torch.tensor(self.positions(), dtype=torch.long).view(rows, 1)
         mask = attend.long()

@@ -6,7 +6,7 @@ from transformers.cache_utils import Cache
 
 from llmslim.runtime.cache import AppendLayer, BatchLayer, PreallocLayer, make_cache, new_cache
 from llmslim.runtime.fast import accelerate
-from llmslim.runtime.lean import LeanLlama
+from llmslim.runtime.lean import LeanDecoder
 from tests.conftest import make_tiny_model
 
 
@@ -45,7 +45,7 @@ def test_both_layers_are_append_layers_and_only_they_take_the_lean_path():
     k = torch.randn(1, 2, 4, 16)
     assert isinstance(PreallocLayer(8), AppendLayer) and isinstance(BatchLayer(k, k.clone(), copies=1), AppendLayer)
     model = accelerate(make_tiny_model("llama").eval(), torch.float32)
-    assert LeanLlama.for_model(model, new_cache(model)) is None  # transformers' DynamicLayers: no append
+    assert LeanDecoder.for_model(model, new_cache(model)) is None  # transformers' DynamicLayers: no append
     assert getattr(model, "_llmslim_lean", None) is None
     batch = Cache(layers=[BatchLayer(k, k.clone(), copies=1) for _ in range(2)])
-    assert LeanLlama.for_model(model, batch) is not None
+    assert LeanDecoder.for_model(model, batch) is not None

@@ -25,7 +25,7 @@ def alone(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-lean"])
 def test_rows_join_leave_and_grow(arch):
     model = make_tiny_model(arch.removesuffix("-lean")).eval()
-    if arch.endswith("-lean"):  # fused modules: the batch decodes through LeanLlama.decode_batch
+    if arch.endswith("-lean"):  # fused modules: the batch decodes through LeanDecoder.decode_batch
         accelerate(model, torch.float32)
     prompts = [[5, 9, 17], [3, 4, 5, 6, 7, 8, 9, 10], [11] * 5, list(range(20, 40))]
     want = [alone(model, p, 12) for p in prompts]
