@@ -342,6 +342,7 @@ def cmd_info(args) -> int:
     from .nn import GPTQLinear
     from .quant.sparsity import sparsity_report
     from .quant.walk import find_blocks, find_linears
+    from .runtime.families import describe
 
     model, _ = load(args.model)
     blocks_name, blocks = find_blocks(model)
@@ -360,6 +361,7 @@ def cmd_info(args) -> int:
         "bytes_on_disk": folder_bytes(resolve(args.model)),
         "sparsity": {k: sparsity[k] for k in ("sparsity", "nm", "by_type")},
         "pruning": getattr(model.config, "pruning", None),
+        "fast_path": describe(model),  # what `llmslim serve` decodes it with (runtime/families.py)
     }
     if args.json:
         print(json.dumps(info, indent=2))

@@ -126,5 +126,5 @@ def describe(model: nn.Module) -> str:
     """What ``llmslim serve``/``generate`` decode this model with, for ``llmslim info``."""
     why = lean_support(model)
     if why is None:
-        return f"lean forward ({model.config.model_type}), batch-invariant batched decoding, after accelerate"
+        return f"lean forward ({model.config.model_type}) when served fast (default): batch-invariant batching"
     return f"transformers' own forward ({why})"

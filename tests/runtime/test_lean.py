@@ -269,3 +269,20 @@ def test_row_invariant_cuts_where_the_kernel_varies():
     assert sorted(calls) == [3, 4, 4]  # probed once: later calls only run the plan
     same = RowInvariant()
     assert same.plan(lambda x: x + 1, "k", 11, 3, x.dtype) == [11]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_neox"])
+def test_llmslim_info_names_the_path(family, tmp_path, capsys):
+    import json
+
+    from llmslim.cli import main
+
+    model = tiny(family) if family in FAMILIES else make_tiny_model(family)
+    model.save_pretrained(tmp_path / "m")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "m")
+    assert main(["info", str(tmp_path / "m"), "--json"]) == 0
+    path = json.loads(capsys.readouterr().out)["fast_path"]
+    if family in FAMILIES:
+        assert path.startswith("lean forward (gemma2)")
+    else:
+        assert path.startswith("transformers' own forward") and "gpt_neox" in path
