@@ -2,6 +2,7 @@
 (one client, non-streaming and streaming), side by side in one run (issue 20).
 
     python serve/bench_batch1.py CKPT [--tokens 128] [--prompt-tokens 128] [--repeats 5] [--threads 2]
+    python serve/bench_batch1.py CKPT --smoke     # proves it runs (8 tokens, 1 round, 1 thread): no figures
 
 Two worker processes hold the model: a direct one (loaded as ``llmslim serve`` loads it: the
 loader, then ``accelerate``) and the real ``llmslim serve`` command on 127.0.0.1. Each round
@@ -119,8 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-fast", dest="fast", action="store_false", help="the float reference path on both sides")
     p.add_argument("--json", default=None, help="write the rounds and the summary here")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny run that proves the script works (8 tokens, 16-token prompt, 1 round, 1 thread)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.smoke:
+        args.tokens, args.prompt_tokens, args.repeats, args.threads = 8, 16, 1, 1
     if args.worker:
         return worker(args)
 
