@@ -20,6 +20,7 @@ import sys
 import time
 
 import httpx
+from bench_batch1 import step_seconds  # (this folder is on sys.path when run as a script)
 
 IDS = list(range(1000, 1128))  # a 128-token prompt, as token ids
 SPY = os.environ.get("PY_SPY") or shutil.which("py-spy") or "py-spy"
@@ -82,16 +83,6 @@ def direct(ckpt: str, n: int, tokens: int, spy_out: str) -> dict:
     unspy(s)
     p.wait()
     return {"mode": "direct", **result}
-
-
-def step_seconds(http: httpx.Client) -> tuple[float, float]:
-    total = count = 0.0
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith("llmslim_decode_step_seconds_sum "):
-            total = float(line.split()[1])
-        elif line.startswith("llmslim_decode_step_seconds_count "):
-            count = float(line.split()[1])
-    return total, count
 
 
 def served(ckpt: str, stream: bool, n: int, tokens: int, spy_out: str) -> dict:
