@@ -187,11 +187,14 @@ def cmd_serve(args) -> int:
 
 
 def uvicorn_config(args, app):
-    """uvicorn's configuration for ``llmslim serve``: bounded concurrency, no access log spam."""
+    """uvicorn's configuration for ``llmslim serve``: bounded concurrency (answered in OpenAI's
+    error shape), no access log spam."""
     import uvicorn
 
+    from .startup import ConcurrencyLimit
+
     limit = args.limit_concurrency or 2 * ((args.max_batch or 16) + args.max_queue) + 64
-    return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=limit)
+    return uvicorn.Config(ConcurrencyLimit(app, limit), host=args.host, port=args.port, log_level=args.log_level)
 
 
 def _loopback(host: str) -> bool:

@@ -65,3 +65,28 @@ class Loading:
         if scope["type"] == "http":
             body = error_body(LOADING_MESSAGE, "server_error", None, "model_loading")
             await JSONResponse(body, 503, headers={"Retry-After": "1"})(scope, receive, send)
+
+
+OVERLOADED_MESSAGE = "too many requests in flight; retry shortly"
+ALWAYS_ANSWERED = ("/health", "/metrics")  # cheap, and probes must see an overloaded server as alive
+
+
+class ConcurrencyLimit:
+    """ASGI wrapper: at most ``limit`` HTTP requests in flight; beyond that 503 in OpenAI's error
+    shape with ``Retry-After`` (uvicorn's own ``limit_concurrency`` answers a plain-text 503 that
+    OpenAI clients cannot parse). ``/health`` and ``/metrics`` are always answered."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit, self.in_flight = app, limit, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in ALWAYS_ANSWERED:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            body = error_body(OVERLOADED_MESSAGE, "server_error", None, "overloaded")
+            return await JSONResponse(body, 503, headers={"Retry-After": "1"})(scope, receive, send)
+        self.in_flight += 1  # one event loop: no lock needed between the check and the increment
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

@@ -570,7 +570,7 @@ def test_cli_sets_concurrency_limit_and_timeout():
     assert args.request_timeout == 30 and args.limit_concurrency == 100 and args.max_kv_memory == int(1.5 * 2**30)
     defaults = parser.parse_args(["serve", "ckpt"])
     config = commands.uvicorn_config(defaults, app=None)
-    assert config.limit_concurrency and config.limit_concurrency >= 16 + 64
+    assert config.app.limit >= 16 + 64
     for bad in (["--max-kv-memory", "lots"], ["--request-timeout", "-1"], ["--max-kv-tokens", "0"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", "ckpt", *bad])
@@ -634,3 +634,52 @@ def test_kv_memory_in_bytes_becomes_a_token_budget():
     # 2 layers x (keys + values) x 2 KV heads x 16 dims x 4 bytes (float32) = 512 bytes a token
     engine = Engine(model, tok, max_batch=4, max_kv_memory=512 * 1000)
     assert engine.kv_bytes_per_token == 512 and engine.max_kv_tokens == 1000
+
+
+def test_over_the_concurrency_limit_is_a_503_in_openai_shape():
+    """Beyond --limit-concurrency a request gets OpenAI's error shape (uvicorn's own limit answers
+    plain text), while /health is still answered; freed slots serve again."""
+    import asyncio
+
+    import uvicorn
+    from starlette.responses import JSONResponse
+
+    from llmslim.server.startup import ConcurrencyLimit
+
+    release = threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/slow":
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 20)
+        await JSONResponse({"ok": scope["path"]})(scope, receive, send)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(ConcurrencyLimit(app, 2), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                httpx.get(base + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        slow = [threading.Thread(target=httpx.get, args=(base + "/slow",), kwargs={"timeout": 30}) for _ in range(2)]
+        for t in slow:
+            t.start()
+        time.sleep(0.5)
+        r = httpx.get(base + "/v1/models", timeout=5)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "server_error"
+        assert httpx.get(base + "/health", timeout=5).status_code == 200
+        release.set()
+        for t in slow:
+            t.join(10)
+        assert httpx.get(base + "/v1/models", timeout=5).json() == {"ok": "/v1/models"}
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(10)
