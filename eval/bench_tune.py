@@ -1,0 +1,277 @@
+"""``llmslim tune`` on the reference model (issue 14's benchmark).
+
+Protocol (eval/bench_gptq.py's): calibration = 128 x 512-token windows of the built-in wiki corpus
+(first 80% of the articles, seed 0); everything measured on the first 44 non-overlapping 1024-token
+windows of the held-out 20%, no BOS, KL(original || model) per token. The search never sees them.
+
+Rows:
+  tune <budget>     10 budgets: KL 0.02 / 0.05 / 0.1 / 0.2 / 0.5 and sizes 60 / 80 / 100 / 120 / 160 MB
+                    (a budget no choice reaches is recorded with the best reachable, as the command says);
+                    the first row measures the sensitivities, the others read them from the cache
+  uniform b:g       GPTQ at every bits x group of the space (bits 2/3/4/8 x groups 32/64: 128 does not
+                    divide SmolLM2's 576), same calibration; its time is "one GPTQ run"
+  tune size=<u>     tune at exactly the size of the uniform 3:64 and 4:64 checkpoints: KL at equal size
+  llama.cpp         Q4_K_M and Q3_K_M from llama.cpp's own quantizer, perplexity on the same windows
+                    (needs --llama-python, a venv with llama-cpp-python==0.3.36, and llama.cpp's conversion
+                    code: make llama-cpp)
+  speed             batch-1 decode tokens/s of the tuned checkpoints nearest 4 bits/weight vs uniform 4:64
+                    (llmslim eval --speed: the int4/int8 kernels)
+
+Criteria (issue 14): budget met on held-out text for >= 9 of 10; at equal size KL <= 0.8x the uniform
+row's at ~3 bits/weight and <= 1x at ~4; decode speed >= 0.9x uniform 4-bit.
+
+    python eval/bench_tune.py                      # the whole benchmark (hours on 2 cores)
+    python eval/bench_tune.py --smoke              # minutes: the plumbing only, numbers mean nothing
+    python eval/bench_tune.py --report             # the table of an earlier run
+
+Results: eval/results/tune.json (--out) and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+MODEL = "smollm2-135m"
+BUDGETS = ["kl=0.02", "kl=0.05", "kl=0.1", "kl=0.2", "kl=0.5", "size=60MB", "size=80MB", "size=100MB", "size=120MB",
+           "size=160MB"]
+UNIFORM = [f"{b}:{g}" for b in (2, 3, 4, 8) for g in (32, 64)]
+LLAMA_TYPES = {"Q4_K_M": 15, "Q3_K_M": 12}  # llama_ftype values
+
+
+def sh(cmd: list, **kw) -> subprocess.CompletedProcess:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    return subprocess.run(list(map(str, cmd)), **kw)
+
+
+def llmslim(*args) -> list:
+    return [sys.executable, "-m", "llmslim.cli", *args]
+
+
+def calib_args(args) -> list:
+    return ["--calib", "wiki", "--nsamples", args.nsamples, "--seqlen", args.calib_seqlen]
+
+
+def tune_row(budget: str, args, work: Path) -> dict:
+    out = work / f"tune-{budget.replace('=', '-').replace('%', 'pct')}"
+    t0 = time.perf_counter()
+    extra = ["--space", args.space] if args.space else []
+    p = sh(llmslim("tune", MODEL, "--budget", budget, "--out", out, *calib_args(args), "--eval-windows", args.windows,
+                   "--eval-seqlen", args.seqlen, "--force", *extra), capture_output=True, text=True)
+    row = {"row": f"tune {budget}", "budget": budget, "seconds": round(time.perf_counter() - t0, 1)}
+    if p.returncode == 2:  # unreachable (or refused): the command's one line names the best reachable
+        return row | {"refused": p.stderr.strip().splitlines()[-1]}
+    if p.returncode:
+        raise SystemExit(f"tune {budget} failed:\n{p.stderr[-3000:]}")
+    t = json.loads((out / "tune.json").read_text())
+    a = t["attempts"][-1]
+    return row | {"dir": str(out), "met": t["met"], "attempts": len(t["attempts"]), "predicted_kl": a["predicted_kl"],
+                  "kl": a["measured_kl"], "ppl": a["perplexity"], "base_ppl": a["baseline_perplexity"],
+                  "bytes": a["measured_bytes"], "bpw": a["bpw"], "cached": t["sensitivity"]["cached"],
+                  "sensitivity_seconds": t["sensitivity"]["seconds"]}
+
+
+def evaluate(ckpt: Path, args, speed: bool = False) -> dict:
+    res = ckpt.with_suffix(".eval.json")
+    sh(llmslim("eval", ckpt, "--baseline", MODEL, "--ppl", "wiki", "--seqlen", args.seqlen, "--ppl-tokens",
+               args.windows * args.seqlen + 1, "--output", res, "--no-progress", *(["--speed"] if speed else [])),
+       check=True)
+    return json.loads(res.read_text())
+
+
+def uniform_row(setting: str, args, work: Path) -> dict:
+    bits, group = setting.split(":")
+    out = work / f"uniform-{bits}-{group}"
+    t0 = time.perf_counter()
+    sh(llmslim("quantize", MODEL, "--bits", bits, "--group-size", group, *calib_args(args), "--out", out, "--force"),
+       check=True)
+    made = time.perf_counter() - t0
+    ev = evaluate(out, args)
+    div = ev["perplexity"]["divergence"]
+    return {"row": f"uniform {setting}", "dir": str(out), "gptq_seconds": round(made, 1),
+            "kl": div["kl_mean"], "ppl": ev["perplexity"]["perplexity"], "base_ppl": div["baseline_perplexity"],
+            "bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
+
+
+def llama_rows(args, work: Path) -> list[dict]:
+    if not args.llama_python:
+        return [{"row": f"llama.cpp {t}", "skipped": "needs --llama-python"} for t in LLAMA_TYPES]
+    from bench_gguf import LLAMA_SCRIPT, windows
+
+    from llmslim.formats.gguf import llama_cpp_dir
+    from llmslim.models import resolve
+
+    f32 = work / "f32.gguf"
+    if not f32.exists():
+        sh([sys.executable, llama_cpp_dir() / "convert_hf_to_gguf.py", resolve(MODEL), "--outfile", f32, "--outtype",
+            "f32"], check=True)
+    wfile = work / "windows.json"
+    wfile.write_text(json.dumps(windows(args.windows, args.seqlen)))
+    base = sh([args.llama_python, "-c", LLAMA_SCRIPT, "ppl", f32, wfile], capture_output=True, text=True, check=True)
+    base_ppl = json.loads(base.stdout.strip().splitlines()[-1])["ppl"]
+    rows = []
+    for name, ftype in LLAMA_TYPES.items():
+        out = work / f"{name}.gguf"
+        sh([args.llama_python, "-c", LLAMA_SCRIPT, "quantize", f32, out, ftype], check=True)
+        p = sh([args.llama_python, "-c", LLAMA_SCRIPT, "ppl", out, wfile], capture_output=True, text=True, check=True)
+        rows.append({"row": f"llama.cpp {name}", "ppl": json.loads(p.stdout.strip().splitlines()[-1])["ppl"],
+                     "base_ppl_llama_cpp": base_ppl, "bytes": out.stat().st_size,
+                     "note": "file size includes the embeddings at llama.cpp's types; ppl from llama.cpp itself"})
+    return rows
+
+
+def rank_row(args) -> dict:
+    """The prediction against the exact measurement on the reference model: (layer, candidate) pairs
+    from every 6th block, every layer type, 2/3/4-bit; each measured as the KL increase with only that
+    layer quantized, on calibration windows (Spearman's rank correlation)."""
+    import random
+
+    import torch
+
+    from llmslim.config import GPTQConfig, LayerFilter
+    from llmslim.data import calibration_tokens
+    from llmslim.formats.hf import load_hf, load_tokenizer
+    from llmslim.models import resolve
+    from llmslim.quant.sensitivity import base_log_probs, measure, measured_kl, spearman
+    from llmslim.quant.walk import find_blocks, find_linears
+
+    folder = resolve(MODEL)
+    model, tok = load_hf(folder, torch.float32).eval(), load_tokenizer(folder)
+    blocks_name, blocks = find_blocks(model)
+    step = 6 if not args.smoke else len(blocks)
+    names = [f"{blocks_name}.{i}.{n}" for i in range(0, len(blocks), step) for n in find_linears(blocks[i])]
+    space = [(2, 64), (3, 64), (4, 64)]
+    rng = random.Random(0)
+    pairs = [(n, f"{b}:{g}") for n in names for b, g in space]
+    pairs = sorted(rng.sample(pairs, min(len(pairs), args.rank_pairs)))
+    calib = calibration_tokens("wiki", tok, args.nsamples, args.calib_seqlen, seed=0)
+    config = GPTQConfig(group_size=64, layers=LayerFilter(include=tuple(sorted({n for n, _ in pairs}))))
+    t0 = time.perf_counter()
+    s, kept = measure(model, config, space, calib, fisher_samples=min(16, args.nsamples), keep=set(pairs))
+    predicted_s = time.perf_counter() - t0
+    by_name = {x.name: x for x in s.layers}
+    check = calib[: args.rank_samples]
+    base = base_log_probs(model, check)
+    t0 = time.perf_counter()
+    predicted, measured = [], []
+    for n, c in pairs:
+        predicted.append(by_name[n].kl[by_name[n].candidates.index(c)])
+        measured.append(measured_kl(model, {n: kept[(n, c)]}, base, check))
+    return {"row": "prediction vs measurement", "pairs": len(pairs), "spearman": spearman(predicted, measured),
+            "predicted": predicted, "measured": measured, "pair_names": pairs,
+            "seconds": {"predicted": round(predicted_s, 1), "measured": round(time.perf_counter() - t0, 1)}}
+
+
+def nearest(rows: list[dict], bpw: float) -> dict | None:
+    tuned = [r for r in rows if r.get("bpw") and r["row"].startswith("tune")]
+    return min(tuned, key=lambda r: abs(r["bpw"] - bpw)) if tuned else None
+
+
+def report(results: dict, out: Path) -> str:
+    rows = results["rows"]
+    lines = ["| row | met | attempts | predicted KL | KL (held-out) | perplexity | MB | bits/weight | seconds |",
+             "|---|:---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "refused" in r or "skipped" in r:
+            lines.append(f"| {r['row']} | {r.get('refused') or r.get('skipped')} ||||||||")
+            continue
+
+        def f(k, fmt, r=r):
+            return format(r[k], fmt) if r.get(k) is not None else ""
+
+        met = "" if "met" not in r else ("yes" if r["met"] else "NO")
+        mb = f"{r['bytes'] / 1e6:.1f}" if r.get("bytes") else ""
+        lines.append(f"| {r['row']} | {met} | {r.get('attempts', '')} | {f('predicted_kl', '.4f')} | {f('kl', '.4f')} | "
+                     f"{f('ppl', '.3f')} | {mb} | {f('bpw', '.3f')} | {r.get('seconds', r.get('gptq_seconds', ''))} |")
+    budget_rows = [r for r in rows if r["row"].startswith("tune ") and r["budget"] in BUDGETS]
+    met = sum(bool(r.get("met")) for r in budget_rows)
+    lines += ["", f"Budgets met on held-out text: {met} of {len(budget_rows)} (refused as unreachable: "
+              f"{sum('refused' in r for r in budget_rows)})."]
+    for k, v in results.get("criteria", {}).items():
+        lines.append(f"- {k}: {v}")
+    text = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(text)
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", nargs="+", default=BUDGETS)
+    p.add_argument("--uniform", nargs="+", default=UNIFORM, help="bits:group rows")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=44)
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--space", help="SPACE.yaml passed to every tune row (default: the command's)")
+    p.add_argument("--llama-python", help="python of a venv with llama-cpp-python==0.3.36")
+    p.add_argument("--rank-pairs", type=int, default=40, help="(layer, candidate) pairs measured exactly")
+    p.add_argument("--rank-samples", type=int, default=8, help="calibration windows for the exact measurement")
+    p.add_argument("--work", type=Path, default=Path("out/bench_tune"))
+    p.add_argument("--out", type=Path, default=HERE / "results" / "tune.json")
+    p.add_argument("--smoke", action="store_true",
+                   help="plumbing only: calibration 8 x 128, 2 held-out windows of 256, a 2-candidate space, "
+                   "2 budgets, 2 uniform rows, no llama.cpp; the numbers mean nothing")
+    p.add_argument("--report", action="store_true", help="run nothing: print the table of --out")
+    args = p.parse_args()
+    if args.report:
+        print(report(json.loads(args.out.read_text()), args.out))
+        return
+    if args.smoke:
+        args.nsamples, args.calib_seqlen, args.windows, args.seqlen = 8, 128, 2, 256
+        args.budgets, args.uniform, args.llama_python = ["bpw=5", "kl=0.5"], ["4:64", "8:64"], None
+        args.rank_pairs, args.rank_samples = 6, 2
+        args.work.mkdir(parents=True, exist_ok=True)
+        space = args.work / "smoke-space.yaml"
+        space.write_text("candidates: ['4:64', '8:64']\n")
+        args.space = str(space)
+        if args.out == HERE / "results" / "tune.json":
+            args.out = args.work / "tune-smoke.json"
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rank = rank_row(args)
+    rows = [tune_row(b, args, args.work) for b in args.budgets]
+    uniform = [uniform_row(u, args, args.work) for u in args.uniform]
+    rows += uniform
+    # Equal size: tune to the very size of the uniform ~3 and ~4 bits/weight checkpoints.
+    criteria = {}
+    for u in uniform:
+        if u["row"] in ("uniform 3:64", "uniform 4:64"):
+            r = tune_row(f"size={u['bytes']}B", args, args.work)
+            rows.append(r)
+            if "kl" in r:
+                criteria[f"KL at the size of {u['row']}"] = (f"tuned {r['kl']:.4f} vs uniform {u['kl']:.4f} = "
+                                                            f"{r['kl'] / u['kl']:.2f}x")
+    rows += llama_rows(args, args.work)
+    # Decode speed: the tuned checkpoint nearest 4 bits/weight against uniform 4-bit g64.
+    four = next((u for u in uniform if u["row"] == "uniform 4:64"), None)
+    near = nearest(rows, 4.0)
+    if four and near:
+        s_u = evaluate(Path(four["dir"]), args, speed=True)["speed"]["decode_tokens_per_s"]
+        s_t = evaluate(Path(near["dir"]), args, speed=True)["speed"]["decode_tokens_per_s"]
+        criteria["decode speed"] = (f"{near['row']} ({near['bpw']:.2f} bits/weight) {s_t:.1f} tok/s vs uniform 4:64 "
+                                    f"{s_u:.1f} = {s_t / s_u:.2f}x")
+    gptq = next((u["gptq_seconds"] for u in uniform if u["row"] == "uniform 4:64"), None)
+    first = next((r for r in rows if r["row"].startswith("tune") and not r.get("cached") and "seconds" in r), None)
+    if gptq and first:
+        criteria["search time"] = (f"{first['row']} (sensitivities measured, one GPTQ run, verification) "
+                                   f"{first['seconds']:.0f} s vs one uniform GPTQ run {gptq:.0f} s = "
+                                   f"{first['seconds'] / gptq:.1f}x")
+    criteria["rank correlation"] = (f"Spearman {rank['spearman']:.3f} between predicted and measured KL over "
+                                    f"{rank['pairs']} (layer, candidate) pairs")
+    rows.append(rank)
+    results = {"protocol": {k: getattr(args, k) for k in ("nsamples", "calib_seqlen", "windows", "seqlen", "smoke")},
+               "rows": rows, "criteria": criteria}
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    print(report(results, args.out))
+
+
+if __name__ == "__main__":
+    main()
