@@ -6,7 +6,7 @@ OUT ?= out
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup test test-slow lint demo clean llama-cpp browser
+.PHONY: setup test test-slow lint demo clean llama-cpp llama browser
 
 setup: $(VENV)/.installed $(VENV)/llama.cpp/.installed
 
@@ -53,6 +53,33 @@ $(LMEVAL_VENV)/.installed: $(VENV)/.installed
 		accelerate==$$($(PY) -c 'import accelerate; print(accelerate.__version__)')
 	touch $@
 
+# llama.cpp itself, for the GGUF tests that run llmslim's files in it (tests/formats/test_gguf_llama_cpp.py)
+# and eval/bench_gguf.py: one CMake build of the llama.cpp that llama-cpp-python==0.3.36 vendors --
+# the shared libraries llama-cpp-python loads plus llama-quantize, llama-imatrix and llama-perplexity
+# (.llama-venv/build/bin) -- then llama-cpp-python's own Python package installed on top of those
+# libraries (LLAMA_BUILD=OFF: pip compiles nothing a second time). About 20-40 min on one core.
+# The Python side needs no torch: numpy only.
+LLAMA_VENV ?= .llama-venv
+LLAMA_JOBS ?= 2
+llama: $(LLAMA_VENV)/.installed
+$(LLAMA_VENV)/.installed:
+	rm -rf $(LLAMA_VENV)
+	python3 -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LLAMA_VENV)/bin/python -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) \
+		-d $(LLAMA_VENV)/src
+	tar xzf $(LLAMA_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_VENV)/src
+	cmake -S $(LLAMA_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LLAMA_VENV)/build \
+		-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+	cmake --build $(LLAMA_VENV)/build -j$(LLAMA_JOBS) --target llama llama-quantize llama-imatrix llama-perplexity
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(LLAMA_VENV)/bin/python -m pip install -q \
+		$(LLAMA_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+	ln -sfn $(CURDIR)/$(LLAMA_VENV)/build/bin \
+		$$($(LLAMA_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llama_cpp/lib
+	$(LLAMA_VENV)/bin/python -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__)'
+	touch $@
+
 # GPTQModel in a venv of its own, for the consumer tests (tests/formats/test_consumers.py: it loads
 # llmslim's GPTQ checkpoints through transformers + optimum). It asks for a newer torch than the
 # project pins, but its CPU path runs on torch 2.13: install it without deps, then its requirements
@@ -81,9 +108,10 @@ $(VENV)/.browser: $(VENV)/.installed
 
 # Every peer is installed here, so a skipped slow test is a test that silently did not run:
 # LLMSLIM_FAIL_ON_SKIP=1 turns any skip into a failure (tests/conftest.py).
-test-slow: setup $(LMEVAL_VENV)/.installed $(GPTQMODEL_VENV)/.installed $(VENV)/.browser
+test-slow: setup $(LMEVAL_VENV)/.installed $(GPTQMODEL_VENV)/.installed $(VENV)/.browser $(LLAMA_VENV)/.installed
 	LMEVAL_PYTHON=$(CURDIR)/$(LMEVAL_VENV)/bin/python \
 	LLMSLIM_GPTQMODEL_PYTHON=$(CURDIR)/$(GPTQMODEL_VENV)/bin/python GPTQMODEL_CPU_WORKERS=2 \
+	LLMSLIM_LLAMA_VENV=$(CURDIR)/$(LLAMA_VENV) \
 	LLMSLIM_FAIL_ON_SKIP=1 $(PY) -m pytest -q -rs -m slow
 
 demo: setup
@@ -93,4 +121,4 @@ demo: setup
 		--output $(OUT)/smollm2-gptq-4bit-g64.json
 
 clean:
-	rm -rf $(VENV) $(LMEVAL_VENV) $(GPTQMODEL_VENV) $(OUT)
+	rm -rf $(VENV) $(LMEVAL_VENV) $(GPTQMODEL_VENV) $(LLAMA_VENV) $(OUT)

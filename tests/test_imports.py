@@ -16,7 +16,7 @@ ROOT = Path(llmslim.__file__).parent
 # Lower layers never import higher ones. A module's layer is that of its longest listed prefix.
 LAYERS = {
     "llmslim": 0, "llmslim.errors": 0, "llmslim.util": 0, "llmslim.pack": 0, "llmslim.grid": 0,
-    "llmslim.nn": 0, "llmslim.config": 0, "llmslim.corpora": 0, "llmslim.data": 0, "llmslim.models": 0,
+    "llmslim.nn": 0, "llmslim.ggml_quants": 0, "llmslim.config": 0, "llmslim.corpora": 0, "llmslim.data": 0, "llmslim.models": 0,
     "llmslim.shards": 0,
     "llmslim.quant": 1,
     "llmslim.formats": 2, "llmslim.loader": 2,
