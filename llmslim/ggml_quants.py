@@ -15,7 +15,7 @@ no multiply-add is fused there either.
                the 6-bit scales themselves).
   Q6_K         16 sub-blocks of 16; w^ = (d*sc) * (q - 32), q in 0..63, sc a signed 8-bit integer
                (``make_qx_quants``: an RMSE-weighted search of the scale).
-  Q5_0 / Q5_1  blocks of 32; w^ = d * (q - 16) / d * q + m (the Q4_0 / Q4_1 rule with 5 bits).
+  Q4_1 / Q5_0 / Q5_1  blocks of 32; w^ = d * q + m (q in 0..15) / d * (q - 16) / d * q + m (q in 0..31).
 
 Every type is described the same way for the solvers (``Quantized.grid``): per sub-block
 ``scale``, integer ``zero`` and float ``offset`` with w^ = scale * (q - zero) + offset, which is
@@ -35,6 +35,7 @@ GROUP_MAX_EPS = F(1e-15)
 # type -> (weights per block, sub-block size, stored code range 0..maxq, zero)
 LAYOUT = {
     "q4_0": (32, 32, 15, 8),
+    "q4_1": (32, 32, 15, 0),
     "q5_0": (32, 32, 31, 16),
     "q5_1": (32, 32, 31, 0),
     "q8_0": (32, 32, 255, 128),
@@ -42,7 +43,7 @@ LAYOUT = {
     "q5_k": (QK_K, 32, 31, 0),
     "q6_k": (QK_K, 16, 63, 32),
 }
-BYTES = {"q4_0": 18, "q5_0": 22, "q5_1": 24, "q8_0": 34, "q4_k": 144, "q5_k": 176, "q6_k": 210}
+BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34, "q4_k": 144, "q5_k": 176, "q6_k": 210}
 K_TYPES = ("q4_k", "q5_k", "q6_k")
 
 
@@ -81,7 +82,7 @@ class Quantized:
             if self.kind == "q6_k":
                 return scale, zero, np.zeros_like(scale)
             return scale, zero, -(np.repeat(self.m, per, axis=1) * self.mc.astype(F))
-        offset = self.m if self.kind == "q5_1" else np.zeros_like(d)
+        offset = self.m if self.kind in ("q4_1", "q5_1") else np.zeros_like(d)
         return d, zero, offset
 
     def dequantize(self) -> np.ndarray:
@@ -100,12 +101,12 @@ class Quantized:
         nb = cols // block_size(self.kind)
         q = self.q.reshape(rows, nb, block_size(self.kind)).astype(np.uint8)
         f16 = lambda a: a.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)  # noqa: E731
-        if self.kind in ("q4_0", "q5_0", "q5_1"):
+        if self.kind in ("q4_0", "q4_1", "q5_0", "q5_1"):
             lo = (q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)
             parts = [f16(self.d)]
-            if self.kind == "q5_1":
+            if self.kind in ("q4_1", "q5_1"):
                 parts.append(f16(self.m))
-            if self.kind != "q4_0":  # the fifth bits, one uint32 per block (little-endian)
+            if self.kind in ("q5_0", "q5_1"):  # the fifth bits, one uint32 per block (little-endian)
                 bits = (q >> 4).astype(np.uint32) << np.arange(32, dtype=np.uint32)
                 parts.append(np.bitwise_or.reduce(bits, axis=-1).astype("<u4").view(np.uint8).reshape(rows, nb, 4))
             parts.append(lo)
@@ -319,19 +320,19 @@ def _legacy(x: np.ndarray, kind: str, qw: np.ndarray | None) -> Quantized:
     if qw is not None and kind != "q8_0":  # quantize_row_q*_impl: weights qw * sqrt(sigma2 + x^2)
         sigma2 = np.repeat(_sigma2(x, False), cols // 32)[:, None]
         weight = qw.reshape(-1, 32) * np.sqrt(sigma2 + B * B)
-        if kind == "q5_1":
-            L, d, mn = make_qkx_quants(B, weight, 31, -0.9, 0.05, 36)
+        if kind in ("q4_1", "q5_1"):
+            L, d, mn = make_qkx_quants(B, weight, LAYOUT[kind][2], -0.9, 0.05, 36)
             return Quantized(kind, L.astype(np.uint8).reshape(rows, cols), fp16(d).reshape(rows, -1),
                              m=fp16(-mn).reshape(rows, -1))
         nmax = {"q4_0": 8, "q5_0": 16}[kind]
         L, d = make_qx_quants(B, nmax, weight)
         return Quantized(kind, L.astype(np.uint8).reshape(rows, cols), fp16(d).reshape(rows, -1))
-    if kind == "q5_1":
+    if kind in ("q4_1", "q5_1"):
         mn, mx = first_min_max(B)
-        d = (mx - mn) / F(31)
+        d = (mx - mn) / F(LAYOUT[kind][2])
         with np.errstate(divide="ignore"):
             inv = np.where(d != 0, F(1) / d, F(0)).astype(F)
-        L = np.trunc((B - mn[:, None]) * inv[:, None] + F(0.5)).astype(np.int32)
+        L = np.minimum(LAYOUT[kind][2], np.trunc((B - mn[:, None]) * inv[:, None] + F(0.5)).astype(np.int32))
         return Quantized(kind, L.astype(np.uint8).reshape(rows, cols), fp16(d).reshape(rows, -1),
                          m=fp16(mn).reshape(rows, -1))
     mx = first_absmax(B)

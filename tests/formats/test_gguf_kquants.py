@@ -63,7 +63,7 @@ def test_bytes_dequantize_to_the_claimed_values(kind, weighted):
     assert (err <= np.abs(W).max(axis=1) * 0.6 + 1e-12).all()
 
 
-@pytest.mark.parametrize("kind", ["q4_0", "q5_0", "q5_1", "q8_0"])
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
 def test_legacy_types_match_the_gguf_reference_quantizer(kind):
     W = awkward()
     # On a block of signed zeros llama.cpp's C loop keeps max = +0.0 (Q4_0 stores d = -0.0) while
@@ -94,7 +94,7 @@ def test_rows_that_are_not_whole_blocks_are_refused():
 
 # --- llama.cpp itself ----------------------------------------------------------------------------
 
-GGML_TYPES = {"q4_0": 2, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+GGML_TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 
 
 def ggml_base():
