@@ -132,16 +132,23 @@ def _unit(s: Sensitivities, names: list[str], by_name: dict, options: list[str] 
     return Unit(tuple(names), tuple(options), tuple(size), tuple(kl), params)
 
 
+HEADER_BYTES_PER_TENSOR = 100  # the safetensors JSON header: name, dtype, shape and offsets of each tensor
+
+
 def float_bytes(model: nn.Module, quantized: set[str]) -> int:
-    """Bytes of everything the checkpoint stores besides the quantized layers (fp16, tied tensors once)."""
-    total, seen = 0, set()
+    """Bytes of everything the checkpoint's weight files hold besides the quantized layers' tensors:
+    the float tensors (fp16, tied ones once) and an estimate of the header, which names every tensor
+    (about 100 bytes each: 0.1 MB on SmolLM2-135M, enough to break a size budget set to the byte)."""
+    total, seen, tensors = 0, set(), 4 * len(quantized)  # qweight, qzeros, scales, g_idx
     skip = {f"{n}.{p}" for n in quantized for p in ("weight", "bias")}
     for k, v in model.state_dict(keep_vars=True).items():
         if k in skip or v.data_ptr() in seen:
+            tensors += k in skip and k.endswith(".bias")
             continue
         seen.add(v.data_ptr())
+        tensors += 1
         total += v.numel() * (2 if v.is_floating_point() else v.element_size())
-    return total
+    return total + HEADER_BYTES_PER_TENSOR * tensors
 
 
 def plan(s: Sensitivities, budget: Budget, base: GPTQConfig, fixed_bytes: int, internal: float | None = None) -> Plan:

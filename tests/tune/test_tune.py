@@ -42,8 +42,8 @@ def test_size_budget_is_met_and_written_with_its_report(tiny_folder, tmp_path, t
     t = json.loads((tmp_path / "t35" / "tune.json").read_text())
     a = t["attempts"][-1]
     assert t["met"] and a["bpw"] <= 3.5 and not t["sensitivity"]["cached"]
-    # Sizes are predicted to the byte, up to the safetensors header.
-    assert 0 <= a["measured_bytes"] - a["predicted_bytes"] < 20_000
+    # Sizes are predicted to the byte, but for the safetensors header's estimate (~6 kB here).
+    assert abs(a["measured_bytes"] - a["predicted_bytes"]) < 1500
     assert (tmp_path / "t35" / "tune.md").read_text().startswith("# llmslim tune: budget bpw=3.5 -- met")
     assert (tmp_path / "t35" / "tune.png").stat().st_size > 10_000
     model, _ = llmslim.load(str(tmp_path / "t35"))
