@@ -386,11 +386,13 @@ class CalibConfig:
             raise UserError(f"--seqlen must be at least 2, got {self.seqlen}")
 
 
-# GGUF tensor types llmslim writes: the exact Q4_0/Q8_0 grids and plain floats.
-GGUF_TYPES = ("q4_0", "q8_0", "f16", "f32")
+# GGUF file types llmslim writes (llama-quantize's names): each tensor's type follows llama.cpp's mix
+# (formats.gguf_mix); and the tensor types --token-embedding-type/--output-tensor-type accept.
+GGUF_TYPES = ("q4_0", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_1", "q5_0", "q5_1", "f16", "f32")
+GGUF_TENSOR_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "f16", "f32")
 # Types llama.cpp has that llmslim does not produce (yet): named in the error instead of "unknown".
-GGUF_OTHER_TYPES = ("q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
-                    "q5_k_m", "q6_k", "q4_k", "q5_k", "q3_k", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "bf16")
+GGUF_OTHER_TYPES = ("q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q5_k", "q3_k", "iq4_nl", "iq4_xs",
+                    "tq1_0", "tq2_0", "bf16")
 
 
 @dataclass(frozen=True)
@@ -414,8 +416,9 @@ class ExportConfig:
         if self.format != "gguf":
             raise UserError(f"--format must be gguf, got {self.format!r}")
         for flag, value, allowed in (("--type", self.type, GGUF_TYPES),
-                                     ("--token-embedding-type", self.token_embedding_type, ("auto", *GGUF_TYPES)),
-                                     ("--output-tensor-type", self.output_tensor_type, ("auto", *GGUF_TYPES))):
+                                     ("--token-embedding-type", self.token_embedding_type,
+                                      ("auto", *GGUF_TENSOR_TYPES)),
+                                     ("--output-tensor-type", self.output_tensor_type, ("auto", *GGUF_TENSOR_TYPES))):
             if value not in allowed:
                 what = "is a GGUF type llmslim cannot produce yet" if value in GGUF_OTHER_TYPES else "is unknown"
                 raise UserError(f"{flag} {value!r} {what}; choose one of {', '.join(allowed)}")

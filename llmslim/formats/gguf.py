@@ -12,8 +12,9 @@ The grids are exact (``grid.py``): Q4_0 = d * (q - 8) per block of 32, Q8_0 = d 
 whose codes and fp16 scales lie on the grid -- symmetric, every block of 32 inputs inside one
 group -- is written bit for bit (``scales[g_idx]`` already folds any act-order back into the weight
 order); any other checkpoint is refused with the command that re-fits it (``--target``). A float
-model is rounded to nearest with llama.cpp's own rule (``quantize_gguf_reference``), so the
-result is byte-identical to llama.cpp's quantizer on the same weights.
+model is rounded to nearest with llama.cpp's own quantizers (``ggml_quants``: Q4_0 ... Q6_K), each
+tensor in the type llama-quantize gives it for the file type (``gguf_mix``: Q4_K_M, Q5_K_S, ...), so
+the result is byte-identical to llama.cpp's quantizer on the same weights.
 """
 
 from __future__ import annotations
@@ -32,16 +33,22 @@ from torch import nn
 from .. import __version__
 from ..config import ExportConfig
 from ..errors import UserError
-from ..grid import GGUF_BLOCK, GGUF_GRIDS, quantize_gguf_reference
+from ..ggml_quants import block_size
+from ..ggml_quants import quantize as ggml_quantize
+from ..grid import GGUF_BLOCK
 from ..models import ALIASES, alias_file
 from ..nn import GPTQLinear
 from ..quant.walk import linear_weight, select_layers
+from .gguf_mix import FILE_BASE, fallback, linear_type, output_type
 
 # The architectures llmslim exports (those its fast path covers). llama.cpp converts many more;
 # these are the ones whose round trip is tested here.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-FILE_TYPES = {"q4_0": "MOSTLY_Q4_0", "q8_0": "MOSTLY_Q8_0", "f16": "MOSTLY_F16", "f32": "ALL_F32"}
+FILE_TYPES = {"q4_0": "MOSTLY_Q4_0", "q8_0": "MOSTLY_Q8_0", "f16": "MOSTLY_F16", "f32": "ALL_F32",
+              "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1", "q4_k_s": "MOSTLY_Q4_K_S",
+              "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_s": "MOSTLY_Q5_K_S", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
+FLOATS = ("f16", "f32")
 # Where a GGUF type's integers live: value = d * k, k in [lo, hi].
 _K_RANGE = {"q4_0": (-8, 7), "q8_0": (-128, 127)}
 LLAMA_CPP_ENV = "LLMSLIM_LLAMA_CPP"
@@ -92,11 +99,6 @@ def layer_blocks(m: GPTQLinear, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     return d.contiguous(), k
 
 
-def _reference_blocks(W: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    Q, scales, zeros = quantize_gguf_reference(W, kind)
-    return scales.T.contiguous(), Q.long() - zeros[0, 0].long()
-
-
 # --- planning: what each tensor becomes ----------------------------------------------------------
 
 def architecture(model: nn.Module) -> str:
@@ -116,14 +118,13 @@ def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, b
     return emb, out, tied
 
 
-def _role_types(config: ExportConfig, tied: bool) -> tuple[str, str]:
-    """(token_embd type, output type): llama-quantize's choice when "auto". For Q4_0 files llama.cpp
-    writes the output matrix (the embedding, when tied) as Q6_K, or Q8_0 when its width is not a
-    multiple of 256; llmslim cannot write Q6_K, so it uses Q8_0 there too (larger, more accurate)."""
-    base = config.type
-    out_auto = base if base in ("f16", "f32", "q8_0") else "q8_0"
-    out_t = out_auto if config.output_tensor_type == "auto" else config.output_tensor_type
-    emb_t = base if config.token_embedding_type == "auto" else config.token_embedding_type
+def _role_types(config: ExportConfig, tied: bool, emb_cols: int, out_cols: int) -> tuple[str, str]:
+    """(token_embd type, output type): llama-quantize's choice when "auto" (``gguf_mix``): the output
+    matrix (the embedding, when tied) Q6_K, or Q8_0 when its width is not whole blocks of the base type."""
+    out_t = (fallback(output_type(config.type, out_cols), out_cols) if config.output_tensor_type == "auto"
+             else config.output_tensor_type)
+    emb_t = (fallback(FILE_BASE.get(config.type, config.type), emb_cols) if config.token_embedding_type == "auto"
+             else config.token_embedding_type)
     if tied:  # one tensor serves both: the output rule wins unless the user set the embedding type
         emb_t = out_t if config.token_embedding_type == "auto" else emb_t
     return emb_t, out_t
@@ -144,6 +145,10 @@ def plan(model: nn.Module, config: ExportConfig) -> dict[str, tuple[str, str]]:
                         "fp16 number); use --type q4_0/q8_0 (its grid) or f32 (exact)")
     if quantized and config.type == "f32":
         out.update({n: ("f32", "dequantized, exact") for n in quantized})
+    elif quantized and config.type not in ("q4_0", "q8_0"):
+        raise UserError(f"a GPTQ checkpoint's layers cannot be written as {config.type.upper()} without rounding "
+                        "them again; export it as q4_0/q8_0 (its grid) or f32, or quantize the original model "
+                        f"for {config.type}: llmslim export ORIGINAL_MODEL --type {config.type} --out model.gguf")
     elif quantized:
         bad = []
         for name, m in quantized.items():
@@ -156,30 +161,34 @@ def plan(model: nn.Module, config: ExportConfig) -> dict[str, tuple[str, str]]:
             raise UserError(f"{len(bad)} quantized layers are not on the {config.type.upper()} grid ({bad[0]}); "
                             f"re-fit on it: llmslim quantize ORIGINAL_MODEL --method gptq --target "
                             f"gguf-{config.type} --out model.gguf")
-    if config.type in GGUF_GRIDS:
+    if config.type not in FLOATS:
         from ..config import LayerFilter
 
         linears, _ = select_layers(model, LayerFilter(), lambda i, o: True)
+        n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
         for name, layer in linears.items():
             if name in quantized:
                 continue
+            t = linear_type(config.type, name, linear_weight(layer).shape[1], n_layers)
             if quantized:
                 out[name] = ("f16", "float in the checkpoint: kept in float")
-            elif linear_weight(layer).shape[1] % GGUF_BLOCK:
+            elif t in FLOATS:
                 out[name] = ("f16", f"inputs not whole blocks of {GGUF_BLOCK}: kept in float")
             else:
-                out[name] = (config.type, "round-to-nearest, llama.cpp's rule")
+                out[name] = (t, "round-to-nearest, llama.cpp's rule")
     names = _names(model)
     emb, head, tied = _embeddings(model)
-    emb_t, out_t = _role_types(config, tied)
+    out_cols = linear_weight(head).shape[1] if head is not None and not tied else emb.weight.shape[1]
+    emb_t, out_t = _role_types(config, tied, emb.weight.shape[1], out_cols)
     roles = [(names[id(emb)], emb, emb_t, "token embedding" + (", tied to the output" if tied else ""))]
     if head is not None and not tied and not isinstance(head, GPTQLinear):
         roles.append((names[id(head)], head, out_t, "output"))
     for name, module, t, what in roles:
-        if t in GGUF_GRIDS and linear_weight(module).shape[1] % GGUF_BLOCK:
-            raise UserError(f"{name} has rows of {linear_weight(module).shape[1]} weights, not whole blocks of "
-                            f"{GGUF_BLOCK}: use --token-embedding-type/--output-tensor-type f16")
-        out[name] = (t, f"{what}: " + ("round-to-nearest, llama.cpp's rule" if t in GGUF_GRIDS else "float"))
+        cols = linear_weight(module).shape[1]
+        if t not in FLOATS and cols % block_size(t):
+            raise UserError(f"{name} has rows of {cols} weights, not whole blocks of {block_size(t)} ({t}): use "
+                            "--token-embedding-type/--output-tensor-type f16 or a type with smaller blocks")
+        out[name] = (t, f"{what}: " + ("round-to-nearest, llama.cpp's rule" if t not in FLOATS else "float"))
     return out
 
 
@@ -241,15 +250,15 @@ def save_gguf(
     for name, (t, _) in plan_.items():
         module = model.get_submodule(name)
         key = f"{name}.weight"
-        if t in GGUF_GRIDS:
+        if t not in FLOATS:
             if isinstance(module, GPTQLinear):
                 d, k = layer_blocks(module, t)
-            else:
+                raw[key] = encode_blocks(t, d, k)
+            else:  # llama.cpp's own rounding (ggml_quants: byte-identical to its quantizer)
                 W = emb.weight if module is emb else linear_weight(module)
-                d, k = _reference_blocks(W.detach().float(), t)
-            raw[key] = encode_blocks(t, d, k)
+                raw[key] = ggml_quantize(W.detach().float().numpy(), t).encode()
             types[key] = t.upper()
-            floats[key] = torch.arange(k.shape[0], dtype=torch.float32)[:, None]  # the row probe
+            floats[key] = torch.arange(raw[key].shape[0], dtype=torch.float32)[:, None]  # the row probe
         else:
             float_types[key] = t.upper()
             if isinstance(module, GPTQLinear):

@@ -19,10 +19,10 @@ def add_export(sub) -> None:
         description="Export to GGUF. A GPTQ checkpoint on the type's grid (4-bit symmetric, groups that are whole "
         "blocks of 32 -> q4_0; 8-bit -> q8_0) is written bit for bit; other checkpoints are refused (re-fit them "
         "with `llmslim quantize --target gguf-q4_0`); a float model is rounded to nearest exactly as llama.cpp "
-        "does. Metadata and tokenizer come from llama.cpp's own conversion code (or, for a model that was a "
+        "does, with llama-quantize's choice of type per tensor for the K-quant mixes (q4_k_m, ...). Metadata and tokenizer come from llama.cpp's own conversion code (or, for a model that was a "
         "GGUF file, from that file).",
         epilog="examples:\n  llmslim export out/gptq-q4_0 --type q4_0 --out smol-gptq.Q4_0.gguf\n"
-        "  llmslim export smollm2-135m --type q8_0 --out smol.Q8_0.gguf",
+        "  llmslim export smollm2-135m --type q4_k_m --out smol.Q4_K_M.gguf",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="GPTQ checkpoint folder, float HF folder, .gguf file, hub id, or alias")
@@ -32,8 +32,8 @@ def add_export(sub) -> None:
     p.add_argument("--token-embedding-type", default="auto",
                    help="type of token_embd (default auto: as llama-quantize chooses)")
     p.add_argument("--output-tensor-type", default="auto",
-                   help="type of the output matrix (default auto: Q8_0 for quantized files, where llama-quantize "
-                   "would use Q6_K if the width is a multiple of 256)")
+                   help="type of the output matrix (default auto: as llama-quantize chooses -- Q6_K, or Q8_0 when "
+                   "its width is not whole blocks of the file's type)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) weights you trust")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=cmd_export)

@@ -1,0 +1,175 @@
+"""K-quant GGUF files (Q4_K_M, Q4_K_S, Q5_K_M, Q6_K, ...) of float models: each tensor in the type
+llama-quantize gives it, with llama.cpp's own rounding, read back by transformers' GGUF loader; and
+(slow, with llama.cpp built by ``make llama``) byte-identical to llama.cpp's ``llama_model_quantize`` of
+the same model, and run by llama.cpp itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import llmslim
+from llmslim import ggml_quants as gq
+from llmslim.cli import main
+from llmslim.formats.gguf_mix import linear_type, use_more_bits
+from tests.conftest import make_tiny_tokenizer
+from tests.formats.test_gguf import needs_llama_cpp, read_back, spm_tokenizer_model
+
+gguf = pytest.importorskip("gguf")
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA_VENV = Path(os.environ.get("LLMSLIM_LLAMA_VENV", ROOT / ".llama-venv"))
+LAYERS = 8
+
+
+def kmodel_folder(path: Path, hidden: int = 256, inter: int = 512) -> Path:
+    """An 8-block Llama whose rows are whole super-blocks of 256 (``hidden=96``: they are not)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=400, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=LAYERS,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # trained weights are not N(0, 0.02) everywhere: give the rows some shape
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.exp(torch.randn(p.shape[1]) * 0.5))
+    model.save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    (path / "tokenizer.model").write_bytes(spm_tokenizer_model())
+    return path
+
+
+def gguf_name(hf: str) -> str:
+    i = hf.split(".")[2]
+    part = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[hf.rsplit(".", 1)[1]]
+    return f"blk.{i}.{part}.weight"
+
+
+def test_the_mix_rule():
+    """llama-quantize's choices, written out for an 8-layer model (layers 0, 3, 6, 7 get more bits)."""
+    assert [i for i in range(8) if use_more_bits(i, 8)] == [0, 3, 6, 7]
+    v, down, q = "model.layers.{}.self_attn.v_proj", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn.q_proj"
+    assert [linear_type("q4_k_m", v.format(i), 256, 8) for i in range(8)] == \
+        ["q6_k", "q4_k", "q4_k", "q6_k", "q4_k", "q4_k", "q6_k", "q6_k"]
+    assert [linear_type("q4_k_s", v.format(i), 256, 8) for i in range(8)] == ["q5_k"] * 4 + ["q4_k"] * 4
+    assert [linear_type("q4_k_s", down.format(i), 512, 8) for i in range(8)] == ["q5_k"] + ["q4_k"] * 7
+    assert linear_type("q5_k_m", down.format(3), 512, 8) == "q6_k"
+    assert linear_type("q5_k_s", down.format(3), 512, 8) == "q5_k"
+    assert linear_type("q4_k_m", q.format(0), 256, 8) == "q4_k"
+    # rows of 576 (SmolLM2) are not whole super-blocks: llama.cpp falls back per type
+    assert linear_type("q4_k_m", q.format(1), 576, 8) == "q5_0"
+    assert linear_type("q4_k_m", v.format(0), 576, 8) == "q8_0"
+    assert linear_type("q5_k_m", q.format(1), 576, 8) == "q5_1"
+    assert linear_type("q4_k_m", q.format(1), 40, 8) == "f16"
+    assert linear_type("q4_0", down.format(0), 512, 8, imatrix=True) == "q4_1"
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("kind", ["q4_k_m", "q5_k_s", "q6_k"])
+def test_float_model_exports_to_a_k_mix(tmp_path, kind):
+    src = kmodel_folder(tmp_path / "src")
+    out = tmp_path / f"{kind}.gguf"
+    assert main(["export", str(src), "--type", kind, "--out", str(out)]) == 0
+    model, _ = llmslim.load(str(src))
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType[f"MOSTLY_{kind.upper()}"]
+    assert types["output.weight"] == "q6_k"
+    assert types["token_embd.weight"] == {"q4_k_m": "q4_k", "q5_k_s": "q5_k", "q6_k": "q6_k"}[kind]
+    back = read_back(out)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert len(linears) == 7 * LAYERS
+    for name, m in linears.items():
+        t = linear_type(kind, name, m.weight.shape[1], LAYERS)
+        assert types[gguf_name(name)] == t, name
+        expect = gq.quantize(m.weight.detach().numpy(), t).dequantize()
+        assert np.array_equal(back.get_submodule(name).weight.detach().numpy(), expect), name
+    # the file's model is the float model with those weights: same logits
+    with torch.no_grad():
+        for name, m in linears.items():
+            m.weight.copy_(back.get_submodule(name).weight)
+        model.lm_head.weight.copy_(back.lm_head.weight)
+        model.model.embed_tokens.weight.copy_(back.model.embed_tokens.weight)
+        ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_llama_cpp
+def test_rows_that_are_not_whole_super_blocks_fall_back_as_llama_cpp_does(tmp_path):
+    src = kmodel_folder(tmp_path / "src", hidden=96, inter=256)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(src), "--type", "q4_k_m", "--out", str(out)]) == 0
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.1.attn_q.weight"] == "Q5_0" and types["blk.0.attn_v.weight"] == "Q8_0"
+    assert types["blk.1.ffn_down.weight"] == "Q4_K" and types["blk.0.ffn_down.weight"] == "Q6_K"
+    assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q5_0"
+
+
+# --- llama.cpp itself (slow: needs `make llama`) ---------------------------------------------------
+
+LLAMA_SCRIPT = r'''
+import json, sys
+import numpy as np
+import llama_cpp
+cmd = sys.argv[1]
+if cmd == "quantize":
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(sys.argv[4])
+    raise SystemExit(llama_cpp.llama_model_quantize(sys.argv[2].encode(), sys.argv[3].encode(), params))
+llm = llama_cpp.Llama(model_path=sys.argv[2], n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+ids = json.loads(sys.argv[3])
+llm.eval(ids)
+print(json.dumps(np.asarray(llm.scores[:len(ids)], dtype=np.float64).tolist()))
+'''
+FTYPES = {"q4_0": 2, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17,
+          "q6_k": 18}
+
+
+def llama_python() -> Path:
+    py = LLAMA_VENV / "bin" / "python"
+    if not (LLAMA_VENV / ".installed").is_file():
+        pytest.skip(f"llama.cpp is not built ({LLAMA_VENV}): make llama")
+    return py
+
+
+def run_llama(*args) -> str:
+    p = subprocess.run([str(llama_python()), "-c", LLAMA_SCRIPT, *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+@pytest.mark.parametrize("hidden,kinds", [(256, ("q4_k_m", "q4_k_s", "q5_k_m", "q6_k", "q4_0", "q8_0")),
+                                          (96, ("q4_k_m", "q5_k_m"))])
+def test_identical_to_llama_quantize_and_llama_cpp_runs_it(tmp_path, hidden, kinds):
+    src = kmodel_folder(tmp_path / "src", hidden=hidden, inter=2 * hidden + 256 * (hidden % 256 != 0))
+    f32 = tmp_path / "f32.gguf"
+    assert main(["export", str(src), "--type", "f32", "--out", str(f32)]) == 0
+    ids = torch.randint(3, 300, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    for kind in kinds:
+        ours, theirs = tmp_path / f"llmslim-{kind}.gguf", tmp_path / f"llama-{kind}.gguf"
+        assert main(["export", str(src), "--type", kind, "--out", str(ours)]) == 0
+        run_llama("quantize", f32, theirs, FTYPES[kind])
+        a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+        b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+        assert a.keys() == b.keys(), kind
+        for name in a:  # every tensor: the same type and the same bytes as llama-quantize's
+            assert a[name].tensor_type == b[name].tensor_type, (kind, name, a[name].tensor_type, b[name].tensor_type)
+            assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), (kind, name)
+        # llama.cpp runs the file; its logits follow transformers' reading of the same file (llama.cpp
+        # multiplies with its own quantized kernels, so they agree to kernel precision, not bit for bit)
+        lc = np.array(json.loads(run_llama("eval", ours, json.dumps(ids)).strip().splitlines()[-1]))
+        with torch.no_grad():
+            tf = read_back(ours)(torch.tensor([ids])).logits[0].double().numpy()
+        assert lc.shape == tf.shape
+        assert np.abs(lc - tf).max() < 0.05 * np.abs(tf).max() + 1e-3, (kind, np.abs(lc - tf).max())
+        assert (lc.argmax(-1) == tf.argmax(-1)).mean() >= 0.9, kind
