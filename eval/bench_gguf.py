@@ -17,9 +17,13 @@ Rows:
                  to llama-q4_0)
   llmslim-gptq-q4_0   llmslim quantize --method gptq --target gguf-q4_0 --out FILE.gguf
   llama-q8_0, llmslim-gptq-q8_0  the sanity rows
+  llama-q4_k_m, llama-q4_k_m-imatrix, llmslim-rtn-q4_k_m   the same for llama.cpp's Q4_K_M mix (on
+                 SmolLM2 most rows are 576 wide, not whole super-blocks of 256: llama.cpp writes them
+                 Q5_0, Q8_0 for the "more bits" attn_v; only ffn_down is Q4_K/Q6_K)
 
-    python eval/bench_gguf.py --llama-python /path/to/llama-venv/bin/python [--llama-bin DIR]
-    python eval/bench_gguf.py --rows llmslim-gptq-q4_0 --nsamples 8 --windows 4    # a smoke run
+    make llama                                  # llama.cpp + llama-cpp-python in .llama-venv (the defaults)
+    python eval/bench_gguf.py                   # every row
+    python eval/bench_gguf.py --smoke           # tiny: 2 rows x 2 windows, 4 calibration samples, own folder
     python eval/bench_gguf.py --report
 
 Prints a table; raw JSON per row in eval/results/gguf_<row>.json.
@@ -39,7 +43,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 ROWS = ["f32", "llama-q4_0", "llama-q4_0-imatrix", "llmslim-rtn-q4_0", "llmslim-gptq-q4_0", "llama-q8_0",
-        "llmslim-gptq-q8_0"]
+        "llmslim-gptq-q8_0", "llama-q4_k_m", "llama-q4_k_m-imatrix", "llmslim-rtn-q4_k_m"]
+SMOKE_ROWS = ["llmslim-rtn-q4_k_m", "llama-q4_k_m"]
+LLAMA_VENV = HERE.parent / ".llama-venv"  # `make llama`
+FTYPES = {"q4_0": 2, "q8_0": 7, "q4_k_m": 15}
+QUANTIZE_NAMES = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}
 RESULTS = HERE / "results"
 MODEL = "smollm2-135m"
 
@@ -108,12 +116,11 @@ def make_file(row: str, work: Path, args) -> Path | None:
                 "--outtype", "f32"], env={**os.environ, "NO_LOCAL_GGUF": ""})
         if row == "f32":
             return f32
-    if row in ("llama-q4_0", "llama-q8_0"):
+    if row in ("llama-q4_0", "llama-q8_0", "llama-q4_k_m"):
         if not args.llama_python:
             return None
-        ftype = {"llama-q4_0": 2, "llama-q8_0": 7}[row]
-        sh([args.llama_python, "-c", LLAMA_SCRIPT, "quantize", f32, out, ftype])
-    elif row == "llama-q4_0-imatrix":
+        sh([args.llama_python, "-c", LLAMA_SCRIPT, "quantize", f32, out, FTYPES[row.removeprefix("llama-")]])
+    elif row.endswith("-imatrix"):
         if not args.llama_bin:
             return None
         bins = Path(args.llama_bin)
@@ -121,11 +128,13 @@ def make_file(row: str, work: Path, args) -> Path | None:
         from llmslim.data import load_documents
 
         calib_txt.write_text("\n\n".join(getattr(d, "text", d) for d in load_documents("wiki", "calib")))
-        sh([bins / "llama-imatrix", "-m", f32, "-f", calib_txt, "-o", work / "imatrix.gguf", "-c", "512",
-            "--chunks", str(args.nsamples), "-t", "2"])
-        sh([bins / "llama-quantize", "--imatrix", work / "imatrix.gguf", f32, out, "Q4_0", "2"])
-    elif row == "llmslim-rtn-q4_0":
-        sh(llmslim("export", MODEL, "--type", "q4_0", "--out", out, "--force"))
+        if not (work / "imatrix.gguf").exists():
+            sh([bins / "llama-imatrix", "-m", f32, "-f", calib_txt, "-o", work / "imatrix.gguf", "-c", "512",
+                "--chunks", str(args.nsamples), "-t", "2"])
+        kind = row.removeprefix("llama-").removesuffix("-imatrix")
+        sh([bins / "llama-quantize", "--imatrix", work / "imatrix.gguf", f32, out, QUANTIZE_NAMES[kind], "2"])
+    elif row.startswith("llmslim-rtn-"):
+        sh(llmslim("export", MODEL, "--type", row.removeprefix("llmslim-rtn-"), "--out", out, "--force"))
     elif row.startswith("llmslim-gptq-"):
         kind = row.rsplit("-", 1)[1]
         sh(llmslim("quantize", MODEL, "--method", "gptq", "--target", f"gguf-{kind}", *calib, "--out", out,
@@ -165,8 +174,8 @@ def ppl_of(ev: dict) -> float | None:
     return None
 
 
-def report() -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gguf_*.json"))]
+def report(results: Path = RESULTS) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(results.glob("gguf_*.json"))]
     print("| row | file MB | ppl (transformers reads the GGUF) | ppl (llama.cpp) | KL to fp32 |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
@@ -182,8 +191,13 @@ def report() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
-    ap.add_argument("--llama-python", help="python of a venv with llama-cpp-python==0.3.36")
-    ap.add_argument("--llama-bin", help="folder with llama.cpp's llama-imatrix and llama-quantize binaries")
+    built = (LLAMA_VENV / ".installed").is_file()
+    ap.add_argument("--llama-python", default=str(LLAMA_VENV / "bin" / "python") if built else None,
+                    help="python of a venv with llama-cpp-python==0.3.36 (default: .llama-venv, from `make llama`)")
+    ap.add_argument("--llama-bin", default=str(LLAMA_VENV / "build" / "bin") if built else None,
+                    help="folder with llama.cpp's llama-imatrix and llama-quantize (default: .llama-venv/build/bin)")
+    ap.add_argument("--smoke", action="store_true", help="prove the script works: 2 rows, 2 windows, 4 samples, "
+                    "results in the work folder, not eval/results")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--windows", type=int, default=44)
     ap.add_argument("--work", default=str(HERE.parent / "out" / "bench_gguf"))
@@ -192,11 +206,17 @@ def main() -> None:
     if args.report:
         report()
         return
-    RESULTS.mkdir(exist_ok=True)
+    results = RESULTS
+    if args.smoke:
+        args.rows, args.nsamples, args.windows = SMOKE_ROWS, 4, 2
+        args.work = str(Path(args.work).with_name("bench_gguf_smoke"))
+        results = Path(args.work)
+    results.mkdir(parents=True, exist_ok=True)
     for row in args.rows:
         res = run_row(row, args)
-        (RESULTS / f"gguf_{row}.json").write_text(json.dumps(res, indent=1))
-    report()
+        (results / f"gguf_{row}.json").write_text(json.dumps(res, indent=1))
+    report(results)
+
 
 
 if __name__ == "__main__":
