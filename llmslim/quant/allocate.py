@@ -15,10 +15,12 @@ counted in whole "bins" (rounded up, so a solution never exceeds its size budget
 
     f_i[b] = min_j ( f_{i-1}[b - s_ij] + c_ij ),      f_0[b] = 0,
 
-is the least cost of the first ``i`` units within ``b`` bins; ``f_n`` is non-increasing in ``b``,
+is the least cost of the first ``i`` units within ``b`` bins (counted above the all-smallest choice,
+which stays exact); ``f_n`` is non-increasing in ``b``,
 and it is the whole Pareto front of the model: the quality budget takes the smallest ``b`` with
 ``f_n[b] <= C``, the size budget reads ``f_n[S]``. O(units x options x bins) in numpy; 65,536 bins
-lose at most one bin per unit to rounding (0.2% of the size for 120 units).
+lose at most one bin per unit to rounding (at most 0.2% of the span between the smallest and the
+largest model for 120 units).
 
 A pure function of its table: no torch, no model.
 """
@@ -53,16 +55,18 @@ def _front(sizes: list[list[float]], costs: list[list[float]], bins: int):
         raise ValueError("every unit needs at least one option")
     if any(len(s) != len(c) for s, c in zip(sizes, costs, strict=True)):
         raise ValueError("sizes and costs must have the same shape")
-    most = sum(max(s) for s in sizes)
-    # Integer sizes whose total fits the bins are exact (unit 1); otherwise the smallest unit that fits.
-    integral = all(float(x).is_integer() for s in sizes for x in s)
+    # Only what each option adds to its unit's smallest one is binned: the all-smallest choice (and
+    # any budget near it) stays exact. Integer sizes whose total fits the bins are exact (unit 1).
+    extra = [[x - min(s) for x in s] for s in sizes]
+    most = sum(max(e) for e in extra)
+    integral = all(float(x).is_integer() for e in extra for x in e)
     unit = 1.0 if integral and most <= bins else max(most / bins, 1e-12)
     width = int(np.ceil(most / unit - 1e-9)) + 1
     f = np.zeros(width)
     back = np.zeros((len(sizes), width), dtype=np.int16)
-    for i, (s_i, c_i) in enumerate(zip(sizes, costs, strict=True)):
+    for i, (e_i, c_i) in enumerate(zip(extra, costs, strict=True)):
         new = np.full(width, np.inf)
-        for j, (s, c) in enumerate(zip(s_i, c_i, strict=True)):
+        for j, (s, c) in enumerate(zip(e_i, c_i, strict=True)):
             k = int(np.ceil(s / unit - 1e-9))
             cand = np.full(width, np.inf)
             cand[k:] = f[: width - k] + c
@@ -78,7 +82,7 @@ def _trace(back: np.ndarray, sizes: list[list[float]], unit: float, b: int) -> t
     for i in range(len(sizes) - 1, -1, -1):
         j = int(back[i, b])
         choice.append(j)
-        b -= int(np.ceil(sizes[i][j] / unit - 1e-9))
+        b -= int(np.ceil((sizes[i][j] - min(sizes[i])) / unit - 1e-9))
     return tuple(reversed(choice))
 
 
@@ -100,7 +104,7 @@ def allocate(
         raise ValueError("give exactly one of max_cost and max_size")
     f, back, unit = _front(sizes, costs, bins)
     if max_size is not None:
-        b = min(int(np.floor(max_size / unit + 1e-9)), len(f) - 1)
+        b = min(int(np.floor((max_size - sum(min(s) for s in sizes)) / unit + 1e-9)), len(f) - 1)
         if b < 0 or not np.isfinite(f[b]):
             smallest = tuple(int(np.argmin(s)) for s in sizes)
             return Unreachable(_allocation(sizes, costs, smallest))

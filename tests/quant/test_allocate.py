@@ -95,3 +95,14 @@ def test_bad_tables_are_refused():
         allocate([[]], [[]], max_cost=1)
     with pytest.raises(ValueError):
         allocate(SIZES, COSTS, max_cost=1, max_size=1)
+
+
+def test_a_size_budget_at_the_smallest_choice_is_reachable_exactly():
+    """Binning never rounds the all-smallest choice up: a budget a byte above it is reachable."""
+    rng = random.Random(1)
+    sizes = [[rng.uniform(1e5, 1e6) for _ in range(4)] for _ in range(120)]
+    costs = [[rng.random() for _ in range(4)] for _ in range(120)]
+    smallest = sum(min(s) for s in sizes)
+    a = allocate(sizes, costs, max_size=smallest + 1)
+    assert isinstance(a, Allocation) and a.size <= smallest + 1
+    assert isinstance(allocate(sizes, costs, max_size=smallest - 1), Unreachable)
