@@ -9,7 +9,7 @@ llama-cpp-python (``--llama-python``: a venv with llama-cpp-python==0.3.36 built
 ../shared/README.md); the two must agree.
 
 Rows:
-  f32            llama.cpp's convert_hf_to_gguf.py --outtype f32 of the float model (the baseline)
+  f32            the float model through llama.cpp's conversion (``llmslim export --type f32``; the baseline)
   llama-q4_0     llama.cpp's quantizer (llama_model_quantize, Q4_0) on that f32 file
   llama-q4_0-imatrix  the same with an importance matrix computed on the calibration text
                  (needs llama.cpp's llama-imatrix binary: --llama-bin DIR)
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -103,17 +102,12 @@ def windows(n: int, seqlen: int = 1024) -> list[list[int]]:
 
 
 def make_file(row: str, work: Path, args) -> Path | None:
-    from llmslim.formats.gguf import llama_cpp_dir
-
     out = work / f"{row}.gguf"
     f32 = work / "f32.gguf"
     calib = ["--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", "512"]
     if row == "f32" or row.startswith("llama-"):
-        if not f32.exists():
-            from llmslim.models import resolve
-
-            sh([sys.executable, llama_cpp_dir() / "convert_hf_to_gguf.py", resolve(MODEL), "--outfile", f32,
-                "--outtype", "f32"], env={**os.environ, "NO_LOCAL_GGUF": ""})
+        if not f32.exists():  # llama.cpp's conversion (run by llmslim export, with its own gguf-py), floats as they are
+            sh(llmslim("export", MODEL, "--type", "f32", "--out", f32, "--force"))
         if row == "f32":
             return f32
     if row in ("llama-q4_0", "llama-q8_0", "llama-q4_k_m"):
