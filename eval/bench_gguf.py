@@ -160,12 +160,15 @@ def run_row(row: str, args) -> dict:
 
 
 def ppl_of(ev: dict) -> float | None:
-    for key in ("ppl", "perplexity"):
-        if isinstance(ev.get(key), dict) and "ppl" in ev[key]:
-            return ev[key]["ppl"]
-        if isinstance(ev.get(key), int | float):
-            return ev[key]
-    return None
+    """``llmslim eval --output``'s perplexity (its JSON: ``perplexity.perplexity``)."""
+    p = ev.get("perplexity")
+    return p.get("perplexity") if isinstance(p, dict) else p
+
+
+def kl_of(ev: dict) -> float | None:
+    """Mean KL to the float baseline on the same windows (``perplexity.divergence.kl_mean``)."""
+    p = ev.get("perplexity")
+    return ((p.get("divergence") or {}).get("kl_mean")) if isinstance(p, dict) else None
 
 
 def report(results: Path = RESULTS) -> None:
@@ -178,7 +181,7 @@ def report(results: Path = RESULTS) -> None:
             continue
         ev = r.get("transformers", {})
         lc = r.get("llama_cpp", {}).get("ppl")
-        kl = (ev.get("kl") or {}).get("kl") if isinstance(ev.get("kl"), dict) else ev.get("kl")
+        kl = kl_of(ev)
         print(f"| {r['row']} | {r['bytes'] / 1e6:.1f} | {ppl_of(ev)} | {lc if lc is not None else 'n/a'} | {kl} |")
 
 
