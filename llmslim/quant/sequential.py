@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..config import GPTQConfig
 from ..errors import UserError
-from ..nn import GPTQLinear, can_pack
+from ..nn import GGUFLinear, GPTQLinear, can_pack
 from ..util import (
     atomic_path,
     atomic_write_text,
@@ -156,8 +156,10 @@ def _set_weight(layer: nn.Module, Wq: torch.Tensor) -> None:
     layer.weight.data.copy_(w.to(layer.weight.dtype))
 
 
-def _to_module(layer: nn.Module, r: GPTQResult, config: GPTQConfig) -> GPTQLinear:
+def _to_module(layer: nn.Module, r: GPTQResult, config: GPTQConfig) -> GPTQLinear | GGUFLinear:
     bias = getattr(layer, "bias", None)
+    if r.gguf is not None:  # a GGUF grid with no GPTQ-checkpoint form (K-quants, ...): its own module
+        return GGUFLinear(r.gguf, bias)
     return GPTQLinear.from_codes(r.Q, r.scales, r.zeros, r.g_idx, config.group_size, config.bits, bias)
 
 
@@ -458,6 +460,10 @@ def _outputs(hidden, spill_root: Path | None, i: int) -> Activations:
 
 def _swap_quantized(block: nn.Module, config: GPTQConfig, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
     for name, layer in find_linears(block).items():
+        if f"{name}.codes" in tensors:
+            own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            set_module(block, name, GGUFLinear.from_state(config.for_layer(prefix + name).gguf_grid, own))
+            continue
         if f"{name}.qweight" not in tensors:
             continue
         in_f, out_f = linear_weight(layer).shape[1], linear_weight(layer).shape[0]
@@ -499,7 +505,10 @@ def _solve_block_here(block, prefix, names, solver: LayerSolver, hidden, inputs,
             _set_weight(layers[n], Wnew)
             # The module the layer becomes, made now: packed codes are a fraction of the solver's
             # full-size payload, which would otherwise wait for the rest of the block's forward.
-            results[n] = solver.finish(layers[n], payload)
+            # Outside inference mode (solve may run inside the block's forward): the new module's
+            # buffers must be ordinary tensors, or loading a resumed state into them fails.
+            with torch.inference_mode(False):
+                results[n] = solver.finish(layers[n], payload)
             del payload
             if all(m in results for s in sets if key in s for m in s):
                 del H[key]  # every layer reading this input is solved
