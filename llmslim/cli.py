@@ -63,9 +63,11 @@ def add_quantize(sub) -> None:
     mse.add_argument("--mse", dest="mse", action="store_true", default=None,
                      help="search the MSE-optimal clipping range per group (default for gptq, not for rtn)")
     mse.add_argument("--no-mse", dest="mse", action="store_false", help="plain min/max ranges")
-    g.add_argument("--target", choices=("gguf-q4_0", "gguf-q8_0"), default="",
+    g.add_argument("--target", choices=("gguf-q4_0", "gguf-q8_0", "gguf-q4_k_m", "gguf-q4_k_s", "gguf-q5_k_m",
+                                        "gguf-q5_k_s", "gguf-q6_k"), default="",
                    help="solve on a GGUF type's own grid (blocks of 32, llama.cpp's scales): the checkpoint exports "
-                   "to it bit for bit; with --out FILE.gguf the GGUF file is written directly")
+                   "to it bit for bit; with --out FILE.gguf the GGUF file is written directly. The K-quant mixes "
+                   "(gptq only, --out FILE.gguf only) put each layer on the type llama-quantize gives it")
     q = p.add_argument_group("GPTQ")
     q.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by descending Hessian diagonal")
     gar = q.add_mutually_exclusive_group()
@@ -133,6 +135,9 @@ def cmd_quantize(args) -> int:
             raise UserError("--out FILE.gguf needs --target gguf-q4_0 or gguf-q8_0 (quantize on that grid), or "
                             "write a checkpoint folder and convert it with llmslim export")
         stages = (config, ExportConfig(type=config.gguf_grid))
+    elif args.target not in ("", "gguf-q4_0", "gguf-q8_0"):
+        raise UserError(f"--target {args.target} has no checkpoint format (its block scales are quantized): "
+                        "write the GGUF file directly, --out model.gguf")
     return _run_recipe(args, Recipe(stages, calib))
 
 

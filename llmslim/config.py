@@ -11,8 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
+from . import ggml_quants
 from .errors import UserError
 from .grid import GGUF_BLOCK, GGUF_GRIDS, SUPPORTED_BITS
+
+# GGUF file types GPTQ solves for (--target gguf-q4_k_m): each layer on the type llama-quantize gives it.
+GGUF_MIX_TARGETS = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k")
 
 
 @dataclass(frozen=True)
@@ -68,14 +72,26 @@ class IntConfig:
 
     @property
     def gguf_grid(self) -> str | None:
-        """``q4_0``/``q8_0`` when solving on that GGUF grid, else None."""
+        """``q4_0``/``q8_0`` (or a K-quant file type such as ``q4_k_m``, or one layer's tensor type such as
+        ``q6_k``) when solving on that GGUF grid, else None."""
         return self.target.removeprefix("gguf-") if self.target else None
 
     def _apply_target(self) -> None:
         kind = self.target.removeprefix("gguf-")
+        if self.target.startswith("gguf-") and (kind in GGUF_MIX_TARGETS or kind in ggml_quants.LAYOUT) \
+                and kind not in GGUF_GRIDS:
+            # A grid whose block scales are themselves quantized: solved by GPTQ (scales fitted before the
+            # sweep), written only as GGUF; a mix's per-layer types come from llama.cpp's rule at run time.
+            if self.stage != "gptq":
+                raise UserError(f"--target {self.target} with round-to-nearest is llama.cpp's own quantization: "
+                                f"llmslim export MODEL --type {kind} --out model.gguf")
+            if self.bits != 4 or self.group_size not in (128, 32) or not self.sym:
+                raise UserError(f"--target {self.target} fixes the grid: drop --bits/--group-size/--asym")
+            object.__setattr__(self, "group_size", 32)
+            return
         if not self.target.startswith("gguf-") or kind not in GGUF_GRIDS:
-            raise UserError(f"--target must be one of {', '.join('gguf-' + k for k in GGUF_GRIDS)}, got "
-                            f"{self.target!r} (K-quant targets are not implemented)")
+            raise UserError(f"--target must be one of {', '.join('gguf-' + k for k in (*GGUF_GRIDS, *GGUF_MIX_TARGETS))}"
+                            f", got {self.target!r}")
         bits = GGUF_GRIDS[kind][0]
         if self.bits not in (4, bits):  # 4 is the default: --target sets the bits
             raise UserError(f"--target {self.target} is {bits}-bit: drop --bits {self.bits}")
@@ -119,14 +135,18 @@ class GPTQConfig(IntConfig):
     # Per-layer grids (``llmslim tune``'s result): "FULL.LAYER.NAME=BITS:GROUP_SIZE" entries; every
     # other layer takes ``bits``/``group_size``. Written to the checkpoint as GPTQModel's ``dynamic``.
     overrides: tuple[str, ...] = ()
+    # A GGUF mix target's per-layer tensor types, "FULL.LAYER.NAME=TYPE" (filled in by the gptq stage
+    # from llama.cpp's rule, ``formats.gguf_mix``); not a user option.
+    layer_types: tuple[str, ...] = ()
 
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
         settings = self.layer_settings  # checks every entry
         if settings and self.target:
             raise UserError(f"--target {self.target} fixes one grid for every layer: per-layer overrides do not apply")
-        if self.target and self.desc_act and not self.static_groups:
+        if self.gguf_grid in GGUF_GRIDS and self.desc_act and not self.static_groups:
             raise UserError(f"--target {self.target} needs each block of {GGUF_BLOCK} consecutive weights in one "
                             "group: with --desc-act add --static-groups")
         if not 0 < self.damp_percent < 1:
@@ -156,6 +176,9 @@ class GPTQConfig(IntConfig):
 
     def for_layer(self, name: str) -> GPTQConfig:
         """The config one layer is solved with: its own bits and group size when overridden."""
+        if self.layer_types:
+            kind = dict(x.split("=", 1) for x in self.layer_types).get(name)
+            return replace(self, target=f"gguf-{kind}", layer_types=()) if kind else self
         setting = self.layer_settings.get(name)
         if setting is None:
             return self

@@ -105,3 +105,45 @@ def decoded_weights(model: nn.Module, dtype: torch.dtype = torch.float32) -> Ite
     finally:
         for m in layers:
             m._decoded = None
+
+
+class GGUFLinear(nn.Module):
+    """A linear on a GGUF grid that has no GPTQ-checkpoint equivalent (K-quants, Q5_0, ...): the
+    stored codes and block scales (``ggml_quants.Quantized`` as buffers, so a block checkpoint can
+    restore it) and the exact float weight they decode to. It exists between a GPTQ run on such a
+    grid and the GGUF export that writes its bytes; it is never saved as a checkpoint."""
+
+    def __init__(self, quantized, bias: torch.Tensor | None):
+        from .ggml_quants import Quantized
+
+        super().__init__()
+        q: Quantized = quantized
+        self.kind = q.kind
+        self.out_features, self.in_features = q.q.shape
+        self.register_buffer("codes", torch.from_numpy(q.q.astype("uint8")))
+        for name in ("d", "m", "sc", "mc"):
+            value = getattr(q, name)
+            self.register_buffer(name, None if value is None else torch.from_numpy(value.copy()))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("weight", torch.from_numpy(q.dequantize()), persistent=False)
+
+    def quantized(self):
+        """The ``ggml_quants.Quantized`` these buffers hold (``.encode()`` gives the GGUF bytes)."""
+        from .ggml_quants import Quantized
+
+        arr = {n: None if getattr(self, n) is None else getattr(self, n).numpy() for n in ("d", "m", "sc", "mc")}
+        return Quantized(self.kind, self.codes.numpy(), **arr)
+
+    @classmethod
+    def from_state(cls, kind: str, tensors: dict[str, torch.Tensor]) -> GGUFLinear:
+        from .ggml_quants import Quantized
+
+        arr = {n: tensors[n].numpy() if n in tensors else None for n in ("d", "m", "sc", "mc")}
+        return cls(Quantized(kind, tensors["codes"].numpy(), **arr), tensors.get("bias"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, type={self.kind}"

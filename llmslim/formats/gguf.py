@@ -37,7 +37,7 @@ from ..ggml_quants import block_size
 from ..ggml_quants import quantize as ggml_quantize
 from ..grid import GGUF_BLOCK
 from ..models import ALIASES, alias_file
-from ..nn import GPTQLinear
+from ..nn import GGUFLinear, GPTQLinear
 from ..quant.walk import linear_weight, select_layers
 from .gguf_mix import FILE_BASE, fallback, linear_type, output_type
 
@@ -139,7 +139,11 @@ def plan(model: nn.Module, config: ExportConfig) -> dict[str, tuple[str, str]]:
     and the embeddings; raises ``UserError`` for anything that cannot be exported as asked."""
     check_architecture(architecture(model))
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, GPTQLinear)}
-    out: dict[str, tuple[str, str]] = {}
+    solved = {n: m for n, m in model.named_modules() if isinstance(m, GGUFLinear)}  # GPTQ on a ggml grid
+    out: dict[str, tuple[str, str]] = {n: (m.kind, "GPTQ on the grid, bit-exact") for n, m in solved.items()}
+    if solved and config.type in FLOATS:
+        raise UserError(f"these layers were solved on GGUF grids ({next(iter(solved.values())).kind}, ...): export "
+                        "them as that file type, not as floats")
     if quantized and config.type == "f16":
         raise UserError("--type f16 would round this quantized checkpoint's weights (scale x code is not always an "
                         "fp16 number); use --type q4_0/q8_0 (its grid) or f32 (exact)")
@@ -167,10 +171,10 @@ def plan(model: nn.Module, config: ExportConfig) -> dict[str, tuple[str, str]]:
         linears, _ = select_layers(model, LayerFilter(), lambda i, o: True)
         n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
         for name, layer in linears.items():
-            if name in quantized:
+            if name in quantized or name in solved:
                 continue
             t = linear_type(config.type, name, linear_weight(layer).shape[1], n_layers)
-            if quantized:
+            if quantized or solved:
                 out[name] = ("f16", "float in the checkpoint: kept in float")
             elif t in FLOATS:
                 out[name] = ("f16", f"inputs not whole blocks of {GGUF_BLOCK}: kept in float")
@@ -250,7 +254,11 @@ def save_gguf(
     for name, (t, _) in plan_.items():
         module = model.get_submodule(name)
         key = f"{name}.weight"
-        if t not in FLOATS:
+        if isinstance(module, GGUFLinear):
+            raw[key] = module.quantized().encode()
+            types[key] = t.upper()
+            floats[key] = torch.arange(raw[key].shape[0], dtype=torch.float32)[:, None]  # the row probe
+        elif t not in FLOATS:
             if isinstance(module, GPTQLinear):
                 d, k = layer_blocks(module, t)
                 raw[key] = encode_blocks(t, d, k)
@@ -263,11 +271,11 @@ def save_gguf(
             float_types[key] = t.upper()
             if isinstance(module, GPTQLinear):
                 floats[key] = module.dequantized_weight(torch.float32)
-        if isinstance(module, GPTQLinear) and module.bias is not None:
+        if isinstance(module, GPTQLinear | GGUFLinear) and module.bias is not None:
             floats[f"{name}.bias"] = module.bias.float()
     # Every other float tensor as it is (norms, biases, float linears), each tied copy once:
     # llama.cpp reads token_embd for a tied output.
-    gptq_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, GPTQLinear))
+    gptq_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, GPTQLinear | GGUFLinear))
     seen = {emb.weight.data_ptr()} if f"{names[id(emb)]}.weight" in floats else set()
     for key, t in model.state_dict().items():
         if key in floats or key.startswith(gptq_prefixes) or not t.is_floating_point() or t.data_ptr() in seen:

@@ -82,3 +82,20 @@ def linear_type(file_type: str, name: str, cols: int, n_layers: int, imatrix: bo
         elif file_type in ("q4_0", "q5_0") and imatrix and i < n_layers // 8:
             kind = {"q4_0": "q4_1", "q5_0": "q5_1"}[file_type]
     return fallback(kind, cols)
+
+
+def layer_types(model, config):
+    """A GPTQ config for a mix target (``--target gguf-q4_k_m``) with each layer's tensor type fixed
+    by the rule above; layers the rule keeps in F16 (rows not whole blocks of 32) are excluded."""
+    from dataclasses import replace
+
+    from ..quant.walk import linear_weight, select_layers
+
+    file_type = config.gguf_grid
+    n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    linears, _ = select_layers(model, config.layers, lambda i, o: True)
+    types = {name: linear_type(file_type, name, linear_weight(m).shape[1], n_layers) for name, m in linears.items()}
+    floats = tuple(n for n, t in types.items() if t in ("f16", "f32"))
+    layers = replace(config.layers, exclude=(*config.layers.exclude, *floats)) if floats else config.layers
+    return replace(config, layers=layers,
+                   layer_types=tuple(f"{n}={t}" for n, t in types.items() if t not in ("f16", "f32")))

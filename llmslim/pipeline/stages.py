@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import (
+    GGUF_MIX_TARGETS,
     UNSTRUCTURED_METHODS,
     BnbConfig,
     ExportConfig,
@@ -35,6 +36,7 @@ from ..config import (
 from ..data import calibration_tokens
 from ..errors import UserError
 from ..formats.gguf import check_exportable
+from ..formats.gguf_mix import layer_types
 from ..formats.hf import from_pretrained, save_hf
 from ..grid import GGUF_BLOCK
 from ..models import read_config
@@ -113,6 +115,8 @@ def run_gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> tuple[nn.Mod
     if ctx.calib is None:
         raise UserError("GPTQ needs calibration data (--calib)")
     t0 = time.perf_counter()
+    if config.gguf_grid in GGUF_MIX_TARGETS:  # each layer on the type llama-quantize gives it
+        config = layer_types(model, config)
     _, skipped = int_targets(model, config)
     # A model pruned before keeps its zeros (GPTQ's updates would fill them in): prune-then-quantize.
     pruned = any(r.get("method") in UNSTRUCTURED_METHODS for r in getattr(model.config, "pruning", None) or [])

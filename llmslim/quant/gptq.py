@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..grid import find_params, find_params_gguf, maxq_for, quantize_rtn
+from .. import ggml_quants
+from ..grid import GGUF_GRIDS, find_params, find_params_gguf, maxq_for, quantize_rtn
 from . import masks
 
 
@@ -67,10 +68,15 @@ class GPTQResult:
     damp_percent: float  # the damping that made H positive definite
     fallback: str | None = None  # why this layer fell back to RTN, if it did
     mask: torch.Tensor | None = None  # bool [rows, columns], True where joint pruning zeroed the weight
+    # A ggml grid (K-quants, Q5_0, ...): w^ = scale * (q - zero) + offset per group, and the block
+    # scales as GGUF stores them (``gguf.encode()`` is the file's bytes).
+    offsets: torch.Tensor | None = None  # float32 [groups, rows]
+    gguf: ggml_quants.Quantized | None = None
 
     def dequantize(self) -> torch.Tensor:
         g = self.g_idx.long()
-        return (self.Q.float() - self.zeros[g].T.float()) * self.scales[g].T
+        W = (self.Q.float() - self.zeros[g].T.float()) * self.scales[g].T
+        return W if self.offsets is None else W + self.offsets[g].T
 
 
 @contextmanager
@@ -134,8 +140,17 @@ def gptq_quantize(
     keep_zeros: torch.Tensor | None = None,
 ) -> GPTQResult:
     """GPTQ on one layer. ``grid`` (``q4_0``/``q8_0``) solves on that GGUF block grid instead of
-    GPTQ's own: llama.cpp's scale rule per group of 32 (``grid.find_params_gguf``)."""
-    maxq = maxq_for(bits)
+    GPTQ's own: llama.cpp's scale rule per group of 32 (``grid.find_params_gguf``). Any other GGUF
+    type of ``ggml_quants`` (``q4_k``, ``q6_k``, ``q5_0``, ...) is solved on a grid fitted before the
+    sweep (``fit_ggml_grid``)."""
+    ggml = grid is not None and grid not in GGUF_GRIDS
+    if ggml:  # the grid is fixed before the sweep, one group per sub-block
+        if bool(sparsity) or nm is not None or keep_zeros is not None:
+            raise ValueError(f"pruning does not combine with the {grid} grid")
+        _, group_size, maxq, _ = ggml_quants.LAYOUT[grid]
+        static_groups = True
+    else:
+        maxq = maxq_for(bits)
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     rows, columns = W.shape
@@ -165,7 +180,13 @@ def gptq_quantize(
                                unit=nm[1] if nm else 1)
 
     # static_groups: fix every group's grid up front on the unpermuted weights (AutoGPTQ's option).
-    static = [params(W[:, g_idx == g]) for g in range(int(g_idx.max()) + 1)] if static_groups else None
+    fit = None
+    if ggml:
+        fit, static = fit_ggml_grid(W, H, grid)
+    elif static_groups:
+        static = [params(W[:, g_idx == g]) for g in range(int(g_idx.max()) + 1)]
+    else:
+        static = None
     W, H = W[:, perm], H[perm][:, perm]
     fixed = None if keep_zeros is None else keep_zeros[:, perm]
     gid = g_idx[perm]  # group of each column in quantization order; non-static groups are contiguous
@@ -178,10 +199,10 @@ def gptq_quantize(
     Qint = torch.zeros(rows, columns)
     Losses = torch.zeros(rows, columns)
     Mask = torch.zeros(rows, columns, dtype=torch.bool) if prune else None
-    grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(enumerate(static)) if static else {}
+    grids: dict[int, tuple[torch.Tensor, ...]] = dict(enumerate(static)) if static else {}
     if group_size == -1:
         grids[0] = params(W)
-    current = -1
+    current, offset = -1, None
 
     for i1 in range(0, columns, block_size):  # lazy batch updates (paper Sec. 4, "Lazy Batch-Updates")
         i2 = min(i1 + block_size, columns)
@@ -222,13 +243,21 @@ def gptq_quantize(
                             ahead = torch.cat([ahead, W[:, i2:i2 + size - ahead.shape[1]]], dim=1)
                         grids[g] = params(ahead)
                     scale, zero = grids[g][0][:, 0], grids[g][1][:, 0]
+                    offset = grids[g][2][:, 0] if len(grids[g]) > 2 else None
+                    if offset is not None:  # a sub-block whose scale is 0 decodes to its offset, whatever q
+                        divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
                 # The hot loop (one iteration per input column): few ops, in place.
                 w = W1[i]
-                # A pruned weight quantizes to its zero point, which dequantizes to exactly 0.
-                q = torch.div(w if mask1 is None else w.masked_fill(mask1[i], 0), scale).round_().add_(zero).clamp_(
-                    0, maxq)
-                Q1[i] = q
-                err1 = q.sub_(zero).mul_(scale).neg_().add_(w).div_(Hinv1[i, i])  # (w - dequant(q)) / d
+                if offset is None:
+                    # A pruned weight quantizes to its zero point, which dequantizes to exactly 0.
+                    q = torch.div(w if mask1 is None else w.masked_fill(mask1[i], 0), scale).round_().add_(
+                        zero).clamp_(0, maxq)
+                    Q1[i] = q
+                    err1 = q.sub_(zero).mul_(scale).neg_().add_(w).div_(Hinv1[i, i])  # (w - dequant(q)) / d
+                else:  # w^ = scale * (q - zero) + offset, q = round((w - offset) / scale) + zero as llama.cpp
+                    q = torch.sub(w, offset).div_(divisor).round_().add_(zero).clamp_(0, maxq)
+                    Q1[i] = q
+                    err1 = q.sub_(zero).mul_(scale).add_(offset).neg_().add_(w).div_(Hinv1[i, i])
                 # OBS update of the not-yet-quantized columns of this block (paper eq. 3).
                 W1[i:].addr_(Hinv1[i, i:], err1, alpha=-1)
                 Err1[i] = err1
@@ -240,15 +269,44 @@ def gptq_quantize(
 
     invperm = torch.argsort(perm)
     ngroups = len(grids)
+    Q = Qint[:, invperm].to(torch.int32).contiguous()
     return GPTQResult(
-        Q=Qint[:, invperm].to(torch.int32).contiguous(),
+        Q=Q,
         scales=torch.stack([grids[g][0][:, 0] for g in range(ngroups)]),
         zeros=torch.stack([grids[g][1][:, 0] for g in range(ngroups)]).to(torch.int32),
         g_idx=g_idx.to(torch.int32),
         loss=float(Losses.sum()),
         damp_percent=used_damp,
         mask=None if Mask is None else Mask[:, invperm].contiguous(),
+        offsets=torch.stack([grids[g][2][:, 0] for g in range(ngroups)]) if ggml else None,
+        gguf=fit.with_codes(Q.numpy()) if ggml else None,
     )
+
+
+def fit_ggml_grid(W: torch.Tensor, H: torch.Tensor, kind: str) -> tuple[ggml_quants.Quantized, list]:
+    """The grid of a GGUF type whose block scales are themselves quantized (the K-quants' 6-bit
+    sub-block scales and mins under an fp16 super-block scale; Q5_0/Q5_1's fp16 scale), fitted once,
+    before the sweep, on the layer's weights: per group (sub-block) ``(scale, zero, offset)`` columns.
+
+    Why up front: a K-quant super-block covers 256 inputs, 8 (or 16) GPTQ groups, and its sub-block
+    scales are coded relative to each other (``d * sc`` with ``sc`` on 6 bits); fitting them per group
+    as the sweep reaches it (GPTQ's default) would have to fix the super-block scale from the first
+    sub-block alone. Fixing every group before the sweep is the static-groups choice of AutoGPTQ
+    (also what GPTQ does for act-order with static groups); GPTQ's error compensation then works on
+    the rounding of each weight (Frantar et al., arXiv:2210.17323, Sec. 4) against that fixed grid.
+
+    The fit is llama.cpp's own quantizer with its importance matrix (``quantize_row_q4_K_impl`` etc.,
+    ``ggml_quants.quantize``), fed with the Hessian's diagonal / 2 = the mean squared activation of
+    each input column -- exactly what llama.cpp's imatrix tool collects from calibration text. So
+    before any compensation the codes are llama.cpp's imatrix quantization of the same layer.
+    """
+    imatrix = (torch.diag(H) / 2).double().numpy().astype("float32")
+    fit = ggml_quants.quantize(W.numpy(), kind, imatrix)
+    scale, zero, offset = fit.grid()
+    rows = W.shape[0]
+    z = torch.full((rows, 1), float(zero))
+    return fit, [(torch.from_numpy(scale[:, g:g + 1].copy()), z, torch.from_numpy(offset[:, g:g + 1].copy()))
+                 for g in range(scale.shape[1])]
 
 
 def column_order(
@@ -305,6 +363,14 @@ def _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, why, grid=None, s
         mask = magnitude_mask(W, sparsity, nm)
         W = W.masked_fill(mask, 0)
         why += "; magnitude pruning"
+    if grid is not None and grid not in GGUF_GRIDS:  # llama.cpp's own rounding of that type
+        fit = ggml_quants.quantize(W.numpy(), grid)
+        scale, zero, offset = fit.grid()
+        sub = ggml_quants.sub_block(grid)
+        return GPTQResult(Q=torch.from_numpy(fit.q.astype("int32")), scales=torch.from_numpy(scale.T.copy()),
+                          zeros=torch.full((scale.shape[1], scale.shape[0]), zero, dtype=torch.int32),
+                          g_idx=torch.arange(W.shape[1], dtype=torch.int32) // sub, loss=float("nan"),
+                          damp_percent=damp_percent, fallback=why, offsets=torch.from_numpy(offset.T.copy()), gguf=fit)
     Q, scales, zeros = quantize_rtn(W, bits, group_size, sym, mse, grid)
     columns = W.shape[1]
     g_idx = (torch.arange(columns, dtype=torch.int32) // group_size) if group_size != -1 else torch.zeros(

@@ -56,9 +56,9 @@ def find_linears(module: nn.Module, prefix: str = "", quantized: bool = False) -
     """Linear layers by dotted name; with ``quantized``, already-quantized ones too."""
     types = linear_types()
     if quantized:
-        from ..nn import GPTQLinear
+        from ..nn import GGUFLinear, GPTQLinear
 
-        types = (*types, GPTQLinear)
+        types = (*types, GPTQLinear, GGUFLinear)
     return {
         f"{prefix}{name}": m for name, m in module.named_modules() if name and isinstance(m, types)
     }

@@ -112,6 +112,50 @@ def test_rows_that_are_not_whole_super_blocks_fall_back_as_llama_cpp_does(tmp_pa
     assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q5_0"
 
 
+@needs_llama_cpp
+def test_gptq_straight_to_a_k_mix(tmp_path, capsys):
+    """``quantize --method gptq --target gguf-q4_k_m --out x.gguf``: every layer solved on the type the
+    mix gives it; the embeddings and norms as ``export --type q4_k_m`` writes them."""
+    src = kmodel_folder(tmp_path / "src")
+    gptq, rtn = tmp_path / "gptq.gguf", tmp_path / "rtn.gguf"
+    assert main(["quantize", str(src), "--method", "gptq", "--target", "gguf-q4_k_m", "--calib", "wiki",
+                 "--nsamples", "4", "--seqlen", "64", "--out", str(gptq)]) == 0
+    assert main(["export", str(src), "--type", "q4_k_m", "--out", str(rtn)]) == 0
+    a = {t.name: t for t in gguf.GGUFReader(gptq).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(rtn).tensors}
+    assert a.keys() == b.keys()
+    changed = 0
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        same = np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data))
+        if name.startswith("blk.") and not name.endswith("norm.weight"):  # a decoder linear
+            changed += not same
+        else:  # embeddings, output, norms: not GPTQ's
+            assert same, name
+    assert changed >= 7 * LAYERS - 2  # GPTQ moved (nearly) every layer off plain rounding
+    assert gguf.GGUFReader(gptq).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    with torch.no_grad():
+        out = read_back(gptq)(torch.randint(0, 300, (1, 16))).logits
+    assert torch.isfinite(out).all()
+
+
+def test_k_targets_bad_input(tiny_folder, tmp_path, capsys):
+    src = tiny_folder("llama")
+    capsys.readouterr()
+    for argv, needle in (
+        (["quantize", str(src), "--method", "gptq", "--target", "gguf-q4_k_m", "--out", str(tmp_path / "ckpt")],
+         "no checkpoint format"),
+        (["quantize", str(src), "--method", "rtn", "--target", "gguf-q4_k_m", "--out", str(tmp_path / "x.gguf")],
+         "llmslim export MODEL --type q4_k_m"),
+        (["quantize", str(src), "--method", "gptq", "--target", "gguf-q6_k", "--bits", "3",
+          "--out", str(tmp_path / "x.gguf")], "fixes the grid"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, (argv, err)
+    assert not list(tmp_path.glob("x.gguf")) and not (tmp_path / "ckpt").exists()
+
+
 # --- llama.cpp itself (slow: needs `make llama`) ---------------------------------------------------
 
 LLAMA_SCRIPT = r'''
@@ -173,3 +217,18 @@ def test_identical_to_llama_quantize_and_llama_cpp_runs_it(tmp_path, hidden, kin
         assert lc.shape == tf.shape
         assert np.abs(lc - tf).max() < 0.05 * np.abs(tf).max() + 1e-3, (kind, np.abs(lc - tf).max())
         assert (lc.argmax(-1) == tf.argmax(-1)).mean() >= 0.9, kind
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_llama_cpp_runs_a_gptq_k_mix(tmp_path):
+    src = kmodel_folder(tmp_path / "src")
+    out = tmp_path / "gptq.gguf"
+    assert main(["quantize", str(src), "--method", "gptq", "--target", "gguf-q4_k_m", "--calib", "wiki",
+                 "--nsamples", "4", "--seqlen", "64", "--out", str(out)]) == 0
+    ids = torch.randint(3, 300, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    lc = np.array(json.loads(run_llama("eval", out, json.dumps(ids)).strip().splitlines()[-1]))
+    with torch.no_grad():
+        tf = read_back(out)(torch.tensor([ids])).logits[0].double().numpy()
+    assert np.abs(lc - tf).max() < 0.05 * np.abs(tf).max() + 1e-3
+    assert (lc.argmax(-1) == tf.argmax(-1)).mean() >= 0.9

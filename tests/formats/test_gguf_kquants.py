@@ -125,3 +125,34 @@ def test_identical_bytes_to_llama_cpp(seed):
                                     None if im is None else im.ctypes.data)
             mine = gq.quantize(W, kind, im).encode()
             assert np.array_equal(mine, ref), (kind, im is not None, int((mine != ref).sum()))
+
+
+# --- GPTQ on these grids ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1", "q4_1"])
+@pytest.mark.parametrize("order", ["gar", "desc_act"])
+def test_gptq_on_a_ggml_grid_is_exact_and_beats_llama_cpp_rounding(kind, order):
+    import torch
+
+    from llmslim.quant.gptq import gptq_quantize, layer_loss
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 64, 512
+    W = torch.randn(rows, cols, generator=g) * torch.exp(torch.randn(cols, generator=g) * 0.5) * 0.02
+    X = torch.randn(2048, cols, generator=g) * torch.exp(torch.randn(cols, generator=g))
+    X = X + 0.5 * X[:, torch.randperm(cols, generator=g)]  # correlated inputs: something to compensate
+    H = 2 * X.T @ X / X.shape[0]
+    r = gptq_quantize(W, H, 4, grid=kind, desc_act=order == "desc_act", act_group_aware=order == "gar")
+    Wq = r.dequantize()
+    # the bytes decode (gguf's reference) to exactly the weights GPTQ compensated against
+    ref = gguf.quants.dequantize(r.gguf.encode(), qtype(kind)).reshape(rows, cols)
+    np.testing.assert_array_equal(Wq.numpy(), ref)
+    # and the grid is llama.cpp's imatrix fit (Hessian diagonal / 2 = mean x^2): same block scales
+    fit = gq.quantize(W.numpy(), kind, (torch.diag(H) / 2).numpy())
+    for name in ("d", "m", "sc", "mc"):
+        a, b = getattr(r.gguf, name), getattr(fit, name)
+        assert (a is None and b is None) or np.array_equal(a, b), name
+    rtn = torch.from_numpy(gq.quantize(W.numpy(), kind).dequantize())
+    imatrix = torch.from_numpy(fit.dequantize())
+    loss = layer_loss(W, Wq, H)
+    assert loss < 0.85 * layer_loss(W, imatrix, H) and loss < 0.6 * layer_loss(W, rtn, H)
