@@ -17,13 +17,14 @@ Rows:
                  to llama-q4_0)
   llmslim-gptq-q4_0   llmslim quantize --method gptq --target gguf-q4_0 --out FILE.gguf
   llama-q8_0, llmslim-gptq-q8_0  the sanity rows
-  llama-q4_k_m, llama-q4_k_m-imatrix, llmslim-rtn-q4_k_m   the same for llama.cpp's Q4_K_M mix (on
+  llama-q4_k_m, llama-q4_k_m-imatrix, llmslim-rtn-q4_k_m, llmslim-gptq-q4_k_m
+                 the same for llama.cpp's Q4_K_M mix (GPTQ: --target gguf-q4_k_m; on
                  SmolLM2 most rows are 576 wide, not whole super-blocks of 256: llama.cpp writes them
                  Q5_0, Q8_0 for the "more bits" attn_v; only ffn_down is Q4_K/Q6_K)
 
     make llama                                  # llama.cpp + llama-cpp-python in .llama-venv (the defaults)
     python eval/bench_gguf.py                   # every row
-    python eval/bench_gguf.py --smoke           # tiny: 2 rows x 2 windows, 4 calibration samples, own folder
+    python eval/bench_gguf.py --smoke           # tiny: 3 rows x 2 windows, 4 calibration samples, own folder
     python eval/bench_gguf.py --report
 
 Prints a table; raw JSON per row in eval/results/gguf_<row>.json.
@@ -42,8 +43,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 ROWS = ["f32", "llama-q4_0", "llama-q4_0-imatrix", "llmslim-rtn-q4_0", "llmslim-gptq-q4_0", "llama-q8_0",
-        "llmslim-gptq-q8_0", "llama-q4_k_m", "llama-q4_k_m-imatrix", "llmslim-rtn-q4_k_m"]
-SMOKE_ROWS = ["llmslim-rtn-q4_k_m", "llama-q4_k_m"]
+        "llmslim-gptq-q8_0", "llama-q4_k_m", "llama-q4_k_m-imatrix", "llmslim-rtn-q4_k_m", "llmslim-gptq-q4_k_m"]
+SMOKE_ROWS = ["llmslim-rtn-q4_k_m", "llama-q4_k_m", "llmslim-gptq-q4_k_m"]
 LLAMA_VENV = HERE.parent / ".llama-venv"  # `make llama`
 FTYPES = {"q4_0": 2, "q8_0": 7, "q4_k_m": 15}
 QUANTIZE_NAMES = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}
@@ -193,7 +194,7 @@ def main() -> None:
                     help="python of a venv with llama-cpp-python==0.3.36 (default: .llama-venv, from `make llama`)")
     ap.add_argument("--llama-bin", default=str(LLAMA_VENV / "build" / "bin") if built else None,
                     help="folder with llama.cpp's llama-imatrix and llama-quantize (default: .llama-venv/build/bin)")
-    ap.add_argument("--smoke", action="store_true", help="prove the script works: 2 rows, 2 windows, 4 samples, "
+    ap.add_argument("--smoke", action="store_true", help="prove the script works: 3 rows, 2 windows, 4 samples, "
                     "results in the work folder, not eval/results")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--windows", type=int, default=44)
