@@ -434,6 +434,9 @@ class ExportConfig:
     type: str = "q4_0"
     token_embedding_type: str = "auto"
     output_tensor_type: str = "auto"
+    # Round float weights with llama.cpp's importance-weighted quantizers, the importance matrix being
+    # each linear's mean squared input activation on the calibration text (what llama-imatrix collects).
+    imatrix: bool = False
 
     def __post_init__(self):
         if self.format != "gguf":

@@ -173,13 +173,14 @@ def plan(model: nn.Module, config: ExportConfig) -> dict[str, tuple[str, str]]:
         for name, layer in linears.items():
             if name in quantized or name in solved:
                 continue
-            t = linear_type(config.type, name, linear_weight(layer).shape[1], n_layers)
+            t = linear_type(config.type, name, linear_weight(layer).shape[1], n_layers, imatrix=config.imatrix)
             if quantized or solved:
                 out[name] = ("f16", "float in the checkpoint: kept in float")
             elif t in FLOATS:
                 out[name] = ("f16", f"inputs not whole blocks of {GGUF_BLOCK}: kept in float")
             else:
-                out[name] = (t, "round-to-nearest, llama.cpp's rule")
+                out[name] = (t, "round-to-nearest, llama.cpp's rule" + (" with the importance matrix"
+                                                                          if config.imatrix else ""))
     names = _names(model)
     emb, head, tied = _embeddings(model)
     out_cols = linear_weight(head).shape[1] if head is not None and not tied else emb.weight.shape[1]
@@ -194,6 +195,34 @@ def plan(model: nn.Module, config: ExportConfig) -> dict[str, tuple[str, str]]:
                             "--token-embedding-type/--output-tensor-type f16 or a type with smaller blocks")
         out[name] = (t, f"{what}: " + ("round-to-nearest, llama.cpp's rule" if t not in FLOATS else "float"))
     return out
+
+
+def collect_imatrix(model: nn.Module, calib: torch.Tensor, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """llama.cpp's importance matrix from llmslim's calibration tokens: for every float linear (the
+    output matrix included), the mean over all calibration tokens of each input column's squared
+    activation (``llama-imatrix`` accumulates the same sums and counts per matmul)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_pre_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            for batch in calib.split(batch_size or 8):
+                model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (sums[n] / counts[n]).float().numpy() for n in sums}
 
 
 def check_exportable(model: nn.Module, config: ExportConfig) -> list[dict]:
@@ -247,6 +276,12 @@ def save_gguf(
     root = llama_cpp_dir()
     names = _names(model)
     emb = model.get_input_embeddings()
+    # The importance matrix (``--imatrix``: the export stage collected it), by module name; a tied
+    # embedding is quantized with its output matmul's, as llama.cpp's imatrix names it.
+    importance = dict(getattr(model, "gguf_imatrix", None) or {}) if config.imatrix else {}
+    _, head, tied = _embeddings(model)
+    if tied and names.get(id(head)) in importance:
+        importance[names[id(emb)]] = importance[names[id(head)]]
     raw: dict[str, np.ndarray] = {}
     types: dict[str, str] = {}
     floats: dict[str, torch.Tensor] = {}
@@ -264,7 +299,7 @@ def save_gguf(
                 raw[key] = encode_blocks(t, d, k)
             else:  # llama.cpp's own rounding (ggml_quants: byte-identical to its quantizer)
                 W = emb.weight if module is emb else linear_weight(module)
-                raw[key] = ggml_quantize(W.detach().float().numpy(), t).encode()
+                raw[key] = ggml_quantize(W.detach().float().numpy(), t, importance.get(name)).encode()
             types[key] = t.upper()
             floats[key] = torch.arange(raw[key].shape[0], dtype=torch.float32)[:, None]  # the row probe
         else:

@@ -34,6 +34,13 @@ def add_export(sub) -> None:
     p.add_argument("--output-tensor-type", default="auto",
                    help="type of the output matrix (default auto: as llama-quantize chooses -- Q6_K, or Q8_0 when "
                    "its width is not whole blocks of the file's type)")
+    p.add_argument("--imatrix", action="store_true",
+                   help="round a float model with llama.cpp's importance-weighted quantizers; the importance matrix "
+                   "is each linear's mean squared input on the calibration text (as llama-imatrix collects it)")
+    p.add_argument("--calib", default="wiki", help="calibration text for --imatrix (built-in name, file or dataset)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows for --imatrix (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512, as "
+                   "llama-imatrix's -c)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) weights you trust")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=cmd_export)
@@ -42,14 +49,15 @@ def add_export(sub) -> None:
 def cmd_export(args) -> int:
     from collections import Counter
 
-    from ..config import ExportConfig
+    from ..config import CalibConfig, ExportConfig
     from ..errors import UserError
     from .run import export_to_file
 
-    config = ExportConfig(args.format, args.type, args.token_embedding_type, args.output_tensor_type)
+    config = ExportConfig(args.format, args.type, args.token_embedding_type, args.output_tensor_type, args.imatrix)
     if not str(args.out).endswith(".gguf"):
         raise UserError(f"--out must name a .gguf file, got {args.out}")
-    s = export_to_file(args.model, config, args.out, force=args.force, allow_pickle=args.allow_pickle)
+    calib = CalibConfig(args.calib, args.nsamples, args.seqlen) if args.imatrix else None
+    s = export_to_file(args.model, config, args.out, force=args.force, allow_pickle=args.allow_pickle, calib=calib)
     for what, n in sorted(Counter(t["how"] for t in s["plan"]).items()):
         print(f"{n:4d} x {what}")
     types = Counter(t for _, t in s["tensors"])

@@ -205,7 +205,7 @@ def _compress_to_gguf(source: str, folder: str, model, tokenizer, recipe: Recipe
 
 
 def export_to_file(source: str, config: ExportConfig, out: str | Path, force: bool = False,
-                   allow_pickle: bool = False) -> dict:
+                   allow_pickle: bool = False, calib: CalibConfig | None = None) -> dict:
     """``llmslim export``: a float model or a GPTQ checkpoint -> one GGUF file, written atomically."""
     from ..util import atomic_path, check_output
 
@@ -222,10 +222,12 @@ def export_to_file(source: str, config: ExportConfig, out: str | Path, force: bo
     llama_cpp_dir()
     t0 = time.perf_counter()
     model, tokenizer = load(source, torch.float32, allow_pickle)
-    model, report = handler_for(config).run(model, config, Context(source=folder))
+    calib = (calib or CalibConfig()) if config.imatrix else None  # --imatrix: its calibration text
+    tokens = recipe_tokens(calib, tokenizer, model.config) if calib else None
+    model, report = handler_for(config).run(model, config, Context(tokens, source=folder))
     # Provenance: the recipe that made a checkpoint, plus this export; its source (a GGUF model's
     # tokenizer metadata is carried over unchanged).
-    origin, recipe_yaml = source, Recipe((config,)).to_yaml()
+    origin, recipe_yaml = source, Recipe((config,), calib or CalibConfig()).to_yaml()
     log, made_by = Path(folder) / "quant_log.json", Path(folder) / "recipe.yaml"
     if log.is_file():
         origin = json.loads(log.read_text()).get("source") or source

@@ -35,7 +35,7 @@ from ..config import (
 )
 from ..data import calibration_tokens
 from ..errors import UserError
-from ..formats.gguf import check_exportable
+from ..formats.gguf import check_exportable, collect_imatrix
 from ..formats.gguf_mix import layer_types
 from ..formats.hf import from_pretrained, save_hf
 from ..grid import GGUF_BLOCK
@@ -172,6 +172,11 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: Context) -> tuple[nn
     """Check, before anything is written, that every tensor can be exported as asked; the file
     itself is written by ``formats.gguf.save_gguf`` when the recipe's output is saved."""
     t0 = time.perf_counter()
+    if config.imatrix:
+        if ctx.calib is None:
+            raise UserError("--imatrix needs calibration data (--calib)")
+        # Read by formats.gguf.save_gguf when the file is written (after this stage).
+        model.gguf_imatrix = collect_imatrix(model, ctx.calib, ctx.batch_size)
     layers = check_exportable(model, config)
     return model, QuantReport(config.stage, layers, [], time.perf_counter() - t0)
 
@@ -270,7 +275,7 @@ def needs_calibration(config: object) -> bool:
 
 HANDLERS: dict[type, Handler] = {
     PruneConfig: Handler(run_prune, frozenset({"float"}), "float", calibrated=lambda c: c.calibrated),
-    ExportConfig: Handler(run_export, frozenset({"gptq", "float"}), "gguf", calibrated=False),
+    ExportConfig: Handler(run_export, frozenset({"gptq", "float"}), "gguf", calibrated=lambda c: c.imatrix),
     RTNConfig: Handler(run_rtn, frozenset({"float"}), "gptq", calibrated=False),
     GPTQConfig: Handler(run_gptq, frozenset({"float"}), "gptq", calibrated=True),
     TuneConfig: Handler(run_tune, frozenset({"float"}), "gptq", calibrated=True),

@@ -232,3 +232,54 @@ def test_llama_cpp_runs_a_gptq_k_mix(tmp_path):
         tf = read_back(out)(torch.tensor([ids])).logits[0].double().numpy()
     assert np.abs(lc - tf).max() < 0.05 * np.abs(tf).max() + 1e-3
     assert (lc.argmax(-1) == tf.argmax(-1)).mean() >= 0.9
+
+
+def rows_sorted(a: np.ndarray) -> np.ndarray:
+    return a[np.lexsort(a.T[::-1])]
+
+
+@needs_llama_cpp
+def test_imatrix_export(tmp_path):
+    """``export --imatrix``: llama.cpp's importance-weighted quantizers with the mean squared input of
+    each linear on the calibration text, and llama-quantize's imatrix-only choices (Q4_0 files put
+    the first eighth of ffn_down in Q4_1)."""
+    from llmslim.config import CalibConfig
+    from llmslim.formats.gguf import collect_imatrix
+    from llmslim.pipeline.run import recipe_tokens
+
+    src = kmodel_folder(tmp_path / "src")
+    model, tok = llmslim.load(str(src))
+    tokens = recipe_tokens(CalibConfig("wiki", 4, 32), tok, model.config)
+    im = collect_imatrix(model, tokens, batch_size=3)
+    # the statistic itself: mean over every calibration token of x^2, per input column
+    seen = {}
+    h = model.model.layers[2].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: seen.setdefault("x", []).append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(tokens)
+    h.remove()
+    X = torch.cat(seen["x"]).double()
+    np.testing.assert_allclose(im["model.layers.2.mlp.down_proj"], X.square().mean(0).numpy(), rtol=1e-6)
+    assert "lm_head" in im and len(im) == 7 * LAYERS + 1
+
+    for kind in ("q4_k_m", "q4_0"):
+        out, plain = tmp_path / f"{kind}-im.gguf", tmp_path / f"{kind}.gguf"
+        assert main(["export", str(src), "--type", kind, "--imatrix", "--nsamples", "4", "--seqlen", "32",
+                     "--out", str(out)]) == 0
+        assert main(["export", str(src), "--type", kind, "--out", str(plain)]) == 0
+        a = {t.name: t for t in gguf.GGUFReader(out).tensors}
+        b = {t.name: t for t in gguf.GGUFReader(plain).tensors}
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+        for name, m in linears.items():
+            t = linear_type(kind, name, m.weight.shape[1], LAYERS, imatrix=True)
+            tensor = a[gguf_name(name)]
+            assert tensor.tensor_type.name.lower() == t, name
+            expect = gq.quantize(m.weight.detach().numpy(), t, im[name]).encode()
+            got = np.asarray(tensor.data).reshape(expect.shape)
+            assert np.array_equal(rows_sorted(got), rows_sorted(expect)), name  # q/k rows: llama.cpp's order
+            assert not np.array_equal(np.asarray(tensor.data), np.asarray(b[gguf_name(name)].data)), name
+        out_expect = gq.quantize(model.lm_head.weight.detach().numpy(), "q6_k", im["lm_head"]).encode()
+        assert np.array_equal(np.asarray(a["output.weight"].data).reshape(out_expect.shape), out_expect)
+    assert a["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
+    recipe = gguf.GGUFReader(out).fields["llmslim.recipe"].contents()
+    assert "imatrix: true" in recipe and "nsamples: 4" in recipe
