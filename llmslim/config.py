@@ -178,7 +178,9 @@ class GPTQConfig(IntConfig):
         """The config one layer is solved with: its own bits and group size when overridden."""
         if self.layer_types:
             kind = dict(x.split("=", 1) for x in self.layer_types).get(name)
-            return replace(self, target=f"gguf-{kind}", layer_types=()) if kind else self
+            # a layer on Q4_0/Q8_0 is a block-of-32 grid: act-order needs its groups fixed up front
+            return replace(self, target=f"gguf-{kind}", layer_types=(),
+                           static_groups=self.static_groups or self.desc_act) if kind else self
         setting = self.layer_settings.get(name)
         if setting is None:
             return self

@@ -149,16 +149,22 @@ def plan(model: nn.Module, config: ExportConfig) -> dict[str, tuple[str, str]]:
                         "fp16 number); use --type q4_0/q8_0 (its grid) or f32 (exact)")
     if quantized and config.type == "f32":
         out.update({n: ("f32", "dequantized, exact") for n in quantized})
-    elif quantized and config.type not in ("q4_0", "q8_0"):
-        raise UserError(f"a GPTQ checkpoint's layers cannot be written as {config.type.upper()} without rounding "
-                        "them again; export it as q4_0/q8_0 (its grid) or f32, or quantize the original model "
-                        f"for {config.type}: llmslim export ORIGINAL_MODEL --type {config.type} --out model.gguf")
     elif quantized:
+        # Each layer's type: the file's, or in a mix the one llama.cpp's rule gives it (a GPTQ run on a
+        # mix solves its Q8_0/Q4_0 layers on those grids as GPTQLinear, the rest as GGUFLinear).
+        n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+        kinds = {n: linear_type(config.type, n, m.in_features, n_layers) for n, m in quantized.items()}
+        kinds = {n: config.type if t in FLOATS else t for n, t in kinds.items()}  # layer_blocks says why not
+        if config.type not in ("q4_0", "q8_0") and any(t not in ("q4_0", "q8_0") for t in kinds.values()):
+            raise UserError(f"a GPTQ checkpoint's layers cannot be written as {config.type.upper()} without "
+                            "rounding them again; export it as q4_0/q8_0 (its grid) or f32, or quantize the "
+                            f"original model for {config.type}: llmslim quantize ORIGINAL_MODEL --method gptq "
+                            f"--target gguf-{config.type} --out model.gguf")
         bad = []
         for name, m in quantized.items():
             try:
-                layer_blocks(m, config.type)
-                out[name] = (config.type, "bit-exact from the checkpoint")
+                layer_blocks(m, kinds[name])
+                out[name] = (kinds[name], "bit-exact from the checkpoint")
             except ValueError as e:
                 bad.append(f"{name}: {e}")
         if bad:

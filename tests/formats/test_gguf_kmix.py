@@ -139,6 +139,20 @@ def test_gptq_straight_to_a_k_mix(tmp_path, capsys):
     assert torch.isfinite(out).all()
 
 
+@needs_llama_cpp
+def test_gptq_on_a_mix_with_fallbacks(tmp_path):
+    """Rows of 96 are not whole super-blocks: the mix's Q5_0 layers are solved on Q5_0 (GGUFLinear), its
+    Q8_0 attn_v on the Q8_0 grid (GPTQLinear, written bit for bit); same types as llama.cpp's rounding."""
+    src = kmodel_folder(tmp_path / "src", hidden=96, inter=256)
+    gptq, rtn = tmp_path / "gptq.gguf", tmp_path / "rtn.gguf"
+    assert main(["quantize", str(src), "--method", "gptq", "--target", "gguf-q4_k_m", "--calib", "wiki",
+                 "--nsamples", "4", "--seqlen", "64", "--desc-act", "--out", str(gptq)]) == 0
+    assert main(["export", str(src), "--type", "q4_k_m", "--out", str(rtn)]) == 0
+    a = {t.name: t.tensor_type.name for t in gguf.GGUFReader(gptq).tensors}
+    assert a == {t.name: t.tensor_type.name for t in gguf.GGUFReader(rtn).tensors}
+    assert a["blk.0.attn_v.weight"] == "Q8_0" and a["blk.1.attn_q.weight"] == "Q5_0"
+
+
 def test_k_targets_bad_input(tiny_folder, tmp_path, capsys):
     src = tiny_folder("llama")
     capsys.readouterr()
