@@ -35,6 +35,20 @@ from pathlib import Path
 import httpx
 
 
+def wait_healthy(http: httpx.Client, server: subprocess.Popen, timeout: float = 600) -> None:
+    """Until ``llmslim serve`` answers /health with 200 (it binds first and loads after)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if http.get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            sys.exit("llmslim serve did not come up")
+        time.sleep(0.5)
+
+
 def prompt_ids(tok, n: int) -> list[int]:
     from llmslim.data import load_documents
 
@@ -147,16 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         ids = ready["ids"]
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=600) as http:
-            deadline = time.time() + 600
-            while True:
-                try:
-                    if http.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.time() > deadline:
-                    sys.exit("llmslim serve did not come up")
-                time.sleep(0.5)
+            wait_healthy(http, server)
             served_stream(http, ids, 8)  # warm-up of both paths (first calls allocate)
             served_whole(http, ids, 8)
             direct.stdin.write("run\n")

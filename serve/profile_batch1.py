@@ -20,7 +20,7 @@ import sys
 import time
 
 import httpx
-from bench_batch1 import step_seconds  # (this folder is on sys.path when run as a script)
+from bench_batch1 import step_seconds, wait_healthy  # (this folder is on sys.path when run as a script)
 
 IDS = list(range(1000, 1128))  # a 128-token prompt, as token ids
 SPY = os.environ.get("PY_SPY") or shutil.which("py-spy") or "py-spy"
@@ -93,15 +93,7 @@ def served(ckpt: str, stream: bool, n: int, tokens: int, spy_out: str) -> dict:
                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
-            while True:
-                try:
-                    if http.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if srv.poll() is not None:
-                    sys.exit("llmslim serve did not come up")
-                time.sleep(0.5)
+            wait_healthy(http, srv)
             body = {"prompt": IDS, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
             for _ in range(2):  # warm-up
                 http.post("/v1/completions", json=body | {"stream": False, "max_tokens": 16})
