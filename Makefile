@@ -58,8 +58,10 @@ $(LMEVAL_VENV)/.installed: $(VENV)/.installed
 # the shared libraries llama-cpp-python loads plus llama-quantize, llama-imatrix and llama-perplexity
 # (.llama-venv/build/bin) -- then llama-cpp-python's own Python package installed on top of those
 # libraries (LLAMA_BUILD=OFF: pip compiles nothing a second time). About 20-40 min on one core.
-# The Python side needs no torch: numpy only. GGML_NATIVE=OFF (AVX2/FMA/F16C kernels): a -march=native
-# build picks AMX on this CPU and dies of an illegal instruction at the first batched matmul.
+# The Python side needs no torch: numpy only. GGML_NATIVE=OFF because a -march=native build picks AMX on
+# this CPU and dies of an illegal instruction at the first batched matmul; with NATIVE off every other ISA
+# flag defaults to OFF too (plain SSE2 kernels: f32 perplexity of the reference model took > 25 min), so
+# the x86-64-v3 set (AVX2, FMA, F16C, BMI2) is switched on by name.
 LLAMA_VENV ?= .llama-venv
 LLAMA_JOBS ?= 2
 llama: $(LLAMA_VENV)/.installed
@@ -72,7 +74,8 @@ $(LLAMA_VENV)/.installed:
 	tar xzf $(LLAMA_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_VENV)/src
 	cmake -S $(LLAMA_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LLAMA_VENV)/build \
 		-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DGGML_NATIVE=OFF
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DGGML_NATIVE=OFF \
+		-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 	cmake --build $(LLAMA_VENV)/build -j$(LLAMA_JOBS) --target llama llama-quantize llama-imatrix llama-perplexity
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(LLAMA_VENV)/bin/python -m pip install -q \
 		$(LLAMA_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)

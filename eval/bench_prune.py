@@ -12,7 +12,7 @@ and its pruned model is scored by llmslim like every other row.
     python eval/bench_prune.py --rows sparsegpt-2of4 lc-sparsegpt-2of4 --nsamples 8 --windows 4   # a smoke run
     python eval/bench_prune.py --report              # the tables of everything measured so far
 
-Rows: METHOD-PATTERN (magnitude|wanda|sparsegpt x 50|2of4), joint-2of4-gptq4g64 (one sweep),
+Rows: METHOD-PATTERN[-ts] (magnitude|wanda|sparsegpt x 50|2of4; -ts: --true-sequential), joint-2of4-gptq4g64 (one sweep),
 sparsegpt-2of4+gptq4g64 (two stages), depth-bi|kl-N, width-mlpNN[-headsNN], lc-sparsegpt|wanda-50|2of4,
 lc-sparsegpt-2of4+gptq4g64 (llm-compressor's two-modifier recipe). Structured rows also report
 parameters, checkpoint size and batch-1 decode speed with plain transformers.
@@ -50,9 +50,10 @@ def stages(row: str) -> list:
     out = []
     for part in parts:
         kind, *rest = part.split("-")
-        if kind in ("magnitude", "wanda", "sparsegpt"):
-            pattern = rest[0]
-            out.append(PruneConfig(kind, nm="2:4") if pattern == "2of4" else PruneConfig(kind, int(pattern) / 100))
+        if kind in ("magnitude", "wanda", "sparsegpt"):  # METHOD-PATTERN[-ts]
+            pattern, ts = rest[0], {"true_sequential": True} if rest[1:] == ["ts"] else {}
+            out.append(PruneConfig(kind, nm="2:4", **ts) if pattern == "2of4" else
+                       PruneConfig(kind, int(pattern) / 100, **ts))
         elif kind == "joint":  # joint-2of4-gptq4g64
             out.append(GPTQConfig(bits=4, group_size=64, nm="2:4"))
         elif kind == "gptq4g64":
@@ -107,15 +108,26 @@ def run_one(row: str, calib_file: Path, windows: int, seqlen: int, speed: bool) 
 
 
 def structured_costs(model, tok) -> dict:
-    """Checkpoint size (saved as an ordinary HF folder) and batch-1 decode speed in plain transformers."""
+    """Checkpoint size (saved as an ordinary HF folder) and batch-1 decode speed, in plain transformers
+    (fp32) and on llmslim's fast path (``accelerate``: bf16 lean forward, as ``llmslim serve`` runs it)."""
+    import statistics
+
+    import torch
+
     from llmslim.formats.hf import folder_bytes, save_hf
     from llmslim.metrics.efficiency import speed
+    from llmslim.runtime.fast import accelerate
+    from llmslim.runtime.generate import generate
 
     with tempfile.TemporaryDirectory() as d:
         save_hf(model, tok, Path(d))
         size = folder_bytes(d)
     s = speed(model, prompt_tokens=128, new_tokens=128, repeats=3)
-    return {"checkpoint_bytes": size, "decode_tok_s": s["decode_tokens_per_s"], "prefill_tok_s": s["prefill_tokens_per_s"]}
+    accelerate(model, torch.bfloat16)
+    ids = (torch.arange(128) * 7919 % model.config.vocab_size).tolist()  # the prompt speed() uses
+    runs = [generate(model, tok, ids, max_new_tokens=128, ignore_eos=True).timings["decode_tok_s"] for _ in range(4)]
+    return {"checkpoint_bytes": size, "decode_tok_s": s["decode_tokens_per_s"], "prefill_tok_s": s["prefill_tokens_per_s"],
+            "fast_decode_tok_s": statistics.median(runs[1:])}  # the first run warms up
 
 
 def run_peer(row: str, calib_file: Path, lc_python: str, windows: int, seqlen: int) -> dict:
@@ -214,15 +226,19 @@ def tables(results: dict) -> str:
                      f"| {r['peak_rss'] / 2**20:.0f} | {r['load']:.1f} |")
     structured = [r for r in rows if r.startswith(("depth", "width"))]
     if structured:
-        lines += ["", "| row | ppl | parameters | checkpoint MB | decode tok/s (HF, batch 1) | × fp32 | time s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| row | ppl | parameters | checkpoint MB | decode tok/s (HF fp32, batch 1) | × fp32 "
+                  "| decode tok/s (llmslim fast, bf16) | × fp32 | time s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in ["fp32", *structured]:
             r = results[row] if row != "fp32" else base
             dec = r.get("decode_tok_s")
             ratio = f"{dec / base['decode_tok_s']:.2f}" if dec and base.get("decode_tok_s") else "—"
             size = f"{r['checkpoint_bytes'] / 2**20:.0f}" if r.get("checkpoint_bytes") else "—"
+            fast, fast_base = r.get("fast_decode_tok_s"), base.get("fast_decode_tok_s")
+            fast_ratio = f"{fast / fast_base:.2f}" if fast and fast_base else "—"
             lines.append(f"| {row} | {r['ppl']:.2f} | {r['parameters'] / 1e6:.1f}M | {size} | "
-                         f"{f'{dec:.1f}' if dec else '—'} | {ratio} | {r.get('seconds', 0):.0f} |")
+                         f"{f'{dec:.1f}' if dec else '—'} | {ratio} | {f'{fast:.1f}' if fast else '—'} | {fast_ratio} "
+                         f"| {r.get('seconds', 0):.0f} |")
     return "\n".join(lines)
 
 

@@ -5,11 +5,15 @@ Protocol (eval/bench_gptq.py's): calibration = 128 x 512-token windows of the bu
 windows of the held-out 20%, no BOS, KL(original || model) per token. The search never sees them.
 
 Rows:
+  rank              the prediction against the exact measurement: (layer, candidate) pairs from every 6th
+                    block, each measured as the KL increase with only that layer GPTQ-quantized (Spearman's
+                    rank correlation of the prediction, and of the uncorrected LDL proxy; printed at once)
   tune <budget>     10 budgets: KL 0.02 / 0.05 / 0.1 / 0.2 / 0.5 and sizes 60 / 80 / 100 / 120 / 160 MB
                     (a budget no choice reaches is recorded with the best reachable, as the command says);
                     the first row measures the sensitivities, the others read them from the cache
   uniform b:g       GPTQ at every bits x group of the space (bits 2/3/4/8 x groups 32/64: 128 does not
-                    divide SmolLM2's 576), same calibration; its time is "one GPTQ run"
+                    divide SmolLM2's 576), same calibration; its time is "one GPTQ run"; its predicted KL
+                    is the tune's calibrated prediction of that uniform setting (tune.json)
   tune size=<u>     tune at exactly the size of the uniform 3:64 and 4:64 checkpoints: KL at equal size
   llama.cpp         Q4_K_M and Q3_K_M from llama.cpp's own quantizer, perplexity on the same windows
                     (needs --llama-python, a venv with llama-cpp-python==0.3.36, and llama.cpp's conversion
@@ -18,7 +22,8 @@ Rows:
                     (llmslim eval --speed: the int4/int8 kernels)
 
 Criteria (issue 14): budget met on held-out text for >= 9 of 10; at equal size KL <= 0.8x the uniform
-row's at ~3 bits/weight and <= 1x at ~4; decode speed >= 0.9x uniform 4-bit.
+row's at ~3 bits/weight and <= 1x at ~4; decode speed >= 0.9x uniform 4-bit; search time <= 3x one
+GPTQ run. Also reported: measured / predicted held-out KL over every row that has both.
 
     python eval/bench_tune.py                      # the whole benchmark (hours on 2 cores)
     python eval/bench_tune.py --smoke              # minutes: the plumbing only, numbers mean nothing
@@ -31,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -72,11 +79,13 @@ def tune_row(budget: str, args, work: Path) -> dict:
     if p.returncode:
         raise SystemExit(f"tune {budget} failed:\n{p.stderr[-3000:]}")
     t = json.loads((out / "tune.json").read_text())
-    a = t["attempts"][-1]
+    a, first = t["attempts"][-1], t["attempts"][0]
     return row | {"dir": str(out), "met": t["met"], "attempts": len(t["attempts"]), "predicted_kl": a["predicted_kl"],
                   "kl": a["measured_kl"], "ppl": a["perplexity"], "base_ppl": a["baseline_perplexity"],
                   "bytes": a["measured_bytes"], "bpw": a["bpw"], "cached": t["sensitivity"]["cached"],
-                  "sensitivity_seconds": t["sensitivity"]["seconds"]}
+                  "first_attempt": {"predicted_kl": first["predicted_kl"], "kl": first["measured_kl"]},
+                  "sensitivity_seconds": t["sensitivity"]["seconds"], "calibration": t["sensitivity"]["calibration"],
+                  "uniform_predicted": {u["setting"]: u["predicted_kl"] for u in t["uniform_predicted"]}}
 
 
 def evaluate(ckpt: Path, args, speed: bool = False) -> dict:
@@ -161,13 +170,18 @@ def rank_row(args) -> dict:
     check = calib[: args.rank_samples]
     base = base_log_probs(model, check)
     t0 = time.perf_counter()
-    predicted, measured = [], []
+    predicted, proxy, measured = [], [], []
     for n, c in pairs:
         predicted.append(by_name[n].kl[by_name[n].candidates.index(c)])
+        proxy.append(by_name[n].proxy[by_name[n].candidates.index(c)])
         measured.append(measured_kl(model, {n: kept[(n, c)]}, base, check))
-    return {"row": "prediction vs measurement", "pairs": len(pairs), "spearman": spearman(predicted, measured),
-            "predicted": predicted, "measured": measured, "pair_names": pairs,
-            "seconds": {"predicted": round(predicted_s, 1), "measured": round(time.perf_counter() - t0, 1)}}
+    row = {"row": "prediction vs measurement", "pairs": len(pairs), "spearman": spearman(predicted, measured),
+           "spearman_proxy": spearman(proxy, measured), "predicted": predicted, "proxy": proxy, "measured": measured,
+           "pair_names": pairs, "calibration": asdict(s.calibration),
+           "seconds": {"predicted": round(predicted_s, 1), "measured": round(time.perf_counter() - t0, 1)}}
+    print(f"rank correlation over {len(pairs)} (layer, candidate) pairs, prediction vs measured KL of the layer "
+          f"alone: Spearman {row['spearman']:.3f} (uncorrected LDL proxy {row['spearman_proxy']:.3f})", flush=True)
+    return row
 
 
 def nearest(rows: list[dict], bpw: float) -> dict | None:
@@ -240,6 +254,9 @@ def main() -> None:
     rows = [tune_row(b, args, args.work) for b in args.budgets]
     uniform = [uniform_row(u, args, args.work) for u in args.uniform]
     rows += uniform
+    measured_first = next((r for r in rows if r.get("uniform_predicted")), None)
+    for u in uniform:  # the tune's calibrated prediction of this very setting
+        u["predicted_kl"] = (measured_first or {}).get("uniform_predicted", {}).get(u["row"].split()[-1])
     # Equal size: tune to the very size of the uniform ~3 and ~4 bits/weight checkpoints.
     criteria = {}
     for u in uniform:
@@ -265,7 +282,14 @@ def main() -> None:
                                    f"{first['seconds']:.0f} s vs one uniform GPTQ run {gptq:.0f} s = "
                                    f"{first['seconds'] / gptq:.1f}x")
     criteria["rank correlation"] = (f"Spearman {rank['spearman']:.3f} between predicted and measured KL over "
-                                    f"{rank['pairs']} (layer, candidate) pairs")
+                                    f"{rank['pairs']} (layer, candidate) pairs (uncorrected LDL proxy "
+                                    f"{rank['spearman_proxy']:.3f})")
+    ratios = [r["first_attempt"]["kl"] / r["first_attempt"]["predicted_kl"] for r in rows if r.get("first_attempt")]
+    ratios += [u["kl"] / u["predicted_kl"] for u in uniform if u.get("predicted_kl")]
+    if ratios:
+        criteria["calibration"] = (f"measured / predicted held-out KL (tuned rows' first attempts, uniform rows): "
+                                   f"median {statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f} "
+                                   f"over {len(ratios)} rows")
     rows.append(rank)
     results = {"protocol": {k: getattr(args, k) for k in ("nsamples", "calib_seqlen", "windows", "seqlen", "smoke")},
                "rows": rows, "criteria": criteria}

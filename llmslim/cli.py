@@ -34,6 +34,8 @@ def add_memory_options(p) -> None:
 
 
 def add_quantize(sub) -> None:
+    from .config import FORWARD_DTYPE_HELP, IMPORTANCE_HELP, IMPORTANCES
+
     p = sub.add_parser(
         "quantize",
         help="quantize a model: GPTQ/RTN (GPTQ v1 checkpoint) or bitsandbytes nf4/fp4/int8",
@@ -87,6 +89,8 @@ def add_quantize(sub) -> None:
     sp.add_argument("--nm", default="", metavar="N:M",
                     help="also prune to N:M (e.g. 2:4: at most 2 nonzeros in every 4 inputs) in the same sweep")
     q.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: auto)")
+    q.add_argument("--forward-dtype", default="fp32", metavar="fp32|bf16", help=FORWARD_DTYPE_HELP)
+    q.add_argument("--importance", default="auto", metavar="|".join(IMPORTANCES), help=IMPORTANCE_HELP)
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default="wiki",
                    help="built-in wiki|web|stories|technical|code, hub wikitext2|c4|ptb, or a .txt/.jsonl/.json/.parquet file")
@@ -123,7 +127,8 @@ def cmd_quantize(args) -> int:
             config = GPTQConfig(**common, desc_act=args.desc_act, static_groups=args.static_groups,
                                 true_sequential=args.true_sequential, damp_percent=args.damp_percent,
                                 block_size=args.block_size, act_group_aware=args.act_group_aware is not False,
-                                sparsity=args.sparsity, nm=args.nm)
+                                sparsity=args.sparsity, nm=args.nm, forward_dtype=args.forward_dtype,
+                                importance=args.importance)
         else:
             config = RTNConfig(**common)
     calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
@@ -239,7 +244,8 @@ def cmd_compress(args) -> int:
 # they would be silently ignored, so they are refused instead.
 _GRID_OPTIONS = {"bits": 4, "group_size": 128, "sym": True, "mse": None, "target": ""}
 _GPTQ_OPTIONS = {"desc_act": False, "static_groups": False, "act_group_aware": None, "true_sequential": True,
-                 "damp_percent": 0.01, "block_size": 128, "sparsity": 0.0, "nm": ""}
+                 "damp_percent": 0.01, "block_size": 128, "sparsity": 0.0, "nm": "", "forward_dtype": "fp32",
+                 "importance": "auto"}
 _CALIB_OPTIONS = {"batch_size": None, "resume": False, "calib": "wiki", "nsamples": 128, "seqlen": 2048,
                   "seed": 0, "text_field": "text", "device": "cpu"}
 _BNB_OPTIONS = {"double_quant": False, "compute_dtype": "bf16", "int8_threshold": 6.0}
@@ -265,7 +271,7 @@ def _refuse_foreign_options(args) -> None:
 
 
 def add_prune(sub) -> None:
-    from .config import PRUNE_METHODS
+    from .config import FORWARD_DTYPE_HELP, PRUNE_METHODS
 
     p = sub.add_parser(
         "prune",
@@ -288,6 +294,11 @@ def add_prune(sub) -> None:
     u.add_argument("--nm", default="", metavar="N:M", help="semi-structured: at most N nonzeros in every M inputs (2:4, 4:8)")
     u.add_argument("--damp-percent", type=float, default=0.01, help="sparsegpt: Hessian damping (default 0.01)")
     u.add_argument("--block-size", type=int, default=128, help="sparsegpt: lazy-update block size (default 128)")
+    u.add_argument("--true-sequential", action="store_true",
+                   help="sparsegpt/wanda: each group of a block (q/k/v, o, gate/up, down) sees the groups before it "
+                   "pruned (default: every layer's input from one forward of the unpruned block, as the reference "
+                   "code and llm-compressor read it)")
+    u.add_argument("--forward-dtype", default="fp32", metavar="fp32|bf16", help="sparsegpt/wanda: " + FORWARD_DTYPE_HELP)
     u.add_argument("--include", action="append", default=[], metavar="GLOB", help="only prune these linears (repeatable)")
     u.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune these (repeatable)")
     d = p.add_argument_group("depth (drop decoder blocks)")
@@ -319,7 +330,7 @@ def cmd_prune(args) -> int:
 
     config = PruneConfig(args.method, args.sparsity, args.nm, args.drop_blocks, args.importance, args.mlp_keep,
                          args.heads_keep, args.damp_percent, args.block_size,
-                         LayerFilter(tuple(args.include), tuple(args.exclude)))
+                         LayerFilter(tuple(args.include), tuple(args.exclude)), args.true_sequential, args.forward_dtype)
     if not config.calibrated:
         given = [k for k, v in _CALIB_OPTIONS.items() if getattr(args, k) != v]
         if given:

@@ -15,6 +15,30 @@ from . import ggml_quants
 from .errors import UserError
 from .grid import GGUF_BLOCK, GGUF_GRIDS, SUPPORTED_BITS
 
+# The dtype the block driver runs calibration forwards in (``--forward-dtype``). bf16: linears and
+# attention under autocast (AMX on recent Intel CPUs: ~3x a fp32 forward), activations kept in bf16
+# between blocks; the weights the solvers read and write stay float32, and so do the statistics
+# (H = 2XX^T of the bf16 inputs, exact: eval/scale.md#bf16-calibration-forwards).
+FORWARD_DTYPES = ("fp32", "bf16")
+FORWARD_DTYPE_HELP = ("dtype of the calibration forwards through each block: fp32 (default) or bf16 (about 3x "
+                      "faster on CPUs with AMX/AVX512-BF16; the solvers' weights and statistics stay float32)")
+
+
+# How GPTQ's MSE search weighs a weight's error when it picks a group's scale (``gptq_quantize``'s
+# ``importance``): "auto" = "hessian" on the GGUF block grids (Q4_0/Q8_0: measured on the reference
+# model, eval/gguf.md), "none" elsewhere (the GPTQ reference's unweighted search, until measured there).
+IMPORTANCES = ("auto", "none", "hessian", "imatrix")
+IMPORTANCE_HELP = ("how GPTQ's scale search weighs each weight's error: none (the GPTQ reference's |w - w^|^2.4), "
+                   "hessian (the input column's Hessian diagonal, llama.cpp's importance matrix), imatrix "
+                   "(that times sqrt(sigma^2 + w^2), llama.cpp's own weighting); auto (default): hessian on "
+                   "--target gguf-q4_0/q8_0, none otherwise")
+
+
+def check_forward_dtype(value: str) -> None:
+    if value not in FORWARD_DTYPES:
+        raise UserError(f"--forward-dtype must be one of {', '.join(FORWARD_DTYPES)}, got {value!r}")
+
+
 # GGUF file types GPTQ solves for (--target gguf-q4_k_m): each layer on the type llama-quantize gives it.
 GGUF_MIX_TARGETS = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k")
 
@@ -138,12 +162,17 @@ class GPTQConfig(IntConfig):
     # A GGUF mix target's per-layer tensor types, "FULL.LAYER.NAME=TYPE" (filled in by the gptq stage
     # from llama.cpp's rule, ``formats.gguf_mix``); not a user option.
     layer_types: tuple[str, ...] = ()
+    forward_dtype: str = "fp32"  # the block forwards on the calibration text (FORWARD_DTYPES)
+    importance: str = "auto"  # the MSE scale search's weighting (IMPORTANCES)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.importance not in IMPORTANCES:
+            raise UserError(f"--importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         settings = self.layer_settings  # checks every entry
+        check_forward_dtype(self.forward_dtype)
         if settings and self.target:
             raise UserError(f"--target {self.target} fixes one grid for every layer: per-layer overrides do not apply")
         if self.gguf_grid in GGUF_GRIDS and self.desc_act and not self.static_groups:
@@ -168,6 +197,13 @@ class GPTQConfig(IntConfig):
     @property
     def n_m(self) -> tuple[int, int] | None:
         return parse_nm(self.nm)
+
+    @property
+    def scale_importance(self) -> str | None:
+        """``importance`` resolved for ``gptq_quantize``: None (unweighted), "hessian" or "imatrix"."""
+        if self.importance == "auto":
+            return "hessian" if self.gguf_grid in GGUF_GRIDS else None
+        return None if self.importance == "none" else self.importance
 
     @property
     def layer_settings(self) -> dict[str, tuple[int, int]]:
@@ -346,13 +382,20 @@ class PruneConfig:
     damp_percent: float = 0.01  # sparsegpt: Hessian damping
     block_size: int = 128  # sparsegpt: lazy-update block size
     layers: LayerFilter = field(default_factory=LayerFilter)
+    # sparsegpt/wanda: False (default) reads every layer's input from one forward of the block as it
+    # was, as the SparseGPT/Wanda reference code and llm-compressor do; True lets each group of a
+    # block (q/k/v, o, gate/up, down) see inputs computed with the groups before it already pruned,
+    # as GPTQ does. Measured on SmolLM2-135M at 50%: True was worse for both (eval/pruning.md).
+    true_sequential: bool = False
+    forward_dtype: str = "fp32"  # sparsegpt/wanda: the block forwards on the calibration text (FORWARD_DTYPES)
 
     def __post_init__(self):
         m = self.method
         if m not in PRUNE_METHODS:
             raise UserError(f"prune --method must be one of {', '.join(PRUNE_METHODS)}, got {m!r}")
         defaults = {f.name: f.default for f in fields(PruneConfig) if f.name != "layers"}
-        own = {"sparsegpt": ("sparsity", "nm", "damp_percent", "block_size"), "wanda": ("sparsity", "nm"),
+        own = {"sparsegpt": ("sparsity", "nm", "damp_percent", "block_size", "true_sequential", "forward_dtype"),
+               "wanda": ("sparsity", "nm", "true_sequential", "forward_dtype"),
                "magnitude": ("sparsity", "nm"), "depth": ("drop_blocks", "importance"),
                "width": ("mlp_keep", "heads_keep")}[m]
         foreign = [k for k, v in defaults.items() if k not in ("method", *own) and getattr(self, k) != v]
@@ -360,6 +403,7 @@ class PruneConfig:
             raise UserError(f"--method {m} does not use " + ", ".join("--" + k.replace("_", "-") for k in foreign))
         if self.layers.quantize_lm_head:
             raise UserError("pruning never touches lm_head: drop --quantize-lm-head")
+        check_forward_dtype(self.forward_dtype)
         if m in UNSTRUCTURED_METHODS:
             check_sparsity(self.sparsity, self.nm, required=True, method=m)
             n_m = parse_nm(self.nm)

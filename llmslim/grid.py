@@ -66,6 +66,61 @@ def to_fp16_grid(scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(scale, min=2**-20).half().float()
 
 
+# The importance-weighted scale search. llama.cpp quantizes with an importance matrix by trying,
+# per block, inverse scales (nmax + 0.1 k) / max for k = -9..9 -- shrinking AND widening the
+# range by up to ~11% -- and for the codes each one gives, the weighted least-squares scale
+# sum(w x l) / sum(w l^2); it keeps the candidate of least weighted error (ggml-quants.c
+# ``make_qx_quants``, rmse_type 1, called by ``quantize_row_q4_0_impl`` and ``quantize_q6_K``;
+# ``make_qkx3_quants`` does the same for the asymmetric types). Inside GPTQ the importance of a
+# column is its Hessian diagonal diag(2 X X^T / n) -- llama-imatrix's statistic, times 2 --
+# because ||(w - w^) X||^2 / n weights each column's error by exactly that (ignoring the
+# cross terms, which GPTQ's updates handle).
+EXPAND = 0.15  # widen the range by up to 15% (llama.cpp's widest candidate for Q4_0: 8 / 7.1 = 1.127)
+
+
+def range_factors(grid: int = 100, maxshrink: float = 0.8) -> torch.Tensor:
+    """Multipliers of the full range: ``find_params``' shrinks 1 - i/grid (i < maxshrink * grid)
+    followed by widenings 1 + i/grid up to ``EXPAND``. The shrinks come first and are the very
+    values of the unweighted search, so the weighted search's candidates include all of its."""
+    shrink = [1 - i / grid for i in range(int(maxshrink * grid))]
+    widen = [1 + i / grid for i in range(1, int(EXPAND * grid) + 1)]
+    return torch.tensor(shrink + widen, dtype=torch.float32)
+
+
+def weighted_search(
+    w: torch.Tensor, importance: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, maxq: int, to_grid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w [rows, cols]``, the candidate ``(scale, zero)`` (``[candidates, rows]`` each)
+    of least ``sum importance * (w - w^)^2``, with each candidate's codes also refitted to their
+    weighted least-squares scale (rounded by ``to_grid`` to the scale the format stores; the codes
+    are re-rounded against it, as GPTQ will). Returns ``[rows]`` tensors.
+
+    Ties go to the earlier candidate, so a row all of whose candidates are equally good (a row of
+    zeros, an importance of 0) keeps the full range, as the unweighted search does."""
+    imp = importance.float().expand_as(w)
+    best_err = torch.full((w.shape[0],), float("inf"))
+    best_s, best_z = scales[0].clone(), zeros[0].clone()
+    step = max(1, (1 << 19) // w.numel())  # candidates at a time: ~2 MB per temporary, cache-sized
+    for s, z in zip(scales.split(step), zeros.split(step), strict=True):
+        q = quantize(w, s[..., None], z[..., None], maxq)
+        err = (imp * (dequantize(q, s[..., None], z[..., None]) - w).square_()).sum(-1)
+        # llama.cpp's refit: the codes fixed, the scale that minimizes the weighted error of the row.
+        lvl = q.sub_(z[..., None])
+        num, den = (imp * w * lvl).sum(-1), (imp * lvl * lvl).sum(-1)
+        s2 = to_grid(torch.where(den > 0, num / den, s))
+        ok = (den > 0) & (s2 * s > 0)  # never flip the sign of the scale
+        s2 = torch.where(ok, s2, s)
+        err2 = (imp * (fake_quantize(w, s2[..., None], z[..., None], maxq) - w).square_()).sum(-1)
+        err2 = torch.where(ok, err2, torch.full_like(err2, float("inf")))
+        for cs, ce in ((s, err), (s2, err2)):
+            e, k = ce.min(0)  # first minimum over the chunk
+            better = e < best_err
+            best_err = torch.where(better, e, best_err)
+            best_s = torch.where(better, cs.gather(0, k[None])[0], best_s)
+            best_z = torch.where(better, z.gather(0, k[None])[0], best_z)
+    return best_s, best_z
+
+
 def find_params(
     w: torch.Tensor,
     bits: int,
@@ -74,19 +129,26 @@ def find_params(
     norm: float = 2.4,
     grid: int = 100,
     maxshrink: float = 0.8,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``scale`` and ``zero`` (both ``[rows, 1]``) for a 2-D ``w``.
 
     The range always includes 0 (as in GPTQ), so zero lands inside the grid. With ``mse``,
     shrink the range by up to ``maxshrink`` and keep, per row, the candidate with the lowest
-    ``|w - w^|^norm`` (the clipping search of the GPTQ reference implementation).
+    ``|w - w^|^norm`` (the clipping search of the GPTQ reference implementation). With ``mse`` and
+    an ``importance`` per column (``[cols]`` or ``[rows, cols]``), the search minimizes
+    ``sum importance * (w - w^)^2`` instead, over more candidates (``weighted_search``).
     """
     maxq = maxq_for(bits)
     w = w.float()
     xmin = torch.clamp(w.min(dim=1).values, max=0)
     xmax = torch.clamp(w.max(dim=1).values, min=0)
     scale, zero = _minmax_params(xmin, xmax, maxq, sym)
-    if mse:
+    if mse and importance is not None:
+        p = range_factors(grid, maxshrink)[:, None]
+        s, z = _minmax_params(p * xmin, p * xmax, maxq, sym)
+        scale, zero = weighted_search(w, importance, s, z, maxq, to_fp16_grid)
+    elif mse:
         best = torch.full_like(xmin, float("inf"))
         for i in range(int(maxshrink * grid)):
             p = 1 - i / grid
@@ -170,12 +232,14 @@ def _signed_fp16(d: torch.Tensor) -> torch.Tensor:
 
 
 def find_params_gguf(
-    w: torch.Tensor, kind: str, mse: bool = False, norm: float = 2.4, grid: int = 100, maxshrink: float = 0.8
+    w: torch.Tensor, kind: str, mse: bool = False, norm: float = 2.4, grid: int = 100, maxshrink: float = 0.8,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``scale`` and ``zero`` (``[rows, 1]``) on a GGUF block grid, for a group of columns.
 
     The scale follows llama.cpp's rule, rounded to fp16 (the scale the file stores, so GPTQ
-    compensates exactly the error that will be there); ``mse`` shrinks it like ``find_params``.
+    compensates exactly the error that will be there); ``mse`` shrinks it like ``find_params``,
+    or with ``importance`` searches it by importance-weighted squared error (``weighted_search``).
     """
     _, z, maxq = gguf_grid(kind)
     w = w.float()
@@ -183,6 +247,10 @@ def find_params_gguf(
     base = torch.where(base == 0, torch.ones_like(base), base)  # an all-zero row: any scale is exact
     scale = _signed_fp16(base)
     zero = torch.full_like(scale, z)
+    if mse and importance is not None:
+        s = _signed_fp16(range_factors(grid, maxshrink)[:, None] * base)
+        scale, zero = weighted_search(w, importance, s, torch.full_like(s, z), maxq, _signed_fp16)
+        return scale[:, None], zero[:, None]
     if mse:
         best = torch.full_like(scale, float("inf"))
         for i in range(int(maxshrink * grid)):

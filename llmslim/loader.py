@@ -38,8 +38,12 @@ def load(
     return model, load_tokenizer(folder)
 
 
+def quantization_config(config) -> dict:
+    """A config's ``quantization_config`` as a dict ({} for a float model)."""
+    qc = getattr(config, "quantization_config", None)
+    return (qc if isinstance(qc, dict) or qc is None else qc.to_dict()) or {}
+
+
 def quant_method(config) -> str | None:
     """``quant_method`` of a config's ``quantization_config`` (None for a float model)."""
-    qc = getattr(config, "quantization_config", None)
-    qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
-    return (qc or {}).get("quant_method")
+    return quantization_config(config).get("quant_method")

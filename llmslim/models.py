@@ -66,6 +66,18 @@ def gguf_to_folder(gguf: Path) -> Path:
     out = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if (out / "config.json").exists():
         return out
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Two first runs at once (two jobs, two test workers) would build the same staging folder:
+    # one converts, the other waits and then uses its result.
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if not (out / "config.json").exists():
+            _convert_gguf(gguf, out)
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,7 +88,7 @@ def gguf_to_folder(gguf: Path) -> Path:
     with staged_output(out, force=True) as tmp:
         tok.save_pretrained(tmp)
         if gguf_by_tensor(gguf, tmp):
-            return out
+            return
         for f in tmp.glob("model*.safetensors*"):
             f.unlink()
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -88,7 +100,6 @@ def gguf_to_folder(gguf: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-    return out
 
 
 # transformers' GGUF tensor processors that turn one GGUF tensor into one model tensor; the others

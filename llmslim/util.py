@@ -3,6 +3,7 @@ complete, and the process's memory use (the one RSS reader of the package and it
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import uuid
@@ -83,16 +84,67 @@ def total_memory_bytes() -> float:
     return _meminfo_bytes("MemTotal", 16 * 2**30)
 
 
-def release_free_memory() -> None:
-    """Hand memory the process freed back to the system (glibc keeps it otherwise: after tokenizing
-    a corpus, hundreds of MB stay resident though nothing uses them). A no-op elsewhere."""
+@functools.cache
+def _libc():
+    """glibc through ctypes, or None where there is none (its malloc tunables are glibc's own). Looked
+    up once: ``find_library`` runs ``ldconfig``, and the driver asks for it at every layer."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand memory the process freed back to the system (glibc keeps it otherwise: after tokenizing
+    a corpus, hundreds of MB stay resident though nothing uses them). A no-op elsewhere."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+# glibc's malloc.h; 128 KiB is both thresholds' value before anything sets them.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _GLIBC_DEFAULT = -1, -3, 128 * 2**10
+_mmap_threshold = _GLIBC_DEFAULT
+
+
+def map_large_allocations(threshold: int = 256 * 2**10) -> None:
+    """Make glibc give every allocation of ``threshold`` bytes or more its own pages, returned to
+    the system when freed. By default glibc raises that threshold to the largest block freed (up to
+    32 MB) and serves tensors below it from its heap, where tensors freed between long-lived ones
+    leave holes that stay resident: with many forwards waiting at once (the block driver's lanes)
+    that was +700 MB for SmolLM2-135M. For the rest of the process; a no-op elsewhere."""
+    global _mmap_threshold
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+        _mmap_threshold = int(threshold)
+
+
+@contextmanager
+def heap_allocations(threshold: int = 4 * 2**20) -> Iterator[None]:
+    """Serve allocations below ``threshold`` bytes from glibc's heap while the block runs, then trim
+    it. For loops that make and free the same temporaries many times (a solver's scale search):
+    each one mapped afresh costs a page fault per 4 KiB, which made GPTQ's weighted scale search 75%
+    system time (eval/solver_allocations.py). Larger allocations (whole-matrix copies) keep their own
+    pages, returned as soon as they are freed: with every size served from the heap the reference
+    model's GPTQ peaked 58 MB higher and ran slower (eval/gguf.md). Afterwards the thresholds are what
+    they were and the freed heap goes back to the system, so nothing stays resident."""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, max(int(threshold), _mmap_threshold))
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**30)  # or the heap's top is returned (and faulted in again) per free
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _mmap_threshold)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+        libc.malloc_trim(0)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,

@@ -99,6 +99,8 @@ def test_resume_after_crash_is_identical(tiny_folder, tmp_path, calib_file, monk
         (["--group-size", "-3"], "--group-size"),
         (["--calib", "nope-corpus"], "nope-corpus"),
         (["--seqlen", "64", "--calib", "SHORT"], "token"),
+        (["--forward-dtype", "fp16"], "--forward-dtype must be one of fp32, bf16"),
+        (["--importance", "fisher"], "--importance must be one of auto, none, hessian, imatrix, got 'fisher'"),
     ],
 )
 def test_bad_input_one_line_exit_2(tiny_folder, tmp_path, calib_file, extra, needle):
@@ -175,6 +177,9 @@ def test_bnb_methods_through_the_cli(tiny_folder, tmp_path):
      "--calib, --nsamples, --seqlen, --seed"),
     ("rtn", ["--resume", "--batch-size", "4"], "--batch-size, --resume"),
     ("nf4", ["--seed", "3", "--text-field", "body"], "--seed, --text-field"),
+    ("rtn", ["--forward-dtype", "bf16"], "--forward-dtype"),
+    ("int8", ["--forward-dtype", "bf16"], "--forward-dtype"),
+    ("rtn", ["--importance", "hessian"], "--importance"),
 ])
 def test_options_another_method_would_ignore_are_refused(tiny_folder, tmp_path, method, flags, named):
     r = run("quantize", tiny_folder("llama"), "--method", method, *flags, "--out", tmp_path / "o")
@@ -205,3 +210,19 @@ def test_mse_defaults_per_method(tiny_folder, tmp_path):
                      "--out", str(out)]) == 0
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
         assert qc["meta"]["mse"] is want, (method, extra)
+
+
+@pytest.mark.parametrize("cmd,needle", [
+    (["prune", "SRC", "--method", "sparsegpt", "--sparsity", "0.5", "--forward-dtype", "float16"],
+     "--forward-dtype must be one of fp32, bf16, got 'float16'"),
+    (["prune", "SRC", "--method", "magnitude", "--sparsity", "0.5", "--forward-dtype", "bf16"],
+     "does not use --forward-dtype"),
+    (["prune", "SRC", "--method", "depth", "--drop-blocks", "1", "--forward-dtype", "bf16"],
+     "does not use --forward-dtype"),
+    (["tune", "SRC", "--budget", "kl=0.1", "--forward-dtype", "bf8"], "--forward-dtype must be one of"),
+])
+def test_forward_dtype_of_prune_and_tune_checked_first(tiny_folder, tmp_path, cmd, needle):
+    r = run(*[tiny_folder("llama") if c == "SRC" else c for c in cmd], "--out", tmp_path / "o")
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr and not (tmp_path / "o").exists()

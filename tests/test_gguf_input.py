@@ -47,3 +47,26 @@ def test_tensor_by_tensor_equals_transformers_gguf_loader(spm_folder, tmp_path, 
     folder = gguf_to_folder(gguf_file)
     assert (folder / "tokenizer_config.json").exists() and read_safetensors(folder).keys() == ours.keys()
     assert gguf_to_folder(gguf_file) == folder
+
+
+@needs_llama_cpp
+def test_two_first_runs_at_once_both_get_the_folder(spm_folder, tmp_path):  # noqa: F811
+    """Two processes converting the same GGUF at once: one converts, the other waits for it (they used
+    to share one staging folder: one of them failed to read a half-written tokenizer)."""
+    import os
+    import subprocess
+    import sys
+
+    gguf_file = tmp_path / "llama.gguf"
+    export_to_file(str(spm_folder("llama")), ExportConfig(type="q8_0"), gguf_file)
+    env = dict(os.environ, LLMSLIM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    code = ("import sys; from pathlib import Path; from llmslim.models import gguf_to_folder; "
+            "from transformers import AutoTokenizer; f = gguf_to_folder(Path(sys.argv[1])); "
+            "AutoTokenizer.from_pretrained(str(f)); print(f)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(gguf_file)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    folders = {out.strip().splitlines()[-1] for out, _ in results}
+    assert len(folders) == 1
+    assert sum("converting" in out for out, _ in results) == 1  # the other one waited, then reused it

@@ -5,6 +5,8 @@ from llmslim.grid import (
     dequantize,
     dequantize_groups,
     find_params,
+    find_params_gguf,
+    gguf_grid,
     group_slices,
     maxq_for,
     quantize,
@@ -77,3 +79,46 @@ def test_rtn_layout_and_dequant():
 def test_bad_bits():
     with pytest.raises(ValueError):
         maxq_for(5)
+
+
+def _weighted_error(w, s, z, maxq, imp):
+    return (imp * (dequantize(quantize(w, s, z, maxq), s, z) - w).square()).sum(1)
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (3, True), (4, False), (2, False), (8, True)])
+def test_importance_weighted_search_never_worse_on_its_objective(bits, sym):
+    """The weighted search's candidates include every one of the unweighted search's, so on the
+    weighted squared error it is never worse, row by row; with uneven importance it is better."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(96, 128, generator=g) ** 3
+    imp = torch.rand(128, generator=g) ** 4 * 100  # a few columns matter most, as real activations
+    s0, z0 = find_params(w, bits, sym, mse=True)
+    s1, z1 = find_params(w, bits, sym, mse=True, importance=imp)
+    assert torch.equal(s1, s1.half().float()) and (s1 > 0).all()
+    if sym:
+        assert (z1 == (maxq_for(bits) + 1) // 2).all()
+    else:
+        assert (z1 >= 1).all() and (z1 <= maxq_for(bits)).all()
+    e0, e1 = (_weighted_error(w, s, z, maxq_for(bits), imp) for s, z in ((s0, z0), (s1, z1)))
+    assert (e1 <= e0 * (1 + 1e-6)).all()
+    assert e1.sum() < 0.97 * e0.sum()
+    # A uniform importance still beats the |w - w^|^2.4 search on squared error (it has more candidates).
+    s2, z2 = find_params(w, bits, sym, mse=True, importance=torch.ones(128))
+    ones = torch.ones(128)
+    assert (_weighted_error(w, s2, z2, maxq_for(bits), ones) <= _weighted_error(w, s0, z0, maxq_for(bits), ones)
+            * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q8_0"])
+def test_importance_weighted_gguf_search_keeps_the_grid_and_is_never_worse(kind):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 32, generator=g) ** 3
+    imp = torch.rand(32, generator=g) ** 4 * 100
+    _, zero, maxq = gguf_grid(kind)
+    s0, z0 = find_params_gguf(w, kind, mse=True)
+    s1, z1 = find_params_gguf(w, kind, mse=True, importance=imp)
+    assert (z1 == zero).all() and torch.equal(s1.abs(), s1.abs().half().float())
+    if kind == "q4_0":  # llama.cpp's signed scale: the block's largest magnitude sits at q = 0
+        assert torch.equal(torch.sign(s1), torch.sign(s0))
+    e0, e1 = (_weighted_error(w, s, z, maxq, imp) for s, z in ((s0, z0), (s1, z1)))
+    assert (e1 <= e0 * (1 + 1e-6)).all() and e1.sum() < e0.sum()

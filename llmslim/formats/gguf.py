@@ -31,20 +31,26 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..config import ExportConfig
+from ..config import GGUF_MIX_TARGETS, ExportConfig, IntConfig
 from ..errors import UserError
 from ..ggml_quants import block_size
 from ..ggml_quants import quantize as ggml_quantize
-from ..grid import GGUF_BLOCK
+from ..grid import GGUF_BLOCK, GGUF_GRIDS
 from ..models import ALIASES, alias_file
 from ..nn import GGUFLinear, GPTQLinear
 from ..quant.walk import linear_weight, select_layers
 from .gguf_mix import FILE_BASE, fallback, linear_type, output_type
 
-# The architectures llmslim exports (those its fast path covers). llama.cpp converts many more;
-# these are the ones whose round trip is tested here.
+# The architectures llmslim exports: those its fast path covers (runtime/families.py). llama.cpp
+# converts many more; these are the ones whose round trip is tested (tests/formats/test_gguf.py:
+# transformers' GGUF loader reads each back, and llama.cpp runs each; Gemma 1 by llama.cpp only, as
+# transformers has no GGUF reader for it).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+                           "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
+# Architectures whose GGUF form attends over the whole context: llama.cpp converts Mistral to its
+# "llama" architecture (no sliding window), ignores Qwen2/3's, and switches Phi-3's off when it
+# loads the file (llama.cpp PR 13676). Gemma 2/3 keep theirs.
+_FULL_ATTENTION_IN_GGUF = ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM")
 FILE_TYPES = {"q4_0": "MOSTLY_Q4_0", "q8_0": "MOSTLY_Q8_0", "f16": "MOSTLY_F16", "f32": "ALL_F32",
               "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1", "q4_k_s": "MOSTLY_Q4_K_S",
               "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_s": "MOSTLY_Q5_K_S", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
@@ -99,6 +105,66 @@ def layer_blocks(m: GPTQLinear, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     return d.contiguous(), k
 
 
+# --- the same question from the grid alone, before any weight is solved or loaded -----------------
+
+def grid_problem(kind: str, bits: int, group_size: int, sym: bool, act_order: bool = False) -> str | None:
+    """Why no layer quantized on this grid can be written as GGUF type ``kind`` bit for bit, or None
+    when every one can (``layer_blocks`` still checks each layer's shape when the file is written).
+    ``act_order``: desc_act without static_groups, whose groups are scattered over the inputs."""
+    if kind == "f32":
+        return None
+    if kind == "f16":
+        return "F16 would round its weights (scale x code is not always an fp16 number)"
+    if kind not in _K_RANGE:
+        return f"llmslim writes GPTQ codes as Q4_0, Q8_0 or F32, not as {kind.upper()}"
+    lo, hi = _K_RANGE[kind]
+    maxq = (1 << bits) - 1
+    # code - zero: symmetric grids put the zero at (maxq + 1) / 2, asymmetric ones anywhere in [1, maxq].
+    k_lo, k_hi = (-(maxq + 1) // 2, (maxq - 1) // 2) if sym else (-maxq, maxq - 1)
+    if k_lo < lo or k_hi > hi:
+        return (f"{kind.upper()} holds codes in [{lo}, {hi}] around the zero, {'an' if bits == 8 else 'a'} {bits}-bit "
+                f"{'symmetric' if sym else 'asymmetric'} grid spans [{k_lo}, {k_hi}]")
+    if group_size != -1 and group_size % GGUF_BLOCK:
+        return (f"{kind.upper()} gives each block of {GGUF_BLOCK} weights one scale, and groups of {group_size} "
+                "split those blocks")
+    if act_order and group_size != -1:
+        return (f"{kind.upper()} gives each block of {GGUF_BLOCK} consecutive weights one scale, and act-order "
+                "groups (desc_act without static_groups) are scattered over the inputs")
+    return None
+
+
+def refit_hint(kind: str) -> str:
+    """How to get weights solved on ``kind``'s grid, for the end of a refusal; only types GPTQ can
+    target (``--target``) get a command: the others (q4_1, q5_0, q5_1) only from the float model."""
+    if kind in ("q4_0", "q8_0", *GGUF_MIX_TARGETS):
+        return (f"; or re-fit the original model on it: llmslim quantize ORIGINAL_MODEL --method gptq "
+                f"--target gguf-{kind} --out model.gguf")
+    return f"; or export the original (float) model as {kind}: llmslim export ORIGINAL_MODEL --type {kind}"
+
+
+def stage_grid_problem(config: IntConfig, kind: str) -> str | None:
+    """``grid_problem`` for every grid a GPTQ/RTN/tune stage may give a layer (its own, its per-layer
+    overrides, a tune stage's candidates); a stage solved on a K-quant mix is written only as that mix."""
+    target = config.gguf_grid
+    if target and target not in GGUF_GRIDS:
+        return None if kind == target else f"its layers are solved on {target.upper()}'s grids, which only {target} holds"
+    grids = [(config.bits, config.group_size), *getattr(config, "layer_settings", {}).values(),
+             *getattr(config, "space", [])]
+    act_order = bool(getattr(config, "desc_act", False)) and not getattr(config, "static_groups", False)
+    return next(filter(None, (grid_problem(kind, b, g, config.sym, act_order) for b, g in grids)), None)
+
+
+def checkpoint_grid_problem(qc: dict, kind: str) -> str | None:
+    """``grid_problem`` for a GPTQ checkpoint's ``quantization_config``: its grid and every ``dynamic``
+    override's (``-:`` rules exclude layers: they stay float)."""
+    bits, group = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
+    grids = [(bits, group), *((int(o.get("bits", bits)), int(o.get("group_size", group)))
+                              for p, o in (qc.get("dynamic") or {}).items() if not p.startswith("-:"))]
+    act_order = bool(qc.get("desc_act")) and not qc.get("static_groups")
+    sym = bool(qc.get("sym", True))
+    return next(filter(None, (grid_problem(kind, b, g, sym, act_order) for b, g in grids)), None)
+
+
 # --- planning: what each tensor becomes ----------------------------------------------------------
 
 def architecture(model: nn.Module) -> str:
@@ -109,6 +175,21 @@ def architecture(model: nn.Module) -> str:
 def check_architecture(arch: str | None) -> None:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"GGUF export supports {', '.join(SUPPORTED_ARCHITECTURES)}; this model is {arch}")
+
+
+def sliding_window_lost(model: nn.Module) -> str | None:
+    """A warning when the model limits some layers' attention to a sliding window that its GGUF
+    form (llama.cpp's own conversion) does not keep: the file then matches the model only on
+    contexts up to that window."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    windowed = ("sliding_attention" in types) if types is not None else window is not None
+    if architecture(model) not in _FULL_ATTENTION_IN_GGUF or not windowed or not window:
+        return None
+    return (f"warning: {architecture(model)}'s sliding window ({window} tokens) is not kept in GGUF: llama.cpp "
+            f"attends over the whole context (as with its own conversion), so past {window} tokens the file's "
+            "outputs differ from the model's")
 
 
 def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, bool]:
@@ -157,9 +238,7 @@ def plan(model: nn.Module, config: ExportConfig) -> dict[str, tuple[str, str]]:
         kinds = {n: config.type if t in FLOATS else t for n, t in kinds.items()}  # layer_blocks says why not
         if config.type not in ("q4_0", "q8_0") and any(t not in ("q4_0", "q8_0") for t in kinds.values()):
             raise UserError(f"a GPTQ checkpoint's layers cannot be written as {config.type.upper()} without "
-                            "rounding them again; export it as q4_0/q8_0 (its grid) or f32, or quantize the "
-                            f"original model for {config.type}: llmslim quantize ORIGINAL_MODEL --method gptq "
-                            f"--target gguf-{config.type} --out model.gguf")
+                            f"rounding them again; export it as q4_0/q8_0 (its grid) or f32{refit_hint(config.type)}")
         bad = []
         for name, m in quantized.items():
             try:
@@ -168,9 +247,8 @@ def plan(model: nn.Module, config: ExportConfig) -> dict[str, tuple[str, str]]:
             except ValueError as e:
                 bad.append(f"{name}: {e}")
         if bad:
-            raise UserError(f"{len(bad)} quantized layers are not on the {config.type.upper()} grid ({bad[0]}); "
-                            f"re-fit on it: llmslim quantize ORIGINAL_MODEL --method gptq --target "
-                            f"gguf-{config.type} --out model.gguf")
+            raise UserError(f"{len(bad)} quantized layers are not on the {config.type.upper()} grid ({bad[0]})"
+                            f"{refit_hint(config.type)}")
     if config.type not in FLOATS:
         from ..config import LayerFilter
 
@@ -280,6 +358,9 @@ def save_gguf(
     has them (else ``tokenizer`` is saved). Returns a summary (tensor types, bytes)."""
     plan_ = plan(model, config)
     root = llama_cpp_dir()
+    warning = sliding_window_lost(model)
+    if warning:
+        print(warning, file=sys.stderr)
     names = _names(model)
     emb = model.get_input_embeddings()
     # The importance matrix (``--imatrix``: the export stage collected it), by module name; a tied

@@ -2,8 +2,8 @@
 
 The rule is llama.cpp's (``llama_tensor_get_type_impl`` and ``tensor_type_fallback`` in
 src/llama-quant.cpp of the llama.cpp that llama-cpp-python 0.3.36 vendors), restricted to the file
-types llmslim writes and the dense architectures it exports (no MoE, no fused QKV, no Falcon, no 70B
-special case):
+types llmslim writes and the dense architectures it exports (no MoE, no Falcon, no 70B special case;
+Phi-3's fused attn_qkv follows attn_v's rule, as llama.cpp's does):
 
 - the output matrix (or the token embedding, when tied to it): Q8_0 when its width is not whole
   blocks of the file's base type, else Q6_K (unless the base is Q8_0);
@@ -33,8 +33,10 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 def category(name: str) -> str | None:
-    """llama.cpp's tensor category of an HF linear name (None: a category no mix rule touches)."""
-    for suffix, cat in (("v_proj", "attn_v"), ("down_proj", "ffn_down"), ("k_proj", "attn_k"),
+    """llama.cpp's tensor category of an HF linear name (None: a category no mix rule touches).
+    Phi-3's fused projections: llama.cpp counts attn_qkv as attn_v (``category_is_attn_v``: the same
+    "more bits" rule, layer by layer) and the fused gate_up as ffn_up."""
+    for suffix, cat in (("qkv_proj", "attn_v"), ("gate_up_proj", "ffn_up"), ("v_proj", "attn_v"), ("down_proj", "ffn_down"), ("k_proj", "attn_k"),
                         ("q_proj", "attn_q"), ("o_proj", "attn_output"), ("gate_proj", "ffn_gate"),
                         ("up_proj", "ffn_up")):
         if name.endswith(suffix):

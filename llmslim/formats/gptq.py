@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..nn import GPTQLinear
 from ..pack import pack, unpack
 from ..quant.walk import linear_shape, set_module
-from .hf import empty_model, read_safetensors
+from .stream import WeightSource, empty_model
 
 MAX_SHARD_SIZE = "2GB"  # safetensors shards of at most this (the index file names them): any size loads
 
@@ -193,32 +193,64 @@ def largest_dividing_group(sizes: list[int], group_size: int) -> int:
 
 
 def load_gptq(folder: str, config, dtype: torch.dtype) -> nn.Module:
-    """A GPTQ v1 (or v2) checkpoint -> model with ``GPTQLinear`` layers on the reference path."""
+    """A GPTQ v1 (or v2) checkpoint -> model with ``GPTQLinear`` layers on the reference path.
+
+    The model is built with every tensor on ``meta`` (no memory), and each stored tensor is read into
+    its final buffer one at a time (``WeightSource.read_into``), so the load's peak is the model plus
+    one tensor, not the model plus the whole checkpoint; the result is what ``load_state_dict`` of
+    the whole file gives (``tests/formats/test_checkpoint.py``)."""
     qc = config.quantization_config
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     del config.quantization_config
-    weights = read_safetensors(folder)
+    source = WeightSource(folder)  # the shards' headers: nothing read yet
     model = empty_model(config, dtype)
     v2 = qc.get("checkpoint_format", "gptq") == "gptq_v2"
-    for name in sorted(k[: -len(".qweight")] for k in weights if k.endswith(".qweight")):
+    for name in sorted(k[: -len(".qweight")] for k in source.file if k.endswith(".qweight")):
         try:
             layer = model.get_submodule(name)
         except AttributeError:
             raise UserError(f"{folder}: quantized tensor {name}.qweight matches no layer of the model") from None
         in_f, out_f = linear_shape(layer)
         bits, group_size = layer_grid(qc, name)  # mixed checkpoints: each module's own grid
-        set_module(model, name, GPTQLinear(in_f, out_f, bits, group_size, f"{name}.bias" in weights))
-        if v2:  # v2 stores true zeros; our buffers hold the v1 convention (zero - 1)
-            weights[f"{name}.qzeros"] = pack(unpack(weights[f"{name}.qzeros"], bits, 1) - 1, bits, 1)
-    try:
-        missing, _ = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:
-        raise UserError(f"{folder}: weights do not match the model config: {str(e).splitlines()[0]}") from None
+        with torch.device("meta"):
+            set_module(model, name, GPTQLinear(in_f, out_f, bits, group_size, f"{name}.bias" in source))
+    targets = model.state_dict(keep_vars=True)
+    missing = [k for k in targets if k not in source]
     if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
     missing = [k for k in missing if "rotary" not in k]  # non-persistent buffers are computed, not stored
     if missing:
         raise UserError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    made: dict[int, torch.Tensor] = {}  # a tied tensor (one object under two names) is made once
+    for key, old in targets.items():
+        if key not in source:
+            continue
+        if id(old) not in made:
+            made[id(old)] = torch.empty(old.shape, dtype=old.dtype)
+        new = made[id(old)] = _placed(model, key, made[id(old)], old)
+        if v2 and key.endswith(".qzeros"):  # v2 stores true zeros; our buffers hold the v1 convention (zero - 1)
+            bits = model.get_submodule(key[: -len(".qzeros")]).bits
+            new.data.copy_(pack(unpack(source.get([key])[key], bits, 1) - 1, bits, 1))
+        else:
+            source.read_into(key, new.data)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    left = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if left:
+        raise UserError(f"{folder}: checkpoint lacks {len(left)} tensors, e.g. {left[0]}")
     model.config.quantization_config = qc
     return model
+
+
+def _placed(model: nn.Module, key: str, value: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Put ``value`` where the state-dict name ``key`` points (a parameter keeps its ``requires_grad``);
+    returns the object placed, which a second, tied name receives as it is."""
+    owner, _, leaf = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if leaf in module._parameters:
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=old.requires_grad)
+        module._parameters[leaf] = value
+    else:
+        module._buffers[leaf] = value
+    return value

@@ -98,6 +98,17 @@ class WeightSource:
                     out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t.clone()
         return out
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy tensor ``name`` into ``out`` (converted to its dtype, as ``load_state_dict`` copies) and
+        return ``out``. The stored tensor is a view of the mapped shard, mapped only for this copy: its
+        pages are the one extra tensor a load holds, never a second copy of the checkpoint."""
+        if tuple(out.shape) != self.shape[name]:
+            raise UserError(f"{self.folder}: weights do not match the model config: {name} has shape "
+                            f"{self.shape[name]}, the model {tuple(out.shape)}")
+        with self._open(self.file[name]) as f:
+            out.copy_(f.get_tensor(name))
+        return out
+
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a tensor, as stored."""
         with self._open(self.file[name]) as f:

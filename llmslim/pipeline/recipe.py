@@ -23,10 +23,12 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import (
+    GGUF_MIX_TARGETS,
     BnbConfig,
     CalibConfig,
     ExportConfig,
     GPTQConfig,
+    IntConfig,
     LayerFilter,
     PruneConfig,
     RecoverConfig,
@@ -34,6 +36,8 @@ from ..config import (
     TuneConfig,
 )
 from ..errors import UserError
+from ..formats.gguf import stage_grid_problem
+from ..grid import GGUF_GRIDS
 from .stages import SAME, handler_for, needs_calibration
 
 # The names a recipe file uses -> the config each builds. Parsing only: work is dispatched on the
@@ -64,6 +68,7 @@ class Recipe:
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))
         check_order(self.stages)
+        check_export(self.stages)
 
     @property
     def calibrated(self) -> bool:
@@ -109,6 +114,30 @@ def check_order(stages: tuple) -> None:
             raise UserError(f"recipe stage {i} ({config.stage}) cannot follow {previous}: it takes a "
                             f"{' or '.join(sorted(h.takes))} model, and {previous} makes a {kind} one")
         kind, previous = kind if h.makes == SAME else h.makes, f"stage {i} ({config.stage})"
+
+
+def check_export(stages: tuple) -> None:
+    """A GGUF export after a GPTQ/RTN/tune stage writes that stage's codes bit for bit, so its type must
+    hold the stage's grid: refused here, before the stage's minutes of work, not after them."""
+    export = stages[-1]
+    if not isinstance(export, ExportConfig):
+        return
+    for i, config in enumerate(stages[:-1], 1):
+        problem = stage_grid_problem(config, export.type) if isinstance(config, IntConfig) else None
+        if problem:
+            raise UserError(f"recipe stage {len(stages)} (export {export.type}) cannot write stage {i} "
+                            f"({config.stage})'s grid without rounding it again: {problem}; "
+                            f"{_export_fix(i, config, export.type)}")
+
+
+def _export_fix(i: int, config: IntConfig, kind: str) -> str:
+    if isinstance(config, TuneConfig):
+        return f"give stage {i} only candidates that {kind} holds"
+    if kind in GGUF_GRIDS or (kind in GGUF_MIX_TARGETS and isinstance(config, GPTQConfig)):
+        return f"give stage {i} target: gguf-{kind} (--target gguf-{kind}), which solves on that grid"
+    if kind in ("f16", "f32"):
+        return "export as f32"
+    return f"drop stage {i} (export rounds the float model to {kind} itself, llama.cpp's rule) or export as q4_0/q8_0"
 
 
 def parse_recipe(data: object, where: str = "recipe") -> Recipe:

@@ -20,14 +20,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import CalibConfig, ExportConfig, IntConfig
+from ..config import GGUF_MIX_TARGETS, CalibConfig, ExportConfig, IntConfig
 from ..data import calibration_tokens, load_documents
 from ..errors import UserError, WriteFailure, is_write_error
 from ..formats.bnb import save_bnb
-from ..formats.gguf import check_architecture, llama_cpp_dir, save_gguf
+from ..formats.gguf import check_architecture, checkpoint_grid_problem, llama_cpp_dir, save_gguf
 from ..formats.gptq import divisibility_problems, largest_dividing_group, save_gptq
 from ..formats.hf import folder_bytes, load_hf, load_tokenizer, save_hf
-from ..loader import load, quant_method
+from ..grid import GGUF_GRIDS
+from ..loader import load, quant_method, quantization_config
 from ..models import read_config, resolve
 from ..nn import GPTQLinear
 from ..util import atomic_write_text, partial_dir, staged_output
@@ -218,6 +219,11 @@ def export_to_file(source: str, config: ExportConfig, out: str | Path, force: bo
                         f"float model, or a GPTQ checkpoint made with --target gguf-{config.type}")
     if method not in (None, "gguf", "gptq"):
         raise UserError(f"{source}: quantization method {method!r} cannot be exported (gptq or float)")
+    if method == "gptq":  # the checkpoint's grid, from config.json: refused before the model is loaded
+        problem = checkpoint_grid_problem(quantization_config(read_config(folder)), config.type)
+        if problem:
+            raise UserError(f"{source}'s quantized layers cannot be written as {config.type.upper()} without "
+                            f"rounding them again: {problem}; {_refit_hint(config.type)}")
     check_architecture((read_config(folder).architectures or [None])[0])
     llama_cpp_dir()
     t0 = time.perf_counter()
@@ -249,6 +255,16 @@ def export_to_file(source: str, config: ExportConfig, out: str | Path, force: bo
     return {"source": source, "out": str(out), "type": config.type, "bytes_before": folder_bytes(folder),
             "bytes_after": out.stat().st_size, "seconds": round(time.perf_counter() - t0, 1),
             "plan": report.layers, **written}
+
+
+def _refit_hint(kind: str) -> str:
+    """What makes a GPTQ-quality file of type ``kind`` from the original model."""
+    if kind in ("f16", "f32"):
+        return "use --type f32 (exact) or the checkpoint's own grid (q4_0/q8_0)"
+    if kind in GGUF_GRIDS or kind in GGUF_MIX_TARGETS:
+        return (f"re-fit on it: llmslim quantize ORIGINAL_MODEL --method gptq --target gguf-{kind} "
+                "--out model.gguf")
+    return f"export the original float model as {kind} (llama.cpp's rounding), or this checkpoint as q4_0/q8_0"
 
 
 def quantize_to_folder(

@@ -1,10 +1,12 @@
 """From per-layer sensitivities and a budget to per-layer grids: the planning half of ``llmslim tune``.
 
 ``sensitivities`` measures every candidate on every layer (``quant.sensitivity``, one pass of the
-block driver) or reads them from the cache, so a second budget on the same model takes seconds.
-``plan`` groups layers into units -- layers the fast kernels fuse (q/k/v, gate/up: they read the
+block driver, and the calibration of their sums on a reference model) or reads them from the
+cache, so a second budget on the same model takes seconds. ``plan`` groups layers into units -- layers the fast kernels fuse (q/k/v, gate/up: they read the
 same input) share one grid, so a tuned model decodes with the same fused kernels as a uniform
-one -- and solves the allocation (``quant.allocate``). The result is a ``GPTQConfig`` with
+one -- and solves the allocation (``quant.allocate``) for a KL target in calibrated units: the
+allocation adds up per-layer predictions, ``Calibration`` maps their sum to the whole model's
+KL, and being monotone it maps the budget back to a target for the sum. The result is a ``GPTQConfig`` with
 ``overrides``: an ordinary GPTQ stage that reproduces the checkpoint without searching again.
 Checking the result on held-out text is the command's job (``llmslim.tune``): it needs metrics.
 """
@@ -26,13 +28,13 @@ from ..config import Budget, CalibConfig, GPTQConfig, TuneConfig
 from ..errors import UserError
 from ..models import cache_root
 from ..quant.allocate import Allocation, Unreachable, allocate, pareto_front
-from ..quant.sensitivity import Sensitivities, SensitivityLog, layer_bytes, measure
+from ..quant.sensitivity import Calibration, Sensitivities, layer_bytes, measure
 from ..runtime.fusion import FUSE_GROUPS
 from ..util import atomic_write_text
 
 # The GPTQ options that change what a candidate costs (the cache key); bits/group are the candidates.
 _SOLVER_FIELDS = ("sym", "mse", "desc_act", "static_groups", "true_sequential", "damp_percent", "block_size",
-                  "act_group_aware")
+                  "act_group_aware", "forward_dtype", "importance")
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,11 @@ class Plan:
     budget: Budget
     config: GPTQConfig  # the GPTQ stage that makes it
     choice: dict[str, str]  # layer -> "bits:group_size"
-    predicted_kl: float
+    predicted_kl: float  # calibrated: the whole model's KL predicted from the layers' sum
+    predicted_sum: float  # the sum of the chosen layers' predicted KL increases
     predicted_bytes: int  # the checkpoint's weights: quantized layers + everything stored in float
     bpw: float  # bits per weight of the quantized layers (scales, zeros, g_idx included)
-    internal: float  # the allocation's own target (max KL, or max bytes of the quantized layers)
+    internal: float  # the allocation's own target (max calibrated KL, or max bytes of the quantized layers)
 
 
 def cache_key(folder: str, config: TuneConfig, calib: CalibConfig) -> str:
@@ -72,15 +75,12 @@ def cache_path(key: str) -> Path:
 
 def save_sensitivities(s: Sensitivities, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"layers": [asdict(x) for x in s.layers], "shapes": s.shapes,
-                                        "fisher_tokens": s.fisher_tokens, "seconds": s.seconds}))
+    atomic_write_text(path, json.dumps(s.as_dict()))
 
 
 def load_sensitivities(path: Path) -> Sensitivities | None:
     try:
-        d = json.loads(path.read_text())
-        return Sensitivities([SensitivityLog(**x) for x in d["layers"]],
-                             {k: tuple(v) for k, v in d["shapes"].items()}, d["fisher_tokens"], d["seconds"])
+        return Sensitivities.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # absent or from another version: measure again
 
@@ -154,29 +154,31 @@ def float_bytes(model: nn.Module, quantized: set[str]) -> int:
 def plan(s: Sensitivities, budget: Budget, base: GPTQConfig, fixed_bytes: int, internal: float | None = None) -> Plan:
     """Per-layer grids for ``budget``. ``internal``: the allocation's target, when a retry tightens
     it (default: the budget itself; ``ppl=+x%`` is the KL ln(1 + x): to first order a KL of k nats
-    per token raises the held-out perplexity by exp(k))."""
+    per token raises the held-out perplexity by exp(k)). A quality target is a calibrated KL: the
+    allocation bounds the sum of the layers' predictions by ``calibration.predicted_for(target)``."""
     us = units(s)
+    cal = s.calibration
     sizes, costs = [list(u.bytes) for u in us], [list(u.kl) for u in us]
     params = sum(u.params for u in us)
     if internal is None:
         internal = {"kl": budget.value, "ppl": math.log1p(budget.value), "size": budget.value - fixed_bytes,
                     "bpw": budget.value * params / 8}[budget.kind]
     if budget.quality:
-        result = allocate(sizes, costs, max_cost=internal)
+        result = allocate(sizes, costs, max_cost=cal.predicted_for(internal))
     else:
         result = allocate(sizes, costs, max_size=internal)
     if isinstance(result, Unreachable):
         best = result.best
-        reach = (f"the least KL any choice predicts is {best.cost:.4g} (at {(best.size + fixed_bytes) / 1e6:.4g} MB)"
+        reach = (f"the least KL any choice predicts is {cal.kl(best.cost):.4g} (at {(best.size + fixed_bytes) / 1e6:.4g} MB)"
                  if budget.quality else
                  f"the smallest choice is {(best.size + fixed_bytes) / 1e6:.4g} MB, "
                  f"{best.size * 8 / params:.2f} bits per weight")
         raise UserError(f"--budget {budget} cannot be met with this space: {reach}")
-    return _plan(us, result, budget, base, fixed_bytes, params, internal)
+    return _plan(us, result, budget, base, fixed_bytes, params, internal, cal)
 
 
 def _plan(us: list[Unit], a: Allocation, budget: Budget, base: GPTQConfig, fixed_bytes: int, params: int,
-          internal: float) -> Plan:
+          internal: float, cal: Calibration) -> Plan:
     choice = {n: u.options[j] for u, j in zip(us, a.choice, strict=True) for n in u.names}
     # The base grid: the one most weights use, so the dynamic rules stay few.
     weight = Counter()
@@ -186,12 +188,13 @@ def _plan(us: list[Unit], a: Allocation, budget: Budget, base: GPTQConfig, fixed
     overrides = tuple(f"{n}={c}" for n, c in choice.items() if c != f"{bits}:{group}")
     keep = {f.name: getattr(base, f.name) for f in fields(GPTQConfig) if f.name not in ("bits", "group_size", "overrides")}
     config = GPTQConfig(**keep, bits=bits, group_size=group, overrides=overrides)
-    return Plan(budget, config, choice, a.cost, int(a.size + fixed_bytes), a.size * 8 / params, internal)
+    return Plan(budget, config, choice, cal.kl(a.cost), a.cost, int(a.size + fixed_bytes), a.size * 8 / params,
+                internal)
 
 
 def uniform_points(s: Sensitivities, fixed_bytes: int) -> list[dict]:
-    """Predicted KL and bytes of every uniform setting of the space (layers that cannot take it keep
-    their nearest-in-size option), for the Pareto plot."""
+    """Predicted KL (calibrated, and the layers' sum) and bytes of every uniform setting of the space
+    (layers that cannot take it keep their first option), for the Pareto plot."""
     us = units(s)
     params = sum(u.params for u in us)
     names = sorted({c for u in us for c in u.options}, key=lambda c: tuple(int(v) for v in c.split(":")))
@@ -202,14 +205,16 @@ def uniform_points(s: Sensitivities, fixed_bytes: int) -> list[dict]:
             j = u.options.index(c) if c in u.options else 0
             size += u.bytes[j]
             kl += u.kl[j]
-        out.append({"setting": c, "predicted_kl": kl, "bytes": int(size + fixed_bytes), "bpw": size * 8 / params})
+        out.append({"setting": c, "predicted_kl": s.calibration.kl(kl), "predicted_sum": kl,
+                    "bytes": int(size + fixed_bytes), "bpw": size * 8 / params})
     return out
 
 
 def front(s: Sensitivities, fixed_bytes: int, points: int = 48) -> list[dict]:
     us = units(s)
     params = sum(u.params for u in us)
-    return [{"predicted_kl": a.cost, "bytes": int(a.size + fixed_bytes), "bpw": a.size * 8 / params}
+    return [{"predicted_kl": s.calibration.kl(a.cost), "predicted_sum": a.cost, "bytes": int(a.size + fixed_bytes),
+             "bpw": a.size * 8 / params}
             for a in pareto_front([list(u.bytes) for u in us], [list(u.kl) for u in us], points)]
 
 
@@ -220,7 +225,8 @@ def tune_stage_config(model: nn.Module, config: TuneConfig, calib: torch.Tensor,
     s, _ = sensitivities(model, config, calib, None, batch_size, device, max_memory)
     fixed = float_bytes(model, set(s.shapes))
     p = plan(s, config.target_budget, replace(config), fixed)
-    facts = {"budget": str(p.budget), "predicted_kl": p.predicted_kl, "predicted_bytes": p.predicted_bytes,
-             "bpw": p.bpw, "choice": p.choice, "sensitivity_seconds": s.seconds,
+    facts = {"budget": str(p.budget), "predicted_kl": p.predicted_kl, "predicted_sum": p.predicted_sum,
+             "predicted_bytes": p.predicted_bytes, "bpw": p.bpw, "choice": p.choice, "sensitivity_seconds": s.seconds,
+             "calibration": asdict(s.calibration),
              "note": "predicted only: llmslim tune verifies on held-out text"}
     return p.config, facts

@@ -17,7 +17,7 @@ Nothing here knows about models or hooks; the driver in ``sequential.py`` feeds 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,28 +28,48 @@ from . import masks
 
 
 def accumulate_hessian(H: torch.Tensor, nsamples: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Add the inputs ``X [..., columns]`` to a running mean of ``2 X X^T``.
+    """Add the inputs ``X [..., columns]`` to a running mean of ``2 X X^T`` (H float32).
 
     The running mean (reference ``add_batch``) keeps H at the scale of one sample, so that
-    hundreds of thousands of tokens never overflow or lose precision in float32.
+    hundreds of thousands of tokens never overflow or lose precision in float32. bf16 inputs (the
+    block driver's bf16 forwards) are multiplied in bf16 and summed in float32: the product of two
+    bf16 numbers is exact in float32, so H is the float32 GEMM's, ~2x faster on AMX/AVX512-BF16.
     """
+    exact_in_bf16 = X.dtype == torch.bfloat16
     X = X.reshape(-1, X.shape[-1]).float()
     n, d = X.shape
     H.mul_(nsamples / (nsamples + n))
     nsamples += n
     alpha = 2 / nsamples  # the scaling rides on the GEMM instead of a copy of X
-    if d < 512:
-        H.addmm_(X.T, X, alpha=alpha)
-        return H, nsamples
-    # H is symmetric: compute the two diagonal blocks and one off-diagonal block, mirror the
-    # other (3/4 of the GEMM work; the largest single cost of quantizing after the forward).
-    h = d // 2
-    A, B = X[:, :h], X[:, h:]
-    H[:h, :h].addmm_(A.T, A, alpha=alpha)
-    H[:h, h:].addmm_(A.T, B, alpha=alpha)
-    H[h:, h:].addmm_(B.T, B, alpha=alpha)
+    with bf16_products() if exact_in_bf16 else nullcontext():
+        if d < 512:
+            H.addmm_(X.T, X, alpha=alpha)
+            return H, nsamples
+        # H is symmetric: compute the two diagonal blocks and one off-diagonal block, mirror the
+        # other (3/4 of the GEMM work; the largest single cost of quantizing after the forward).
+        h = d // 2
+        A, B = X[:, :h], X[:, h:]
+        H[:h, :h].addmm_(A.T, A, alpha=alpha)
+        H[:h, h:].addmm_(A.T, B, alpha=alpha)
+        H[h:, h:].addmm_(B.T, B, alpha=alpha)
     H[h:, :h] = H[:h, h:].T
     return H, nsamples
+
+
+@contextmanager
+def bf16_products():
+    """float32 matrix products on CPU (oneDNN) may round their inputs to bf16 and accumulate in
+    float32: exact for inputs that are bf16 numbers, at the speed of bf16 GEMMs. torch 2.13 has no
+    bf16 x bf16 -> float32 GEMM on CPU (``mm``'s ``out_dtype`` is CUDA only), so this is how to get
+    one. The setting is process-wide: only for products whose inputs are all bf16 numbers, and only
+    where no other thread multiplies at the same time (the block driver's lanes take turns)."""
+    mkldnn = torch.backends.mkldnn.matmul
+    before = mkldnn.fp32_precision
+    mkldnn.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mkldnn.fp32_precision = before
 
 
 def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
@@ -100,22 +120,27 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
     "Cholesky reformulation"); when 1% is not enough we double it, and give up (RTN) at 100%.
     """
     mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    flip = torch.arange(H.shape[0] - 1, -1, -1)
+    n = H.shape[0]
+    flip = torch.arange(n - 1, -1, -1)
     percent = damp_percent
     for _ in range(max_tries):
         # chol(H^-1) without forming H^-1: with J the reversal, J H J = L L^T gives
         # H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular. One Cholesky and one
         # triangular solve instead of Cholesky, cholesky_inverse and a second Cholesky (~2.5x faster).
-        # Each n x n copy is 0.5 GB at 11008 inputs: flip(0, 1) makes the same (contiguous) matrix
-        # as [flip][:, flip] in one copy instead of two, and nothing is kept once used.
-        Hd = H + percent * mean_diag * eye
-        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
+        # Each n x n copy is 0.5 GB at 11008 inputs, so at most three live at once here: flip(0, 1) is
+        # J H J in one contiguous copy, damped on its diagonal in place (J keeps the diagonal on the
+        # diagonal), and the identity exists only once the factor's input is gone.
+        Hd = H.flip(0, 1)
+        Hd.diagonal().add_(percent * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
         del Hd
         if info == 0:
-            U = torch.linalg.solve_triangular(L, eye, upper=False)
+            U = torch.linalg.solve_triangular(L, torch.eye(n, dtype=H.dtype), upper=False)
             del L
-            U = U[flip][:, flip]  # indexing, not flip(): U is column-major, the result must be row-major
+            # indexing, not flip(): U is column-major, the result must be row-major; one axis at a
+            # time so that the first copy is freed before the second is made
+            U = U[flip]
+            U = U[:, flip]
             if bool(torch.isfinite(U.diagonal()).all()):
                 return U, percent
         percent = min(percent * 2, 1.0)
@@ -138,11 +163,19 @@ def gptq_quantize(
     sparsity: float = 0.0,
     nm: tuple[int, int] | None = None,
     keep_zeros: torch.Tensor | None = None,
+    importance: str | None = None,
 ) -> GPTQResult:
     """GPTQ on one layer. ``grid`` (``q4_0``/``q8_0``) solves on that GGUF block grid instead of
     GPTQ's own: llama.cpp's scale rule per group of 32 (``grid.find_params_gguf``). Any other GGUF
     type of ``ggml_quants`` (``q4_k``, ``q6_k``, ``q5_0``, ...) is solved on a grid fitted before the
-    sweep (``fit_ggml_grid``)."""
+    sweep (``fit_ggml_grid``).
+
+    ``importance`` weights the ``mse`` search of each group's scale: ``"hessian"`` by each column's
+    Hessian diagonal (the importance matrix llama.cpp quantizes with), ``"imatrix"`` by that times
+    sqrt(sigma2 + w^2) as llama.cpp's ``quantize_row_q4_0_impl`` weights it, ``None`` the unweighted
+    |w - w^|^2.4 clipping search of the GPTQ reference code (``GPTQConfig.importance`` chooses: eval/gguf.md)."""
+    if importance not in (None, "hessian", "imatrix"):
+        raise ValueError(f"importance must be None, 'hessian' or 'imatrix', got {importance!r}")
     ggml = grid is not None and grid not in GGUF_GRIDS
     if ggml:  # the grid is fixed before the sweep, one group per sub-block
         if bool(sparsity) or nm is not None or keep_zeros is not None:
@@ -168,8 +201,19 @@ def gptq_quantize(
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    def params(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return find_params_gguf(cols, grid, mse) if grid else find_params(cols, bits, sym, mse)
+    # A column's importance for its group's scale: its Hessian diagonal (fixed dead inputs included:
+    # their weights are 0, any scale reproduces them).
+    diag = torch.diag(H).clone()
+    # llama.cpp's sigma2 for the "imatrix" weighting: the row's mean square
+    sigma2 = W.square().mean(1, keepdim=True) if importance == "imatrix" else None
+
+    def params(cols: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        imp = None
+        if mse and importance is not None:
+            imp = d[None, :] if importance == "hessian" else d[None, :] * torch.sqrt(sigma2 + cols.square())
+        if grid:
+            return find_params_gguf(cols, grid, mse, importance=imp)
+        return find_params(cols, bits, sym, mse, importance=imp)
 
     if group_size == -1:
         g_idx = torch.zeros(columns, dtype=torch.long)
@@ -184,12 +228,13 @@ def gptq_quantize(
     if ggml:
         fit, static = fit_ggml_grid(W, H, grid)
     elif static_groups:
-        static = [params(W[:, g_idx == g]) for g in range(int(g_idx.max()) + 1)]
+        static = [params(W[:, g_idx == g], diag[g_idx == g]) for g in range(int(g_idx.max()) + 1)]
     else:
         static = None
     W, H = W[:, perm], H[perm][:, perm]
     fixed = None if keep_zeros is None else keep_zeros[:, perm]
     gid = g_idx[perm]  # group of each column in quantization order; non-static groups are contiguous
+    diag = diag[perm]
 
     Hinv, used_damp = inverse_cholesky(H, damp_percent)
     if Hinv is None:
@@ -201,7 +246,7 @@ def gptq_quantize(
     Mask = torch.zeros(rows, columns, dtype=torch.bool) if prune else None
     grids: dict[int, tuple[torch.Tensor, ...]] = dict(enumerate(static)) if static else {}
     if group_size == -1:
-        grids[0] = params(W)
+        grids[0] = params(W, diag)
     current, offset = -1, None
 
     for i1 in range(0, columns, block_size):  # lazy batch updates (paper Sec. 4, "Lazy Batch-Updates")
@@ -241,7 +286,7 @@ def gptq_quantize(
                             ahead = ahead.masked_fill(mask1[i:i + size].T, 0)
                         if ahead.shape[1] < size:
                             ahead = torch.cat([ahead, W[:, i2:i2 + size - ahead.shape[1]]], dim=1)
-                        grids[g] = params(ahead)
+                        grids[g] = params(ahead, diag[i1 + i:i1 + i + size])
                     scale, zero = grids[g][0][:, 0], grids[g][1][:, 0]
                     offset = grids[g][2][:, 0] if len(grids[g]) > 2 else None
                     if offset is not None:  # a sub-block whose scale is 0 decodes to its offset, whatever q

@@ -1,8 +1,9 @@
 """Unstructured and N:M pruning of a whole model: which linears, and the block driver's solvers.
 
 SparseGPT and Wanda run through the same block driver as GPTQ (``sequential.run_blocks``):
-calibration activations one decoder block at a time, true-sequential groups, one forward per
-block when the calibration set fits, checkpoints of finished blocks and ``resume``. Magnitude
+calibration activations one decoder block at a time; every layer's input read from one forward of
+the block as it was (as the reference code does; ``true_sequential`` lets each group see the groups
+before it pruned, as GPTQ does), checkpoints of finished blocks and ``resume``. Magnitude
 pruning reads only the weights. Pruned layers stay ordinary float linears with exact zeros.
 """
 

@@ -7,10 +7,13 @@ on to the next block. With true-sequential (the default) the layers are solved
 group by group in execution order (q/k/v, then o, then gate/up, then down), each group seeing
 inputs computed with the groups before it already quantized.
 
-When the whole calibration set fits in one batch, one forward per block is enough: a pre-hook
-on each group's first layer accumulates H from the full input, quantizes the group on the spot
-and lets the forward go on with the quantized weights. Otherwise each group costs a forward
-that stops as soon as the group's inputs were seen.
+One forward per block is enough: each calibration batch's forward runs in a thread of its own
+(``_Lanes``) and waits at the first layer of each group until every batch's input of that group
+was added to H and the group is quantized, then goes on with the quantized weights. Only one
+batch computes at a time, so memory holds what the waiting forwards keep (the residual stream
+and a group's input) and one batch's temporaries, never all samples' attention scores or MLP
+intermediates at once. Batches beyond what half of ``max_memory`` lets wait stop at each group
+instead and rerun the block from its input once the group is solved: more work, the same floats.
 
 Finished blocks and the activations after them are checkpointed, so ``resume`` continues an
 interrupted run and reaches the same result as an uninterrupted one.
@@ -20,6 +23,12 @@ Bounded memory: with a ``BlockIO`` the model need not be in memory at all (its b
 right after. The activations between blocks move to files when they would pass a share of
 ``max_memory`` (read back exactly: the same result). With ``device`` (e.g. ``cuda``) each block's
 forwards and solves run there, the activations stay in CPU memory or on disk.
+
+The forwards run in the stage's ``forward_dtype``: with bf16 the linears and attention compute under
+autocast (AMX tiles on this project's CPU: ~3x a float32 block forward) and the activations between
+blocks are kept in bf16, as GPTQModel and llm-compressor run them on GPUs. What the solvers read stays
+float32: the weights (autocast casts a copy at each call), and each layer's statistic, accumulated in
+float32 from exactly the bf16 inputs the layer computed with.
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ import hashlib
 import json
 import shutil
 import tempfile
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -46,8 +57,9 @@ from ..util import (
     atomic_path,
     atomic_write_text,
     available_memory_bytes,
+    heap_allocations,
+    map_large_allocations,
     release_free_memory,
-    total_memory_bytes,
 )
 from .gptq import GPTQResult, accumulate_hessian, gptq_quantize, layer_loss
 from .walk import (
@@ -82,7 +94,12 @@ def solver_options(config: GPTQConfig) -> dict:
     return dict(bits=config.bits, group_size=config.group_size, sym=config.sym, mse=config.mse,
                 desc_act=config.desc_act, static_groups=config.static_groups, damp_percent=config.damp_percent,
                 block_size=config.block_size, act_group_aware=config.act_group_aware and not config.desc_act
-                and not config.joint, grid=config.gguf_grid, sparsity=config.sparsity, nm=config.n_m)
+                and not config.joint, grid=config.gguf_grid, sparsity=config.sparsity, nm=config.n_m,
+                importance=config.scale_importance if config.mse else None)
+
+
+# ``forward_dtype`` -> the dtype block forwards autocast to; None: the model's own (float32 as llmslim loads it).
+FORWARD_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 class LayerSolver:
@@ -100,6 +117,11 @@ class LayerSolver:
 
     def __init__(self, config):
         self.config = config  # fingerprinted: a resumed run must use the same one
+
+    @property
+    def forward_dtype(self) -> torch.dtype | None:
+        """The dtype the block forwards autocast to (the stage's ``forward_dtype``); None: the model's own."""
+        return FORWARD_DTYPES[getattr(self.config, "forward_dtype", "fp32")]
 
     def statistic(self, columns: int) -> torch.Tensor:
         return torch.zeros(columns, columns)
@@ -170,6 +192,13 @@ def auto_batch_size(nsamples: int, seqlen: int, widest: int, budget_bytes: float
     return int(max(1, min(nsamples, budget_bytes // per_sample)))
 
 
+# One batch's activations by default (auto_batch_size's estimate): a constant, not a share of this
+# machine's memory, so that the default split -- and so the bytes written -- is the same on every
+# machine. A block runs once whatever the split (``_Lanes``): larger batches would only cost
+# memory. SmolLM2-135M at 128 x 512 tokens: 5 samples a batch.
+BATCH_BYTES = 2**27
+
+
 def default_max_memory() -> float:
     """The memory budget when none is given: half of what the machine has available now."""
     return 0.5 * available_memory_bytes()
@@ -179,18 +208,29 @@ def default_batch_size(nsamples: int, seqlen: int, widest: int, max_memory: floa
                        log: Callable[[str], None] = print) -> int:
     """Samples per forward when ``--batch-size`` is not given. A different split changes the floats
     summed into each Hessian, and so some rounded codes: the split must not follow how much memory
-    happens to be free, or the same command on the same machine writes different bytes under load.
-    It is derived from ``max_memory`` when given, else from the machine's total memory; only when
-    that much is not free now is it lowered (with a warning naming the size to reproduce)."""
+    happens to be free, or the same command writes different bytes under load (nor this machine's
+    size, or it writes different bytes on another machine). It is as many samples as keep one
+    batch's activations within ``BATCH_BYTES``, fewer when ``max_memory`` is smaller than that
+    needs; without ``max_memory``, lowered only when not even that is free now (with a warning
+    naming the size to reproduce)."""
+    wanted = auto_batch_size(nsamples, seqlen, widest, BATCH_BYTES)
     if max_memory is not None:
-        return auto_batch_size(nsamples, seqlen, widest, 0.5 * max_memory)
-    # A quarter of the machine's memory, when twice that is free now.
-    wanted = auto_batch_size(nsamples, seqlen, widest, 0.25 * total_memory_bytes())
+        return min(wanted, auto_batch_size(nsamples, seqlen, widest, 0.5 * max_memory))
     fits = auto_batch_size(nsamples, seqlen, widest, 0.5 * available_memory_bytes())
     if fits < wanted:
         log(f"warning: {fits} calibration samples per forward instead of {wanted} (less memory free "
             f"now); the result differs from a run with --batch-size {wanted}")
     return min(wanted, fits)
+
+
+def held_batches(nbatches: int, batch_size: int, seqlen: int, width: int, widest: int, budget: float) -> int:
+    """How many of a block's batches wait inside its forward (``_Lanes``; the others rerun it per
+    group, which costs forwards): as many as fit half ``budget``, at least one. A waiting forward
+    holds about 3 hidden-wide tensors (its input, the residual stream, a normed copy) and a group's
+    input up to the widest layer's, in float32 (Llama measured: 3 x 576 + 1536 floats a token while
+    ``down_proj`` waits)."""
+    per_batch = batch_size * seqlen * (3 * width + widest) * 4
+    return int(max(1, min(nbatches, 0.5 * budget // per_batch)))
 
 
 class BlockIO:
@@ -243,10 +283,173 @@ class Activations:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return (self[j] for j in range(self._n))
 
+    def take(self, j: int) -> torch.Tensor:
+        """Batch ``j``, forgotten by the store (its block's forward holds it from now on)."""
+        t = self[j]
+        if self.spill is None:
+            self._mem[j] = None
+        return t
+
 
 class _Discard:
     def append(self, t: torch.Tensor) -> None:
         pass
+
+
+class _Casting:
+    """Appends to ``store`` in ``dtype``: the first block's inputs are kept as its forwards read them."""
+
+    def __init__(self, store, dtype: torch.dtype | None):
+        self.store = store
+        self.dtype = dtype
+
+    def append(self, t: torch.Tensor) -> None:
+        self.store.append(_cast(t, self.dtype))
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+@contextlib.contextmanager
+def _forward_mode(device: str, dtype: torch.dtype | None) -> Iterator[None]:
+    """How a block's calibration forwards run, entered in each thread that runs one (a lane): no
+    autograd, new tensors on ``device``, and with ``dtype`` (bf16) the linears, matmuls and attention
+    in it by autocast. Autocast casts a copy of each float32 weight at each call, so the weights stay
+    what the solvers read and write; its cache stays off, as a lane's weights change while it waits."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(_on(device))
+        if dtype is not None:
+            stack.enter_context(torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False))
+        yield
+
+
+def _take(hidden, j: int) -> torch.Tensor:
+    """Batch ``j`` of a block's inputs, dropped from their store when it can (the block's forward
+    holds it from now on: all samples' inputs and the forwards' copies would be twice the memory)."""
+    if isinstance(hidden, Activations):
+        return hidden.take(j)
+    t = hidden[j]
+    if isinstance(hidden, list):
+        hidden[j] = None
+    return t
+
+
+class _LaneClosed(BaseException):
+    """Ends a waiting lane's forward when the run stops early (BaseException: no model code catches it)."""
+
+
+class _Lanes:
+    """The forwards of one block over its calibration batches, interleaved so the block runs once.
+
+    True-sequential quantization solves a block's layers group by group, each group from its inputs
+    computed with the groups before it already solved: every batch must reach a group before it is
+    solved, and no batch may go past it until then. The first ``held`` batches each run in a
+    thread of their own (a lane) and wait at a group's first layer (``pause``); the others stop
+    there (``StopForward``) and rerun from the block's input once the group is solved, which costs
+    forwards but holds nothing. Once every batch waits or stopped, the driver solves the earliest
+    group waited for and lets them go on. Exactly one thread computes at a time and batches take
+    turns in batch order, so every float is what running the batches one after another computes,
+    whatever ``held``: the same bytes however much memory there is.
+    """
+
+    def __init__(self, n: int, held: int):
+        self.held = held
+        self.cv = threading.Condition()
+        self.turn: int | None = None  # the lane computing now; None: the driver
+        self.waiting: list[int | None] = [None] * n  # the group a batch waits for (None: runnable)
+        self.done = [False] * n
+        self.threads: list[threading.Thread | None] = [None] * n
+        self.outputs: dict[int, object] = {}
+        self.error: BaseException | None = None
+        self.closing = False
+        self.local = threading.local()
+
+    def pause(self, group: int) -> None:
+        """In a batch's forward, at ``group``'s first layer: wait until it is solved (a held batch),
+        or stop and rerun later (the others)."""
+        j = self.local.lane
+        self.waiting[j] = group
+        if j >= self.held:
+            raise StopForward
+        with self.cv:
+            self.turn = None
+            self.cv.notify_all()
+            self.cv.wait_for(lambda: self.turn == j)
+        if self.closing:
+            raise _LaneClosed
+
+    def _lane(self, j: int, body: Callable[[int], object]) -> None:
+        self.local.lane = j
+        try:
+            self.outputs[j] = body(j)
+        except _LaneClosed:
+            pass
+        except BaseException as e:  # handed to the driver, which raises it
+            self.error = e
+        finally:
+            with self.cv:
+                self.done[j] = True
+                self.turn = None
+                self.cv.notify_all()
+
+    def _step(self, j: int, body: Callable[[int], object]) -> None:
+        """Let batch ``j`` compute until it waits, stops or ends."""
+        if j >= self.held:  # here, from the block's input
+            self.local.lane = j
+            try:
+                self.outputs[j] = body(j)
+                self.done[j] = True
+            except StopForward:
+                pass
+            return
+        with self.cv:
+            self.turn = j
+            if self.threads[j] is None:  # a held batch's lane starts on its first turn
+                self.threads[j] = threading.Thread(target=self._lane, args=(j, body), daemon=True,
+                                                   name=f"llmslim-lane-{j}")
+                self.threads[j].start()
+            self.cv.notify_all()
+            self.cv.wait_for(lambda: self.turn is None)
+        if self.error is not None:
+            raise self.error
+
+    def run(self, body: Callable[[int], object], solve: Callable[[int], None]) -> Iterator:
+        """Run ``body(j)`` (batch j's forward, which calls ``pause``) for every batch; ``solve(g)``
+        once every unfinished batch waits and ``g`` is the earliest group waited for. Yields the
+        batches' outputs in batch order, each as soon as it and those before it are done."""
+        n, emitted = len(self.done), 0
+        try:
+            while True:
+                for j in range(n):
+                    if not self.done[j] and self.waiting[j] is None:
+                        self._step(j, body)
+                    while emitted in self.outputs:
+                        yield self.outputs.pop(emitted)
+                        emitted += 1
+                waited = [g for g, d in zip(self.waiting, self.done, strict=True) if not d and g is not None]
+                if not waited:
+                    return
+                group = min(waited)
+                solve(group)
+                self.waiting = [None if g == group else g for g in self.waiting]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End every lane still waiting (an error or an interrupt stopped the run) and join them."""
+        self.closing = True
+        for j, thread in enumerate(self.threads):
+            if thread is None:
+                continue
+            with self.cv:
+                self.cv.wait_for(lambda: self.turn is None)  # a lane computing when the driver stopped
+                if not self.done[j]:
+                    self.turn = j
+                    self.cv.notify_all()
+                    self.cv.wait_for(lambda j=j: self.done[j])
+            thread.join()
 
 
 def resolve_device(device: str | None) -> str:
@@ -393,12 +596,14 @@ def run_blocks(
 
     ``io``: the blocks' weights come from it and go back to it (a model bigger than memory).
     ``max_memory`` (bytes; default ``default_max_memory()``): half of it bounds the samples per
-    forward, a quarter the activations kept in memory between blocks (beyond that they go to files
-    in ``state_dir``, or a temporary folder). ``device``: where the forwards and solves run.
+    forward and the forwards waiting inside a block (beyond that, a forward per group instead: the
+    same result), a quarter the activations kept in memory between blocks (beyond that they go to
+    files in ``state_dir``, or a temporary folder). ``device``: where the forwards and solves run.
     """
     blocks_name, blocks = find_blocks(model)
     config = solver.config
     io = io or BlockIO()
+    map_large_allocations()  # the waiting forwards' tensors would leave resident holes in glibc's heap
     nsamples, seqlen = calib.shape
     widest = max(max(linear_weight(m).shape) for m in find_linears(blocks[0]).values())
     budget = default_max_memory() if max_memory is None else max_memory
@@ -408,14 +613,17 @@ def run_blocks(
     state = BlockState(state_dir, fingerprint(config, calib, model)) if state_dir else None
     start = state.start(resume) if state else 0
     width = getattr(getattr(model, "config", None), "hidden_size", None) or widest
+    held = held_batches(len(batches), batch_size, seqlen, width, widest, budget)
+    dtype = solver.forward_dtype
+    element = 4 if dtype is None else dtype.itemsize
     spill_root = None
     with contextlib.ExitStack() as stack:
-        if 2 * nsamples * seqlen * width * 4 > 0.25 * budget:  # block inputs + outputs, float32
+        if 2 * nsamples * seqlen * width * element > 0.25 * budget:  # block inputs + outputs
             spill_root = state.dir / "activations" if state else Path(stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="llmslim-act-")))
         # A resumed run needs only the kwargs (masks, positions): its hidden states are in the checkpoint.
         hidden = _Discard() if start else Activations(spill_root / "gen0" if spill_root else None)
-        inputs = capture_block_inputs(model, blocks, batches, embed=io.embed, store=hidden)
+        inputs = capture_block_inputs(model, blocks, batches, embed=io.embed, store=_Casting(hidden, dtype))
         inputs.hidden = []
         inputs.args = [_to(a, device) for a in inputs.args]
         inputs.kwargs = [_to(k, device) for k in inputs.kwargs]
@@ -439,7 +647,7 @@ def run_blocks(
             outs = _outputs(hidden, spill_root, i)
             if device != "cpu":
                 block.to(device)
-            block_logs = _solve_block(block, prefix, names, solver, hidden, inputs, bar, outs, device)
+            block_logs = _solve_block(block, prefix, names, solver, hidden, inputs, bar, outs, device, held)
             if device != "cpu":
                 block.to("cpu")
             hidden = outs
@@ -474,22 +682,30 @@ def _swap_quantized(block: nn.Module, config: GPTQConfig, tensors: dict[str, tor
 
 
 def _solve_block(block, prefix, names, solver: LayerSolver, hidden, inputs, bar, outs: Activations,
-                 device: str = "cpu") -> list:
-    """Compress the linears ``names`` of one block; returns their logs, the block's outputs go to ``outs``."""
+                 device: str = "cpu", held: int | None = None) -> list:
+    """Compress the linears ``names`` of one block; returns their logs, the block's outputs go to
+    ``outs``. ``held``: how many batches wait inside the forward (``_Lanes``; default all)."""
     with _on(device):
-        return _solve_block_here(block, prefix, names, solver, hidden, inputs, bar, outs, device)
+        return _solve_block_here(block, prefix, names, solver, hidden, inputs, bar, outs, device,
+                                 len(hidden) if held is None else held)
 
 
-def _solve_block_here(block, prefix, names, solver: LayerSolver, hidden, inputs, bar, outs, device):
+def _solve_block_here(block, prefix, names, solver: LayerSolver, hidden, inputs, bar, outs, device, held):
     args, kwargs = inputs.args, inputs.kwargs
     config = solver.config
+    dtype = solver.forward_dtype
     layers = {n: block.get_submodule(n) for n in names}
     H: dict[str, tuple[torch.Tensor, int]] = {}
     results: dict[str, object] = {}
     logs: list = []
 
+    def run(h: torch.Tensor, a: tuple, kw: dict) -> torch.Tensor:
+        """One forward of the block, in the forward mode; its output in the forward dtype."""
+        with _forward_mode(device, dtype):
+            return _cast(run_block(block, h, a, kw), dtype)
+
     def probe():
-        run_block(block, _to(hidden[0][:1], device), _slice_args(args[0], 1), _slice_kwargs(kwargs[0], 1))
+        run(_cast(_to(hidden[0][:1], device), dtype), _slice_args(args[0], 1), _slice_kwargs(kwargs[0], 1))
 
     sets = sequential_groups(block, names, probe)  # layers sharing one input tensor
     true_sequential = getattr(config, "true_sequential", True)
@@ -500,7 +716,8 @@ def _solve_block_here(block, prefix, names, solver: LayerSolver, hidden, inputs,
             key = _set_key(sets, n)
             Hn, _ = H[key]
             W = linear_weight(layers[n]).detach().float()
-            Wnew, payload, entry = solver.solve(prefix + n, layers[n], W, Hn)
+            with heap_allocations():  # the solver's search makes and frees large temporaries by the thousand
+                Wnew, payload, entry = solver.solve(prefix + n, layers[n], W, Hn)
             del Hn, W
             _set_weight(layers[n], Wnew)
             # The module the layer becomes, made now: packed codes are a fraction of the solver's
@@ -525,24 +742,58 @@ def _solve_block_here(block, prefix, names, solver: LayerSolver, hidden, inputs,
         if key != name:
             return  # layers of one set share the input: one Hessian for all of them
         Hn, count = H.get(key, (None, 0))
-        H[key] = solver.accumulate(solver.statistic(X.shape[-1]) if Hn is None else Hn, count, X)
+        # Under autocast a layer computes with its input cast to the forward dtype: that is the X of
+        # its statistic, which is float32 all the same (autocast off: it would run the statistic's
+        # own products in bf16).
+        X = _cast(X, dtype)
+        with contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, enabled=False):
+            H[key] = solver.accumulate(solver.statistic(X.shape[-1]) if Hn is None else Hn, count, X)
 
-    single_pass = len(hidden) == 1 and true_sequential
-    handles = []
-    if single_pass:
-        # One forward: each set is solved the moment its input arrives, then the forward goes on.
+    if true_sequential:
+        # Each batch's forward waits (or stops, to rerun) at a set's first layer until every
+        # batch's input of it was added to H and the set is solved, then goes on with its new weights.
+        lanes = _Lanes(len(hidden), held)
+        index = {n: g for g, s in enumerate(sets) for n in s}
+        solved: set[int] = set()
+        x = _cast(_to(hidden[0][:1].clone(), device), dtype)
+        dead = _dead_while_waiting(block, [layers[s[0]] for s in sets], lambda: run(
+            x, _slice_args(args[0], 1), _slice_kwargs(kwargs[0], 1)), x)
+        del x
+        seen: list[dict] = [{} for _ in range(held)]  # a waiting batch's tensors that may die early
+
         def hook(layer, a, name):
-            group = next(s for s in sets if name in s)
-            if group[0] in results:
+            g = index[name]
+            if g in solved:
                 return
-            accumulate(group[0], a[0])
-            solve(group)
+            accumulate(sets[g][0], a[0])
+            j = lanes.local.lane
+            if j < held:
+                # Free what the forward will not read again: its frames still refer to it, and
+                # every waiting batch's copy of it would stay resident until the forward ends.
+                key, gone = dead[g]
+                seen[j][key] = weakref.ref(a[0])
+                for key in gone:
+                    ref = seen[j].pop(key, None)
+                    if ref is not None and ref() is not None:
+                        _drop_storage(ref())
+            lanes.pause(g)
 
-        for n in names:
-            handles.append(layers[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)))
+        def forward(j: int) -> torch.Tensor:
+            if j >= held:  # a batch that reruns reads its input again
+                h = _cast(_to(hidden[j], device), dtype)
+            else:
+                h = _cast(_to(_take(hidden, j), device), dtype)
+                seen[j]["in"] = weakref.ref(h)
+            return run(h, args[j], kwargs[j])  # the forward mode is per thread: entered in the lane
+
+        def solve_set(g: int) -> None:
+            solve(sets[g])
+            solved.add(g)
+
+        handles = [layers[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
         try:
-            with torch.inference_mode():
-                outs.append(run_block(block, _to(hidden[0], device), args[0], kwargs[0]))
+            for out in lanes.run(forward, solve_set):
+                outs.append(out)
         finally:
             for h in handles:
                 h.remove()
@@ -558,25 +809,91 @@ def _solve_block_here(block, prefix, names, solver: LayerSolver, hidden, inputs,
 
             handles = [layers[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in step]
             try:
-                with torch.inference_mode():
-                    for j, h in enumerate(hidden):
-                        remaining.update(step)
-                        try:
-                            run_block(block, _to(h, device), args[j], kwargs[j])
-                        except StopForward:
-                            pass
+                for j, h in enumerate(hidden):
+                    remaining.update(step)
+                    try:
+                        run(_cast(_to(h, device), dtype), args[j], kwargs[j])
+                    except StopForward:
+                        pass
             finally:
                 for h in handles:
                     h.remove()
             solve(step)
-        with torch.inference_mode():
-            for j, h in enumerate(hidden):
-                outs.append(run_block(block, _to(h, device), args[j], kwargs[j]))
+        for j, h in enumerate(hidden):
+            outs.append(run(_cast(_to(h, device), dtype), args[j], kwargs[j]))
 
     for n in names:
         if results[n] is not None:
             set_module(block, n, results[n])
     return logs
+
+
+def _dead_while_waiting(block: nn.Module, firsts: list[nn.Module], probe: Callable[[], object],
+                        x: torch.Tensor) -> list[tuple[object, set]]:
+    """For each set g (``firsts[g]`` its first layer): the key of its input, and the tensors of a
+    forward the block never reads again once it has reached g -- its input ``x`` ("in") and the
+    inputs of earlier sets (keyed by set index) -- from the torch ops that read each tensor's
+    storage in ``probe`` (a forward on ``x``, one sample). A Llama block waiting at ``down_proj``
+    no longer reads its input nor the normed copy gate/up read: 2 of the 4 hidden-wide tensors
+    its frames hold."""
+    from torch.overrides import TorchFunctionMode
+
+    keys: dict[int, object] = {_address(x): "in"}  # storage address -> "in" or the set reading it
+    last: dict[object, int] = {}
+    arrival: dict[int, int] = {}
+    own: dict[int, object] = {}
+    kept = [x]  # alive until the end: a freed storage's address, reused, would pass for another's
+    count = 0
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            nonlocal count
+            count += 1
+            for t in _tensors((args, kwargs)):
+                key = keys.get(_address(t))
+                if key is not None:
+                    last[key] = count
+            return func(*args, **(kwargs or {}))
+
+    def arrive(g: int, a: tuple) -> None:
+        if g not in arrival:
+            arrival[g] = count
+            own[g] = keys.setdefault(_address(a[0]), g)
+            kept.append(a[0])
+
+    handles = [m.register_forward_pre_hook(lambda m, a, g=g: arrive(g, a)) for g, m in enumerate(firsts)]
+    try:
+        with torch.inference_mode(), Reads():
+            probe()
+    finally:
+        for h in handles:
+            h.remove()
+    return [(own.get(g, g), {k for k, n in last.items() if g in arrival and n < arrival[g] and k != own[g]})
+            for g in range(len(firsts))]
+
+
+def _tensors(obj) -> Iterator[torch.Tensor]:
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, tuple | list):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+
+
+def _address(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _drop_storage(t: torch.Tensor) -> None:
+    """Free ``t``'s memory though references to it remain (it must never be read again). Only a
+    tensor owning its whole storage (a view of a larger buffer would take the rest with it), and
+    one torch allocated (not a file's mapping, nor numpy's memory)."""
+    storage = t.untyped_storage()
+    if storage.resizable() and storage.nbytes() == t.numel() * t.element_size():
+        storage.resize_(0)
 
 
 def _set_key(sets: list[list[str]], name: str) -> str:

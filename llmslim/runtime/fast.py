@@ -9,7 +9,6 @@ walk over the model and the choice per layer; it holds no arithmetic of its own.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 
 import torch
@@ -17,9 +16,10 @@ from torch import nn
 
 from ..nn import GPTQLinear
 from ..quant.walk import set_module
+from ..util import release_free_memory
 from .attention import use_decode_attention
 from .fusion import concat_float, concat_gptq, fuse_projections
-from .kernels import Int4Linear, Int8Linear, Int8x2Linear, int4_available, int8_available
+from .kernels import Int4Linear, Int8Embedding, Int8Linear, Int8x2Linear, int4_available, int8_available
 
 HEADS = ("keep", "int8")
 # Attributes that ``runtime.cache`` (the preallocated KV cache) and ``runtime.lean`` (the lean
@@ -70,18 +70,27 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     for attr in DERIVED_STATE:
         model.__dict__.pop(attr, None)
+    def convert(m: GPTQLinear) -> nn.Module:
+        fast = fast_module(m, dtype)
+        # The previous layer's buffers and temporaries are free by now. Handed back at once: glibc
+        # keeps freed heap pages resident, and depending on how its heap happened to grow (varying
+        # from run to run) 30 layers' worth piled up: a load peak of 553-813 MiB on SmolLM2-135M,
+        # 555-572 with this (eval/inference.md, serving memory).
+        release_free_memory()
+        return fast
+
     if fuse:
         def build_gptq(mods):
             if not all(isinstance(m, GPTQLinear) for m in mods):
                 return None
             combined = concat_gptq(mods)
-            return None if combined is None else fast_module(combined, dtype)
+            return None if combined is None else convert(combined)
 
         fuse_projections(model, build_gptq)
     names = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
     for name in names:
         old = model.get_submodule(name)
-        set_module(model, name, fast_module(old, dtype))
+        set_module(model, name, convert(old))
         del old  # the last reference: its packed buffers are freed here
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
@@ -89,31 +98,30 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
     if fuse:
         fuse_projections(model, concat_float)  # float models (and layers left in float) too
     if head != "keep":
-        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(lm_head, nn.Linear):
-            name = next(n for n, m in model.named_modules() if m is lm_head)
-            set_module(model, name, Int8Linear.from_float(lm_head.weight, lm_head.bias))
+        quantize_head(model, dtype)
     if hasattr(model, "config"):
         model.config.dtype = dtype
     model._llmslim_accelerated = True  # the decode loops may run it on runtime.lean's forward
     if attention:
         use_decode_attention(model)
     gc.collect()
-    release_free_memory()
+    release_free_memory()  # the GPTQ buffers and conversion temporaries: glibc would keep their pages
     return model
 
 
-def release_free_memory() -> None:
-    """Hand memory freed by the conversion back to the OS (glibc keeps freed heap pages otherwise).
-
-    The packed GPTQ buffers and the conversion temporaries are freed, but glibc's allocator
-    holds on to the pages, so the process's resident size would still count them.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
+def quantize_head(model: nn.Module, dtype: torch.dtype) -> None:
+    """A float ``lm_head`` -> ``Int8Linear``; when it is tied to the input embedding, the embedding
+    becomes an ``Int8Embedding`` over the same int8 rows, so no float copy of the matrix stays."""
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(lm_head, nn.Linear):
+        return
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = isinstance(embed, nn.Embedding) and embed.weight is lm_head.weight
+    names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+    q = Int8Linear.from_float(lm_head.weight, lm_head.bias)
+    set_module(model, names[lm_head], q)
+    if tied:
+        set_module(model, names[embed], Int8Embedding(q, dtype, embed.padding_idx, getattr(embed, "embed_scale", None)))
 
 
 def module_summary(model: nn.Module) -> dict[str, int]:

@@ -260,6 +260,38 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits=8, per_channel"
 
 
+class Int8Embedding(nn.Module):
+    """Token embeddings read from the int8 rows of an ``Int8Linear`` head: a tied model's one matrix.
+
+    A model whose head is its embedding holds one float matrix for both. Quantizing the head alone
+    (``accelerate(head="int8")``) would leave that float matrix resident for lookups beside its
+    int8 copy: more memory, not less. This module looks the rows up in the head's own buffers and
+    dequantizes only the rows asked for, ``w8[ids] * s[ids]`` (exact in fp32, then rounded to the
+    compute dtype): the very weights the head multiplies by. ``embed_scale`` carries Gemma's
+    scaled embeddings (``sqrt(hidden)``), applied as its module does: cast to the compute dtype,
+    then multiplied.
+    """
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype, padding_idx: int | None = None,
+                 embed_scale: torch.Tensor | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.padding_idx, self.dtype = padding_idx, dtype
+        self.register_buffer("weight_int8", head.weight)  # the head's tensors, not copies
+        self.register_buffer("scales", head.scales)
+        self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.clone(), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight_int8[ids].to(torch.float32) * self.scales[ids].to(torch.float32).unsqueeze(-1)
+        out = rows.to(self.dtype)
+        if self.embed_scale is not None:
+            out = out * self.embed_scale.to(self.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows of the head"
+
+
 # ---------------------------------------------------------------------------------------------
 # Int8x2Linear: grouped 8-bit as two 4-bit halves
 # ---------------------------------------------------------------------------------------------

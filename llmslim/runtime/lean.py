@@ -163,7 +163,7 @@ class LeanDecoder:
         self.attn_cap = getattr(config, "attn_logit_softcapping", None)
         self.final_cap = getattr(config, "final_logit_softcapping", None)
         self.rope_keyed = "layer_type" in inspect.signature(self.rotary.forward).parameters
-        dtype = self.embed.weight.dtype
+        dtype = inner.norm.weight.dtype  # the compute dtype (the embedding may be int8 rows: Int8Embedding)
         windows = layer_windows(config)
         self.layers = [Block(layer, self.family, windows[i], dtype, self.n_heads, self.n_kv)
                        for i, layer in enumerate(inner.layers)]

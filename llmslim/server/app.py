@@ -170,7 +170,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         e = state.engine
-        text = render(e.stats, e.running, e.waiting, state.http_errors, e.kv_tokens, e.max_kv_tokens)
+        text = render(e.stats, e.running, e.waiting, state.http_errors, e.kv_tokens, e.max_kv_tokens, e.prefilling)
         return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -42,6 +42,9 @@ def register(sub) -> None:
                     "(default: no bound beyond --max-batch x context)")
     kv.add_argument("--max-kv-tokens", type=_positive, default=None, metavar="N",
                     help="the same bound in KV cache positions (rows x padded length)")
+    p.add_argument("--prefill-chunk", type=_positive, default=None, metavar="N",
+                   help="prompt tokens prefilled per engine step: a long prompt is prefilled N tokens at a time "
+                   "between decode steps, so running streams keep getting tokens (default 512)")
     p.add_argument("--request-timeout", type=_positive_float, default=None, metavar="SECONDS",
                    help="a request still unfinished this long after it arrived is aborted (504; default: none)")
     p.add_argument("--limit-concurrency", type=_positive, default=None, metavar="N",
@@ -155,7 +158,7 @@ def cmd_serve(args) -> int:
         return build(args.checkpoint, args.served_model_name, key, args.max_batch or 16, args.max_queue,
                      args.max_model_len, args.max_tokens_cap, fast=args.fast, batched=args.batched,
                      request_timeout=args.request_timeout, max_kv_tokens=args.max_kv_tokens,
-                     max_kv_memory=args.max_kv_memory, on_down=down)
+                     max_kv_memory=args.max_kv_memory, on_down=down, prefill_chunk=args.prefill_chunk)
 
     def ready(app, engine) -> None:
         kv = f", KV budget {engine.max_kv_tokens} positions" if engine.max_kv_tokens else ""

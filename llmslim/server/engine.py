@@ -1,24 +1,33 @@
 """The embedded engine: continuous batching over the model's own forward, on one thread.
 
-One background thread owns the model. Each iteration it
+One background thread owns the model. Each iteration (an engine step) it
 
-1. drops aborted requests (client gone) from the queue and from the running batch,
-2. admits waiting requests while batch slots are free: each prompt is prefilled alone
-   (batch 1) and its ``n`` choices join the running batch as rows of a left-padded KV cache
-   (``kvbatch.PaddedBatch``),
-3. runs one decode step for every running row in a single forward, picks each row's next
+1. drops aborted requests (client gone) from the queue, from the prefills in progress and from
+   the running batch,
+2. admits waiting requests, oldest first, while batch slots (and the KV budget) allow: each
+   starts the prefill of its prompt, alone (batch 1) in a cache of its own (``kvbatch.Prefill``),
+3. runs at most ``prefill_chunk`` prompt positions of the prefills in progress, oldest first,
+   each continuing its cache from its previous chunk; a request whose prompt is done chooses
+   its first token and its ``n`` choices join the running batch as rows of a left-padded KV
+   cache (``kvbatch.PaddedBatch``),
+4. runs one decode step for every running row in a single forward, picks each row's next
    token with that row's own parameters and generator, and retires finished rows.
 
-So requests join and leave between decode steps; nothing waits for a whole batch to finish.
+So requests join and leave between decode steps; nothing waits for a whole batch to finish,
+and a long prompt delays the running rows by one chunk per step, not by its whole prefill
+(vLLM's chunked prefill, except that a step's chunks and its decode are separate forwards).
+When the last request leaves, the engine hands the memory its steps freed back to the OS
+(``util.release_free_memory``): glibc would keep it resident otherwise.
 Results go to each request's ``sink`` (a thread-safe callback the HTTP layer provides).
 The queue is bounded: ``submit`` raises ``QueueFull`` instead of letting latency grow without
 limit. Prompt and output lengths are checked by the caller (``check_lengths``) and capped here
 as a backstop. With a KV budget (``max_kv_tokens``, or ``max_kv_memory`` in bytes) a request
-is admitted only while the running batch's KV cache, at its largest, stays within it; the
-others wait their turn (FIFO).
+is admitted only while the running batch's KV cache, at its largest, with every admitted
+request in it, stays within it; the others wait their turn (FIFO).
 
-An exception in a step (a bug, not a bad request: those never get here) fails the running
-rows, and the loop starts again with an empty batch; waiting requests keep their places.
+An exception in one request's prefill fails that request only. An exception in a decode step
+(a bug, not a bad request: those never get here) fails the running rows, and the loop starts
+again with an empty batch; waiting requests and prefills in progress keep their places.
 More than ``max_restarts`` failures within ``restart_window`` seconds and the engine goes
 down: every request fails, ``submit`` raises ``EngineDown`` at once (never a request that
 waits forever), ``/health`` answers 503 and ``on_down`` is called (the CLI exits then, so a
@@ -42,11 +51,22 @@ from ..runtime.cache import mergeable
 from ..runtime.model_info import eos_ids, model_context
 from ..runtime.sampling import LogitsProcessor, Sampler, SamplingParams
 from ..runtime.stops import StopStrings
-from .kvbatch import PaddedBatch, prefill, prefill_chunks
+from ..util import release_free_memory
+from .kvbatch import PaddedBatch, Prefill, prefill
 from .metrics import EngineStats
 from .outputs import Detokenizer, TopLogprobs, token_logprobs
 
 log = logging.getLogger("llmslim.server")
+
+# Prompt positions one engine step prefills (``--prefill-chunk``). Counted, not timed, on the reference
+# model (SmolLM2-135M; serve/prefill_check.py): a position costs 213 MFLOP in the linear layers plus
+# 69 kFLOP x its position in attention, so a 512-position chunk is 118 GFLOP at the start of a prompt
+# and 254 at 4K positions, against 4.9 for a 16-row decode step at 512 positions: while a long prompt
+# prefills, a running stream's next token waits for 24-52 decode steps' worth of arithmetic more, not
+# for the whole prompt (~290 for 4K). 512 rather than 256: it is the key block of PyTorch's CPU
+# flash attention, and chunks of it gave the very bits of one whole-prompt forward on the int4 and
+# fp32 paths (256 did not at 1500 tokens); prompts up to 512 are prefilled in one forward, as before.
+PREFILL_CHUNK = 512
 
 
 # --- what a request's sink receives ---------------------------------------------------------------
@@ -102,7 +122,7 @@ class EngineDown(Exception):
 # --- bookkeeping ---------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # one object per request: compared by identity
 class Request:
     id: str
     prompt: list[int]
@@ -114,6 +134,8 @@ class Request:
     first_token: float | None = None
     unfinished: int = 0
     completion_tokens: int = 0
+    prefill: Prefill | None = None  # while admitted and its prompt not yet done
+    scored: list = field(default_factory=list)  # prompt log-probs so far (PromptLogprobs.entries)
 
     @property
     def kv_tokens(self) -> int:
@@ -154,7 +176,7 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 64,
         max_model_len: int | None = None,
-        prefill_budget: int = 1024,
+        prefill_chunk: int = PREFILL_CHUNK,
         batched: bool = True,
         max_kv_tokens: int | None = None,
         max_kv_memory: int | None = None,
@@ -166,7 +188,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_model_len = model_context(model, max_model_len)
-        self.prefill_budget = prefill_budget
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.batched = batched
         self.vocab_size = model.get_input_embeddings().num_embeddings
         # ids past the vocabulary (tiny test configs carry GPT-2's 50256) can never be sampled
@@ -187,6 +211,7 @@ class Engine:
         self.max_restarts, self.restart_window, self.on_down = max_restarts, restart_window, on_down
         self.stats = EngineStats()
         self._waiting: deque[Request] = deque()
+        self._prefilling: list[Request] = []  # admitted, prompt not done yet (oldest first)
         self._aborts: set[str] = set()
         self._groups: list[Group] = []
         self._cond = threading.Condition()
@@ -194,6 +219,7 @@ class Engine:
         self._stop = False
         self._down = False  # no more requests: failed too often, or stopped
         self._failures: list[float] = []
+        self._worked = True  # since the engine was last idle (loading counts: the first idle trims)
         self._thread: threading.Thread | None = None
         self.error: str | None = None  # why the engine went down: /health turns 503
 
@@ -263,31 +289,36 @@ class Engine:
         return sum(len(g.seqs) for g in self._groups)
 
     @property
+    def prefilling(self) -> int:
+        """Requests admitted whose prompt is still being prefilled."""
+        return len(self._prefilling)
+
+    @property
     def waiting(self) -> int:
         return len(self._waiting)
 
     @property
     def kv_tokens(self) -> int:
-        """KV cache positions the running batch may reach (rows x (columns + most tokens left))."""
-        return self._footprint()
+        """KV cache positions the running batch may reach, with the prefills in progress joined
+        (rows x (columns + most tokens left))."""
+        return self._footprint(tuple(self._prefilling))
 
-    def _footprint(self, extra: Request | None = None) -> int:
-        """``kv_tokens`` with request ``extra`` admitted too. A padded batch holds every row at
-        the longest row's width, so it is counted that way, not as a sum of row lengths."""
+    def _footprint(self, joining: tuple[Request, ...] = ()) -> int:
+        """KV positions of the running batch at its largest once the requests ``joining`` (mid-prefill,
+        or about to be admitted) have joined it. A padded batch holds every row at the longest row's
+        width, so it is counted that way, not as a sum of row lengths."""
         total = 0
-        joins = None
-        if extra is not None:
-            joins = self._groups[0] if self.batched and self._groups else None
-            if joins is None:
-                total += extra.kv_tokens
-        for g in self._groups:
-            rows, width = len(g.seqs), g.batch.length
-            left = max((s.req.params.max_tokens - len(s.out) for s in g.seqs), default=0)
-            if g is joins:
-                rows += extra.params.n
-                width, left = max(width, len(extra.prompt)), max(left, extra.params.max_tokens)
-            total += rows * (width + left)
-        return total
+        groups = [(len(g.seqs), g.batch.length,
+                   max((s.req.params.max_tokens - len(s.out) for s in g.seqs), default=0)) for g in self._groups]
+        if joining and not self.batched:  # each request decodes alone
+            total += sum(r.kv_tokens for r in joining)
+        elif joining:  # all join the first group (or start it)
+            rows, width, left = groups[0] if groups else (0, 0, 0)
+            rows += sum(r.params.n for r in joining)
+            width = max(width, *(len(r.prompt) for r in joining))
+            left = max(left, *(r.params.max_tokens for r in joining))
+            groups[:1] = [(rows, width, left)]
+        return total + sum(rows * (width + left) for rows, width, left in groups)
 
     # --- the loop (engine thread only) ---
 
@@ -306,13 +337,23 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not (self._stop or self._waiting or self._groups or self._aborts):
+                    idle = not (self._stop or self._waiting or self._prefilling or self._groups or self._aborts)
+                if idle and self._worked:
+                    # The last request just left. Prefills and KV buffers that grew while rows came and
+                    # went leave holes in glibc's heaps that it keeps resident (tens of MB on
+                    # SmolLM2-135M): hand them back now, between requests, never inside a step.
+                    self._worked = False
+                    release_free_memory()
+                with self._cond:
+                    while not (self._stop or self._waiting or self._prefilling or self._groups or self._aborts):
                         self._cond.wait()
                     if self._stop:
                         return True
                     aborts, self._aborts = self._aborts, set()
+                self._worked = True
                 self._drop(aborts)
                 self._admit()
+                self._prefill()
                 if self._groups:
                     self._decode()
         except Exception as e:  # a bug, not a bad request
@@ -346,8 +387,9 @@ class Engine:
     def _fail_all(self, message: str, status: int = 500, code: str | None = None) -> None:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
-        reqs = {id(s.req): s.req for g in self._groups for s in g.seqs} | {id(r): r for r in waiting}
-        self._groups = []
+        reqs = ({id(s.req): s.req for g in self._groups for s in g.seqs} | {id(r): r for r in self._prefilling}
+                | {id(r): r for r in waiting})
+        self._groups, self._prefilling = [], []
         for req in reqs.values():
             _send(req, Failed(message, status, code))
 
@@ -358,6 +400,12 @@ class Engine:
             kept = [r for r in self._waiting if r.id not in aborts]
             self.stats.aborted += len(self._waiting) - len(kept)
             self._waiting = deque(kept)
+        gone = [r for r in self._prefilling if r.id in aborts]
+        if gone:  # mid-prefill: its partial cache goes with it
+            self.stats.aborted += len(gone)
+            self._prefilling = [r for r in self._prefilling if r.id not in aborts]
+            for r in gone:
+                r.prefill = None
         for g in self._groups:
             rows = [i for i, s in enumerate(g.seqs) if s.req.id in aborts]
             if rows:
@@ -367,47 +415,84 @@ class Engine:
         self._groups = [g for g in self._groups if g.seqs]
 
     def _admit(self) -> None:
-        budget = self.prefill_budget
+        """Start the prefill of waiting requests, oldest first, while slots and the KV budget allow."""
         while True:
             with self._cond:
                 if not self._waiting:
                     return
                 req = self._waiting[0]
-                free = self.max_batch - self.running
-                # FIFO: the head waits for enough free slots; the budget bounds how long one
-                # step's prefills stall the running rows (the first prefill always goes).
-                if req.params.n > free or (budget < len(req.prompt) and budget < self.prefill_budget):
+                # FIFO: the head waits for enough free slots (a request mid-prefill holds its rows' already)
+                free = self.max_batch - self.running - sum(r.params.n for r in self._prefilling)
+                if req.params.n > free:
                     return
-                if self.max_kv_tokens is not None and self._groups and self._footprint(req) > self.max_kv_tokens:
+                if (self.max_kv_tokens is not None and (self._groups or self._prefilling)
+                        and self._footprint((*self._prefilling, req)) > self.max_kv_tokens):
                     return  # the head waits until running rows free enough KV memory
                 self._waiting.popleft()
-            budget -= len(req.prompt)
             try:
-                self._start(req)
-            except Exception as e:  # e.g. out of memory in one prefill: fail it, keep serving
+                self._begin(req)
+            except Exception as e:  # fail it, keep serving
                 log.exception("prefill failed")
                 _send(req, Failed(f"prefill failed: {type(e).__name__}: {e}"))
 
-    def _start(self, req: Request) -> None:
+    def _begin(self, req: Request) -> None:
         p = req.params
-        want_prompt_lp = p.prompt_logprobs is not None and len(req.prompt) > 1
-        entries: list = [None]
-        if want_prompt_lp:
-            # a chunk of positions at a time: [chunk, vocab] logits, never [prompt, vocab]
-            def score(start: int, logits: torch.Tensor) -> None:
+        scoring = p.prompt_logprobs is not None and len(req.prompt) > 1
+        if p.prompt_logprobs is not None:
+            req.scored = [None]  # the first position has no context
+        if not scoring and p.max_tokens == 0:
+            self._start(req, None)  # nothing to compute
+            return
+        on_logits = None
+        chunk = self.prefill_chunk
+        if scoring:
+            # [chunk, vocab] logits at a time, never [prompt, vocab]: the chunk is also bounded by
+            # prompt_logprobs_chunk (larger than the default prefill chunk unless the vocabulary
+            # passes 65K: the chunk grid then differs from that of the same prompt unscored)
+            chunk = min(chunk, self.prompt_logprobs_chunk)
+
+            def on_logits(start: int, logits: torch.Tensor) -> None:
                 targets = req.prompt[start + 1:start + 1 + logits.shape[0]]
                 lp = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
-                entries.extend(token_logprobs(lp, targets, p.prompt_logprobs))
+                req.scored.extend(token_logprobs(lp, targets, p.prompt_logprobs))
 
-            cache, last = prefill_chunks(self.model, req.prompt, self.prompt_logprobs_chunk, score)
-        elif p.max_tokens == 0:
-            cache, last = None, None
-        else:
-            cache, logits = prefill(self.model, req.prompt, all_logits=False)
-            last = logits[-1]
-        self.stats.prompt_tokens += len(req.prompt)
+        req.prefill = Prefill(self.model, req.prompt, chunk, on_logits)
+        self._prefilling.append(req)
+
+    def _prefill(self) -> None:
+        """Run at most ``prefill_chunk`` prompt positions of the prefills in progress, oldest first.
+
+        A chunk is never cut to fit what is left of the budget (its bounds are fixed by its prompt,
+        ``kvbatch.Prefill``): it waits for the next step, and a later prefill whose next chunk fits
+        (a short prompt, a last chunk) goes now. The oldest always gets its chunk. A failure fails
+        that request only."""
+        budget = self.prefill_chunk
+        for req in tuple(self._prefilling):
+            run = req.prefill
+            try:
+                while not run.finished and run.next_size <= budget:
+                    done = run.step()
+                    budget -= done
+                    self.stats.prompt_tokens += done
+                    self.stats.prefill_chunks += 1
+                if run.finished:
+                    self._prefilling.remove(req)
+                    req.prefill = None
+                    self._start(req, run)
+            except Exception as e:  # e.g. out of memory in one chunk: fail this request, keep serving
+                log.exception("prefill failed")
+                self._prefilling = [r for r in self._prefilling if r is not req]
+                req.prefill = None
+                _send(req, Failed(f"prefill failed: {type(e).__name__}: {e}"))
+            if budget == 0:
+                return
+
+    def _start(self, req: Request, run: Prefill | None) -> None:
+        """``req``'s prompt is prefilled (by ``run``; None when nothing needed computing): send its
+        prompt log-probs, choose each choice's first token, and let the rows join the running batch."""
+        p = req.params
         if p.prompt_logprobs is not None:
-            _send(req, PromptLogprobs(entries))
+            _send(req, PromptLogprobs(req.scored))
         req.unfinished = p.n
         if p.max_tokens == 0:
             for i in range(p.n):
@@ -417,10 +502,11 @@ class Engine:
         seqs = [Sequence(req, i, Sampler(p, i), Detokenizer(self.tokenizer), StopStrings(p.stop))
                 for i in range(p.n)]
         for s in seqs:
-            self._advance(s, last)
+            self._advance(s, run.last)
         alive = [s for s in seqs if s.finish_reason is None]
         if not alive:
             return
+        cache = run.cache
         if self.batched and self._groups and mergeable(cache):
             group = self._groups[0]
         else:

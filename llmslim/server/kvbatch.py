@@ -1,9 +1,10 @@
 """The running sequences' KV caches as one left-padded batch, so one forward decodes them all.
 
-Each new sequence is prefilled alone (batch 1, no padding) into its own ``DynamicCache`` and
-then merged into the batch: every cache row is left-padded to the longest row, an attention
-mask hides the padding, and explicit position ids keep each row's positions its own. Rows
-leave between steps (``remove``); padding columns that no row needs any more are cut off.
+Each new sequence is prefilled alone (batch 1, no padding), a chunk at a time (``Prefill``),
+into its own ``DynamicCache`` and then merged into the batch: every cache row is left-padded to
+the longest row, an attention mask hides the padding, and explicit position ids keep each row's
+positions its own. Rows leave between steps (``remove``); padding columns that no row needs any
+more are cut off.
 
 Why left padding: the new token of every row is then written to the same cache column, so
 the whole batch is an ordinary HF ``DynamicCache`` and the model's own attention runs it.
@@ -124,33 +125,58 @@ class PaddedBatch:
         return out.logits[:, -1]
 
 
-@torch.inference_mode()
-def prefill(model: nn.Module, prompt: list[int], all_logits: bool) -> tuple[object, torch.Tensor]:
-    """Run ``prompt`` alone into a fresh cache; returns the cache and logits ``[positions, vocab]``.
+class Prefill:
+    """One prompt's prefill in progress: ``chunk`` positions per ``step`` into its own batch-1 cache.
 
-    ``all_logits`` keeps the logits of every position (for prompt log-probs), else only the last.
+    The engine runs a chunk per step while other rows keep decoding, so one long prompt never
+    stalls them for its whole prefill. Each chunk attends to the cache the chunks before it
+    filled (transformers' own forward, explicit positions). The chunks lie on the prompt's own
+    grid -- positions ``[k * chunk, (k + 1) * chunk)`` -- whichever engine step runs them, so the
+    cache depends only on the prompt and ``chunk``, never on what else the engine is doing.
+
+    ``on_logits(start, logits [<= chunk, vocab])`` (prompt log-probs) gets every position's
+    logits, a chunk at a time: the logits of the whole prompt never exist at once. Without it
+    only the last position's logits are computed. ``last`` holds them once ``finished``.
     """
-    cache = new_cache(model)
-    ids = torch.tensor([prompt], dtype=torch.long)
-    out = model(input_ids=ids, position_ids=torch.arange(len(prompt)).view(1, -1), use_cache=True,
-                logits_to_keep=0 if all_logits else 1, **{cache_kwarg(model): cache})
-    return cache, out.logits[0]
+
+    def __init__(self, model: nn.Module, prompt: list[int], chunk: int,
+                 on_logits: Callable[[int, torch.Tensor], None] | None = None):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.model, self.prompt, self.chunk, self.on_logits = model, prompt, chunk, on_logits
+        self.cache = new_cache(model)
+        self.done = 0  # positions prefilled so far
+        self.last: torch.Tensor | None = None  # the last position's logits [vocab], when finished
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= len(self.prompt)
+
+    @property
+    def next_size(self) -> int:
+        """Positions the next ``step`` runs."""
+        return min(self.chunk, len(self.prompt) - self.done)
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """Run the next chunk into the cache; returns how many positions it took."""
+        start, end = self.done, self.done + self.next_size
+        ids = torch.tensor([self.prompt[start:end]], dtype=torch.long)
+        out = self.model(input_ids=ids, position_ids=torch.arange(start, end).view(1, -1), use_cache=True,
+                         logits_to_keep=0 if self.on_logits else 1, **{cache_kwarg(self.model): self.cache})
+        logits = out.logits[0]
+        if self.on_logits is not None:
+            self.on_logits(start, logits)
+        self.done = end
+        if self.finished:
+            self.last = logits[-1].clone()  # not a view: the chunk's [chunk, vocab] logits can go
+        return end - start
 
 
-@torch.inference_mode()
-def prefill_chunks(model: nn.Module, prompt: list[int], chunk: int,
-                   on_logits: Callable[[int, torch.Tensor], None]) -> tuple[object, torch.Tensor]:
-    """Prefill ``prompt`` ``chunk`` positions at a time into a fresh cache, handing the logits of
-    every position to ``on_logits(start, logits [<=chunk, vocab])``; returns the cache and the
-    last position's logits ``[vocab]``. The logits of the whole prompt never exist at once."""
-    cache = new_cache(model)
-    kw = {cache_kwarg(model): cache}
-    last = None
-    for start in range(0, len(prompt), chunk):
-        ids = torch.tensor([prompt[start:start + chunk]], dtype=torch.long)
-        positions = torch.arange(start, start + ids.shape[1]).view(1, -1)
-        logits = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=0, **kw).logits[0]
-        on_logits(start, logits)
-        last = logits[-1].clone()
-        del logits
-    return cache, last
+def prefill(model: nn.Module, prompt: list[int], all_logits: bool) -> tuple[object, torch.Tensor]:
+    """Run ``prompt`` alone, in one forward, into a fresh cache; returns the cache and logits
+    ``[positions, vocab]`` -- every position's with ``all_logits``, else only the last one's."""
+    kept: list[torch.Tensor] = []
+    run = Prefill(model, prompt, len(prompt), (lambda start, logits: kept.append(logits)) if all_logits else None)
+    run.step()
+    return run.cache, kept[0] if all_logits else run.last.view(1, -1)

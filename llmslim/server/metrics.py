@@ -41,7 +41,8 @@ class EngineStats:
     requests: int = 0  # finished requests
     rejected: int = 0  # refused because the queue was full
     aborted: int = 0  # cancelled (client disconnected)
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prompt positions prefilled (counted chunk by chunk)
+    prefill_chunks: int = 0  # prefill forwards (one per chunk of a prompt)
     generation_tokens: int = 0
     steps: int = 0
     restarts: int = 0  # engine loop restarts after a failed step
@@ -62,9 +63,11 @@ def _metric(name: str, kind: str, help_text: str, value: float, labels: str = ""
 
 
 def render(stats: EngineStats, running: int, waiting: int, http_errors: dict[int, int],
-           kv_tokens: int | None = None, kv_budget: int | None = None) -> str:
+           kv_tokens: int | None = None, kv_budget: int | None = None, prefilling: int = 0) -> str:
     lines: list[str] = []
     lines += _metric("llmslim_requests_running", "gauge", "Sequences in the running batch.", running)
+    lines += _metric("llmslim_requests_prefilling", "gauge", "Requests admitted whose prompt is being prefilled.",
+                     prefilling)
     lines += _metric("llmslim_requests_waiting", "gauge", "Requests in the queue.", waiting)
     if kv_tokens is not None:
         lines += _metric("llmslim_kv_tokens", "gauge", "KV cache positions the running batch may reach.", kv_tokens)
@@ -76,6 +79,8 @@ def render(stats: EngineStats, running: int, waiting: int, http_errors: dict[int
     lines += _metric("llmslim_requests_rejected_total", "counter", "Requests refused, queue full.", stats.rejected)
     lines += _metric("llmslim_requests_aborted_total", "counter", "Requests cancelled by the client.", stats.aborted)
     lines += _metric("llmslim_prompt_tokens_total", "counter", "Prompt tokens prefilled.", stats.prompt_tokens)
+    lines += _metric("llmslim_prefill_chunks_total", "counter", "Prefill forwards (chunks of prompts).",
+                     stats.prefill_chunks)
     lines += _metric("llmslim_generation_tokens_total", "counter", "Tokens generated.", stats.generation_tokens)
     lines += _metric("llmslim_decode_steps_total", "counter", "Batched decode steps.", stats.steps)
     lines += ["# HELP llmslim_choices_finished_total Choices finished, by reason.",

@@ -7,7 +7,8 @@ checked first, because vLLM's own failures come late and are hard to read:
   older transformers, so it usually lives in a venv of its own);
 - the GPTQ group size divides the input size of every quantized layer (vLLM's GPTQ kernels
   refuse anything else; SmolLM2's 576 hidden size at g128 is the classic case). The sizes come
-  from the safetensors headers, so nothing is loaded;
+  from the safetensors headers, so nothing is loaded; each module is checked with its own bits
+  and group size (a mixed checkpoint's GPTQModel ``dynamic`` rules, as vLLM reads them);
 - with ``--tensor-parallel-size T``, that vLLM can split the model T ways: attention heads (and
   KV heads, or T a multiple of them), every row-parallel layer's input (o_proj, down_proj ...)
   in T slices that the group size still divides, every column-parallel layer's output in T
@@ -30,7 +31,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..formats.gptq import largest_dividing_group
+from ..formats.gptq import largest_dividing_group, layer_grid
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 INSTALL_HINT = (
@@ -53,7 +54,7 @@ def quantized_shapes(folder: str | Path) -> dict[str, tuple[int, int]]:
     folder = Path(folder)
     inputs: dict[str, int] = {}
     outputs: dict[str, int] = {}
-    bits = _gptq_config(folder).get("bits", 4)
+    qc = _gptq_config(folder)
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
@@ -62,7 +63,7 @@ def quantized_shapes(folder: str | Path) -> dict[str, tuple[int, int]]:
                 elif key.endswith(".qweight"):
                     name = key[: -len(".qweight")]
                     rows, cols = f.get_slice(key).get_shape()
-                    inputs.setdefault(name, rows * 32 // int(bits))
+                    inputs.setdefault(name, rows * 32 // _grid(qc, name)[0])
                     outputs[name] = cols
     return {n: (inputs[n], outputs[n]) for n in outputs}
 
@@ -76,23 +77,32 @@ def _gptq_config(folder: Path) -> dict:
     return qc if qc.get("quant_method") == "gptq" else {}
 
 
+def _grid(qc: dict, name: str) -> tuple[int, int]:
+    """(bits, group size) of module ``name``: its own under the checkpoint's ``dynamic`` rules
+    (GPTQModel's first-match rule, which vLLM follows), else the config's."""
+    return layer_grid({"bits": 4, "group_size": -1, **qc}, name)
+
+
 def check_group_size(folder: str | Path) -> None:
-    """Raise ``UserError`` naming the group size to use when vLLM would refuse the checkpoint."""
+    """Raise ``UserError`` naming the group size to use when vLLM would refuse the checkpoint.
+    Each layer is checked with its own group size (a mixed checkpoint's may differ from the base)."""
     qc = _gptq_config(Path(folder))
-    group = int(qc.get("group_size", -1)) if qc else -1
-    if group <= 0:
+    if not qc:
         return
     sizes = quantized_input_sizes(folder)
-    bad = sorted((n, s) for n, s in sizes.items() if s % group)
+    groups = {n: _grid(qc, n)[1] for n in sizes}
+    bad = sorted((n, s) for n, s in sizes.items() if groups[n] > 0 and s % groups[n])
     if not bad:
         return
-    good = largest_dividing_group(sorted(set(sizes.values())), group)
-    example = ", ".join(f"{n} ({s})" for n, s in bad[:3])
+    mixed = len({groups[n] for n, _ in bad}) > 1
+    group = max(groups[n] for n, _ in bad)
+    good = largest_dividing_group(sorted({s for n, s in sizes.items() if groups[n] > 0}), group)
+    example = ", ".join(f"{n} ({s}, group {groups[n]})" if mixed else f"{n} ({s})" for n, s in bad[:3])
     fix = (f"--group-size {good} (the largest size at most {group} dividing every layer) or --group-size -1"
            if good >= 16 else "--group-size -1 (per channel)")
     raise UserError(
-        f"{folder}: group size {group} does not divide the input size of {len(bad)} quantized layers "
-        f"(e.g. {example}); vLLM refuses such GPTQ checkpoints. Re-quantize with {fix}, "
+        f"{folder}: {'their group sizes do' if mixed else f'group size {group} does'} not divide the input size "
+        f"of {len(bad)} quantized layers (e.g. {example}); vLLM refuses such GPTQ checkpoints. Re-quantize with {fix}, "
         f"or serve this one with --engine embedded."
     )
 
@@ -129,10 +139,10 @@ def parallel_problems(folder: str | Path, tp: int, pp: int = 1) -> list[str]:
     qc = _gptq_config(folder)
     if not qc or tp == 1:
         return problems
-    group = int(qc.get("group_size", -1))
-    word = 32 // math.gcd(32, int(qc.get("bits", 4)))  # output columns per packed int32 word of qzeros
     head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else 0)
     for name, (in_f, out_f) in sorted(quantized_shapes(folder).items()):
+        bits, group = _grid(qc, name)  # a mixed checkpoint: this module's own grid
+        word = 32 // math.gcd(32, bits)  # output columns per packed int32 word of qzeros
         if _is_row_parallel(name):
             if in_f % tp:
                 problems.append(f"{name}: input {in_f} does not split into {tp}")
@@ -147,7 +157,7 @@ def parallel_problems(folder: str | Path, tp: int, pp: int = 1) -> list[str]:
                 problems.append(f"{name}: output {out_f} does not split into {tp}")
             elif int(part) % word:
                 problems.append(f"{name}: output {out_f}/{tp} = {int(part)} is not a multiple of {word} "
-                                f"(the columns a packed int32 word holds at {qc.get('bits')} bits)")
+                                f"(the columns a packed int32 word holds at {bits} bits)")
     return problems
 
 
@@ -168,9 +178,11 @@ def check_parallel(folder: str | Path, tp: int, pp: int = 1) -> None:
             if works else "no tensor-parallel size up to 8 works")
     fix = ""
     qc = _gptq_config(Path(folder))
-    if qc and int(qc.get("group_size", -1)) > 0 and any("group size" in p for p in problems):
-        row_inputs = [i // tp for n, (i, _) in quantized_shapes(folder).items() if _is_row_parallel(n) and not i % tp]
-        g = largest_dividing_group(sorted(set(row_inputs)), int(qc["group_size"]))
+    if qc and any("group size" in p for p in problems):
+        grouped = {n: i for n, (i, _) in quantized_shapes(folder).items() if _is_row_parallel(n) and not i % tp
+                   and _grid(qc, n)[1] > 0}
+        g = largest_dividing_group(sorted({i // tp for i in grouped.values()}),
+                                   max(_grid(qc, n)[1] for n in grouped)) if grouped else 0
         if g >= 16:
             fix = f"; for {tp} ways re-quantize with --group-size {g}"
     raise UserError(f"{folder}: vLLM cannot split this model {tp}-way tensor x {pp}-way pipeline parallel: "

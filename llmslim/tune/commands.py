@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import FORWARD_DTYPE_HELP
 from ..errors import UserError
 
 SPACE_KEYS = ("bits", "group_sizes", "candidates", "divisible")
@@ -36,8 +37,10 @@ def register(subparsers) -> None:
     c.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
     c.add_argument("--seqlen", type=int, default=512, help="tokens per sequence (default 512)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--fisher-samples", type=int, default=16, help="sequences for the Fisher pass (default 16)")
+    c.add_argument("--fisher-samples", type=int, default=16, help="sequences for the Fisher pass (default 16); the first eighth of the calibration, at most this many, "
+                   "also measures the calibration's reference model and is kept out of the sensitivity pass")
     c.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: auto)")
+    c.add_argument("--forward-dtype", default="fp32", metavar="fp32|bf16", help=FORWARD_DTYPE_HELP)
     v = p.add_argument_group("verification")
     v.add_argument("--eval-text", default="wiki",
                    help="held-out text: a built-in corpus's evaluation part (default wiki), hub dataset, or a file "
@@ -88,7 +91,8 @@ def cmd_tune(args) -> int:
     for flag, v in (("--eval-windows", args.eval_windows), ("--eval-seqlen", args.eval_seqlen)):
         if v < 1:
             raise UserError(f"{flag} must be positive, got {v}")
-    config = TuneConfig(budget=args.budget, fisher_samples=args.fisher_samples, **read_space(args.space))
+    config = TuneConfig(budget=args.budget, fisher_samples=args.fisher_samples, forward_dtype=args.forward_dtype,
+                        **read_space(args.space))
     calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
     r = tune_to_folder(args.model, config, args.out, calib, args.eval_text, args.eval_windows, args.eval_seqlen,
                        args.max_steps, args.force, args.batch_size, resolve_device(args.device))

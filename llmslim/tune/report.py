@@ -29,6 +29,15 @@ def markdown(t: dict) -> str:
     s = t["sensitivity"]
     lines += ["", f"Sensitivities: {'read from the cache' if s['cached'] else 'measured'} ({s['cache']}); "
               f"Fisher on {s['fisher_tokens']} tokens; seconds {s['seconds']}."]
+    cal = s.get("calibration")
+    if cal:
+        where = "calibration tokens kept out of the pass" if cal.get("unseen") else "calibration tokens"
+        lines += ["", f"Calibration (predicted KL = {cal['a']:.4g} x (sum of the layers' predictions)^{cal['b']:.4g}), "
+                  f"measured on {cal['tokens']} {where}:", "",
+                  "| reference model | sum of layer predictions | measured KL | calibrated prediction |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {p['setting']} | {p['predicted']:.4g} | {p['measured']:.4g} | "
+                  f"{cal['a'] * p['predicted'] ** cal['b']:.4g} |" for p in cal["points"]]
     return "\n".join(lines) + "\n"
 
 

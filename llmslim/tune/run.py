@@ -30,8 +30,9 @@ SAFETY = 0.9  # a retry aims this far inside the budget, scaled by how far off t
 
 @dataclass
 class Attempt:
-    internal: float  # the allocation's target
-    predicted_kl: float
+    internal: float  # the allocation's target (quality budgets: a calibrated KL)
+    predicted_kl: float  # calibrated (``Calibration``): what the held-out KL is expected to be
+    predicted_sum: float  # the layers' predicted KL increases, summed
     predicted_bytes: int
     bpw: float
     measured_kl: float
@@ -115,9 +116,14 @@ def tune_to_folder(
     s, cached = sensitivities(model, config, tokens, key, batch_size, device)
     log(f"sensitivities: {len(s.layers)} layers x {len(config.space)} candidates "
         + (f"(cached: {cache_path(key)})" if cached else f"measured in {sum(s.seconds.values()):.0f} s"))
+    cal = s.calibration
+    log("calibration: " + "; ".join(f"{p['setting']} predicted sum {p['predicted']:.4g}, measured KL "
+                                     f"{p['measured']:.4g}" for p in cal.points)
+        + f" on {cal.tokens} calibration tokens" + (" kept out of the pass" if cal.unseen else "")
+        + f" -> KL = {cal.a:.3g} x sum^{cal.b:.3g}")
     fixed = float_bytes(model, set(s.shapes))
     result = TuneResult(str(budget), False, sensitivity={"cached": cached, "seconds": s.seconds, "cache": str(
-        cache_path(key)), "fisher_tokens": s.fisher_tokens})
+        cache_path(key)), "fisher_tokens": s.fisher_tokens, "calibration": asdict(s.calibration)})
     work = out.parent / f".{out.name}.tune"
     shutil.rmtree(work, ignore_errors=True)
     internal = None
@@ -133,7 +139,7 @@ def tune_to_folder(
             r = perplexity(qmodel, tokenizer, text, seqlen=eval_seqlen, max_tokens=eval_windows * eval_seqlen,
                            baseline=(model, tokenizer))
         del qmodel
-        a = Attempt(p.internal, p.predicted_kl, p.predicted_bytes, p.bpw, r["divergence"]["kl_mean"],
+        a = Attempt(p.internal, p.predicted_kl, p.predicted_sum, p.predicted_bytes, p.bpw, r["divergence"]["kl_mean"],
                     r["perplexity"], r["divergence"]["baseline_perplexity"], weights_bytes(attempt_dir), False,
                     round(time.perf_counter() - t1, 1))
         a.met = measured_value(budget, a) <= budget.value

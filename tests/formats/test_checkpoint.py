@@ -141,3 +141,93 @@ def test_config_records_the_reordering_actually_used():
     assert meta["act_group_aware"] is False
     meta = quantization_config(GPTQConfig(bits=4, group_size=32), [], False)["meta"]
     assert meta["act_group_aware"] is True
+
+
+def whole_file_load(folder, dtype):
+    """The loader as it was before tensor-by-tensor reading: every tensor of the file in memory, a
+    model with real (uninitialized) float linears, GPTQ layers swapped in, ``load_state_dict``."""
+    from llmslim.formats.gptq import layer_grid
+    from llmslim.formats.hf import empty_model
+    from llmslim.models import read_config
+    from llmslim.pack import pack, unpack
+    from llmslim.quant.walk import linear_shape, set_module
+
+    config = read_config(str(folder))
+    qc = config.quantization_config
+    del config.quantization_config
+    weights = load_file(folder / "model.safetensors")
+    model = empty_model(config, dtype)
+    for name in sorted(k[: -len(".qweight")] for k in weights if k.endswith(".qweight")):
+        in_f, out_f = linear_shape(model.get_submodule(name))
+        bits, group = layer_grid(qc, name)
+        set_module(model, name, GPTQLinear(in_f, out_f, bits, group, f"{name}.bias" in weights))
+        if qc.get("checkpoint_format") == "gptq_v2":
+            weights[f"{name}.qzeros"] = pack(unpack(weights[f"{name}.qzeros"], bits, 1) - 1, bits, 1)
+    model.load_state_dict(weights, strict=False)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen2", False)])  # tied embedding; q/k/v biases
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_by_tensor_load_equals_the_whole_file_load(tmp_path, arch, tied, v2, dtype):
+    """``load_gptq`` reads one tensor at a time into its final buffer (issue 16: the load held the file's
+    tensors and the model's copies at once): every tensor, its dtype, its parameter-ness and the ties
+    are what loading the whole file with ``load_state_dict`` gives, for v1 and v2 checkpoints, mixed
+    grids, fp32 and bf16."""
+    from llmslim.pack import pack, unpack
+
+    model = make_tiny_model(arch)
+    model.config.tie_word_embeddings = tied
+    if tied:
+        model.tie_weights()
+    config = GPTQConfig(bits=4, group_size=32, sym=False, overrides=("model.layers.1.mlp.down_proj=8:64",))
+    quantize(model, config, torch.randint(0, 320, (4, 24)))
+    save_gptq(model, make_tiny_tokenizer(), tmp_path, config)
+    if v2:  # the same checkpoint as GPTQ v2 stores it: true zeros
+        t = load_file(tmp_path / "model.safetensors")
+        for k in [k for k in t if k.endswith(".qzeros")]:
+            bits = 8 if "layers.1.mlp.down_proj" in k else 4
+            t[k] = pack(unpack(t[k], bits, 1) + 1, bits, 1)
+        from safetensors.torch import save_file
+
+        save_file(t, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        cfg["quantization_config"]["checkpoint_format"] = "gptq_v2"
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    want, got = whole_file_load(tmp_path, dtype), load(str(tmp_path), dtype)[0]
+    want_sd, got_sd = want.state_dict(keep_vars=True), got.state_dict(keep_vars=True)
+    assert list(want_sd) == list(got_sd)
+    for name, w in want_sd.items():
+        g = got_sd[name]
+        assert type(g) is type(w) and g.dtype == w.dtype and g.requires_grad == w.requires_grad, name
+        assert torch.equal(g, w) and not g.is_meta, name
+    assert dict(want.named_buffers()).keys() == dict(got.named_buffers()).keys()
+    assert (got.lm_head.weight is got.model.embed_tokens.weight) == tied
+    assert got.model.layers[1].mlp.down_proj.bits == 8
+    ids = torch.randint(0, 320, (2, 16))
+    with torch.inference_mode():
+        assert torch.equal(got(ids).logits, want(ids).logits)
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    from llmslim.errors import UserError
+
+    model = make_tiny_model("llama")
+    config = RTNConfig(bits=4, group_size=32)
+    quantize(model, config)
+    save_gptq(model, make_tiny_tokenizer(), tmp_path, config)
+    from safetensors.torch import save_file
+
+    t = load_file(tmp_path / "model.safetensors")
+    full = dict(t)
+    del t["model.norm.weight"]
+    save_file(t, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="checkpoint lacks 1 tensors, e.g. model.norm.weight"):
+        load(str(tmp_path))
+    full["model.norm.weight"] = full["model.norm.weight"][:-1]
+    save_file(full, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"do not match the model config: model.norm.weight has shape \(63,\)"):
+        load(str(tmp_path))

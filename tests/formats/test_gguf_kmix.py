@@ -19,7 +19,14 @@ from llmslim import ggml_quants as gq
 from llmslim.cli import main
 from llmslim.formats.gguf_mix import linear_type, use_more_bits
 from tests.conftest import make_tiny_tokenizer
-from tests.formats.test_gguf import needs_llama_cpp, read_back, spm_tokenizer_model
+from tests.formats.test_gguf import (  # noqa: F401
+    GGUF_ARCH,
+    WINDOW,
+    needs_llama_cpp,
+    read_back,
+    spm_folder,
+    spm_tokenizer_model,
+)
 
 gguf = pytest.importorskip("gguf")
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,13 +34,15 @@ LLAMA_VENV = Path(os.environ.get("LLMSLIM_LLAMA_VENV", ROOT / ".llama-venv"))
 LAYERS = 8
 
 
-def kmodel_folder(path: Path, hidden: int = 256, inter: int = 512) -> Path:
-    """An 8-block Llama whose rows are whole super-blocks of 256 (``hidden=96``: they are not)."""
+def kmodel_folder(path: Path, hidden: int = 256, inter: int = 512, arch: str = "llama", layers: int = LAYERS) -> Path:
+    """An 8-block Llama (or Phi-3: fused qkv and gate_up) whose rows are whole super-blocks of 256
+    (``hidden=96``: they are not)."""
     import transformers as T
 
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=400, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=LAYERS,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = {"llama": T.LlamaConfig, "phi3": lambda **kw: T.Phi3Config(pad_token_id=0, **kw)}[arch]
+    cfg = config(vocab_size=400, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = T.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # trained weights are not N(0, 0.02) everywhere: give the rows some shape
         for p in model.parameters():
@@ -69,6 +78,12 @@ def test_the_mix_rule():
     assert linear_type("q5_k_m", q.format(1), 576, 8) == "q5_1"
     assert linear_type("q4_k_m", q.format(1), 40, 8) == "f16"
     assert linear_type("q4_0", down.format(0), 512, 8, imatrix=True) == "q4_1"
+    # Phi-3's fused attn_qkv is attn_v-like in llama.cpp (category_is_attn_v); its fused ffn_up has no rule
+    qkv, gate_up = "model.layers.{}.self_attn.qkv_proj", "model.layers.{}.mlp.gate_up_proj"
+    assert [linear_type("q4_k_m", qkv.format(i), 256, 8) for i in range(8)] == \
+        [linear_type("q4_k_m", v.format(i), 256, 8) for i in range(8)]
+    assert linear_type("q4_k_s", qkv.format(3), 256, 8) == "q5_k"
+    assert linear_type("q4_k_m", gate_up.format(0), 256, 8) == "q4_k"
 
 
 @needs_llama_cpp
@@ -153,6 +168,38 @@ def test_gptq_on_a_mix_with_fallbacks(tmp_path):
     assert a["blk.0.attn_v.weight"] == "Q8_0" and a["blk.1.attn_q.weight"] == "Q5_0"
 
 
+@needs_llama_cpp
+def test_a_killed_k_target_run_resumes_to_the_same_file(tmp_path, monkeypatch):
+    """``quantize --target gguf-q4_k_m --out x.gguf`` interrupted after its first block: the run refuses
+    to start over silently, and ``--resume`` (which does not redo block 0: its GGUFLinear codes and
+    block scales come back from the checkpoint) writes the very file an uninterrupted run writes."""
+    from llmslim.quant import sequential
+
+    src = kmodel_folder(tmp_path / "src", layers=3)
+    args = ["quantize", str(src), "--method", "gptq", "--target", "gguf-q4_k_m", "--calib", "wiki",
+            "--nsamples", "4", "--seqlen", "64"]
+    clean, resumed = tmp_path / "clean.gguf", tmp_path / "resumed.gguf"
+    assert main([*args, "--out", str(clean)]) == 0
+    real_save = sequential.BlockState.save_block
+    calls = []
+
+    def crash_after_first(self, i, *a):
+        real_save(self, i, *a)
+        calls.append(i)
+        if i == 0:
+            raise KeyboardInterrupt  # like kill -9 right after block 0 hit the disk
+
+    monkeypatch.setattr(sequential.BlockState, "save_block", crash_after_first)
+    assert main([*args, "--out", str(resumed)]) == 130
+    assert not resumed.exists() and (tmp_path / ".resumed.gguf.partial").exists()
+    assert main([*args, "--out", str(resumed)]) == 2  # refuses to discard the work
+    calls.clear()
+    assert main([*args, "--out", str(resumed), "--resume"]) == 0
+    assert calls == [1, 2]  # block 0 was not redone
+    assert resumed.read_bytes() == clean.read_bytes()
+    assert not (tmp_path / ".resumed.gguf.partial").exists()
+
+
 def test_k_targets_bad_input(tiny_folder, tmp_path, capsys):
     src = tiny_folder("llama")
     capsys.readouterr()
@@ -206,10 +253,11 @@ def run_llama(*args) -> str:
 
 @pytest.mark.slow
 @needs_llama_cpp
-@pytest.mark.parametrize("hidden,kinds", [(256, ("q4_k_m", "q4_k_s", "q5_k_m", "q6_k", "q4_0", "q8_0")),
-                                          (96, ("q4_k_m", "q5_k_m"))])
-def test_identical_to_llama_quantize_and_llama_cpp_runs_it(tmp_path, hidden, kinds):
-    src = kmodel_folder(tmp_path / "src", hidden=hidden, inter=2 * hidden + 256 * (hidden % 256 != 0))
+@pytest.mark.parametrize("hidden,kinds,arch", [(256, ("q4_k_m", "q4_k_s", "q5_k_m", "q6_k", "q4_0", "q8_0"), "llama"),
+                                               (96, ("q4_k_m", "q5_k_m"), "llama"),
+                                               (256, ("q4_k_m", "q4_k_s"), "phi3")])
+def test_identical_to_llama_quantize_and_llama_cpp_runs_it(tmp_path, hidden, kinds, arch):
+    src = kmodel_folder(tmp_path / "src", hidden=hidden, inter=2 * hidden + 256 * (hidden % 256 != 0), arch=arch)
     f32 = tmp_path / "f32.gguf"
     assert main(["export", str(src), "--type", "f32", "--out", str(f32)]) == 0
     ids = torch.randint(3, 300, (16,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -297,3 +345,35 @@ def test_imatrix_export(tmp_path):
     assert a["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
     recipe = gguf.GGUFReader(out).fields["llmslim.recipe"].contents()
     assert "imatrix: true" in recipe and "nsamples: 4" in recipe
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+@pytest.mark.parametrize("arch", sorted(GGUF_ARCH))
+def test_llama_cpp_runs_every_architecture(spm_folder, tmp_path, arch):  # noqa: F811 - spm_folder is a fixture
+    """llama.cpp itself runs each architecture's file (Gemma 1 has no other check: transformers cannot
+    read it): as f32, its logits are the float model's; as Q8_0 (embeddings and output too), those of
+    the float model holding llama.cpp's rounding of every tensor, to kernel precision (its matmuls
+    quantize the activations to 8 bits)."""
+    from llmslim.config import ExportConfig
+    from llmslim.formats.gguf import plan
+
+    # llama.cpp looks up Phi-3's <s>, </s> and <unk> by name when general.name says "phi3"; the tiny
+    # vocabulary has other special tokens at those ids, so the folder is not named after the architecture.
+    src = spm_folder(arch, name="tiny-model")
+    model, _ = llmslim.load(str(src))
+    ids = torch.randint(3, 300, (3 * WINDOW,), generator=torch.Generator().manual_seed(0)).tolist()
+    for kind in ("f32", "q8_0"):
+        out = tmp_path / f"{arch}-{kind}.gguf"
+        assert main(["export", str(src), "--type", kind, "--out", str(out)]) == 0
+        with torch.no_grad():
+            for name, (t, _) in plan(model, ExportConfig(type=kind)).items():
+                if t in ("f16", "f32"):
+                    continue
+                w = model.get_submodule(name).weight
+                w.copy_(torch.from_numpy(gq.quantize(w.numpy(), t).dequantize()))
+            want = model(torch.tensor([ids])).logits[0].double().numpy()
+        got = np.array(json.loads(run_llama("eval", out, json.dumps(ids)).strip().splitlines()[-1]))
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err < (2e-3 if kind == "f32" else 0.05), (kind, err)  # f32: llama.cpp keeps K/V in fp16
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9, kind

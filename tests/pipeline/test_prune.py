@@ -139,6 +139,27 @@ def test_eval_and_info_report_sparsity(tiny_folder, tmp_path, calib_file, capsys
     assert info["sparsity"]["nm"] == "2:4" and info["pruning"][0]["method"] == "magnitude"
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_true_sequential_reads_the_pruned_groups(tiny_folder, tmp_path, calib_file, method):
+    """--true-sequential prunes to the same count as the default (one forward of the block as it was,
+    the reference code's way) but chooses from other inputs for every group after the first, so some
+    later layer differs; the first group (q/k/v of block 0) sees the same input either way."""
+    src = tiny_folder("llama")
+    outs = {}
+    for ts in (True, False):
+        out = tmp_path / f"out-{ts}"
+        flag = ["--true-sequential"] if ts else []
+        assert main(["prune", str(src), "--method", method, "--sparsity", "0.5", *flag, *calib(calib_file),
+                     "--out", str(out)]) == 0
+        outs[ts] = load_file(out / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(outs[True][q], outs[False][q])
+    later = [k for k in outs[True] if ".layers." in k and k.endswith("proj.weight") and "self_attn.q_proj" not in k]
+    assert any(not torch.equal(outs[True][k], outs[False][k]) for k in later)
+    for k in later:
+        assert outs[False][k].eq(0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--method", "sparsegpt"], "needs --sparsity"),
     (["--sparsity", "1.5"], "--sparsity must be in (0, 1)"),
@@ -157,6 +178,7 @@ def test_eval_and_info_report_sparsity(tiny_folder, tmp_path, calib_file, capsys
     (["--method", "width"], "needs --mlp-keep and/or --heads-keep"),
     (["--method", "wanda", "--sparsity", "0.5", "--drop-blocks", "1"], "does not use --drop-blocks"),
     (["--method", "magnitude", "--sparsity", "0.5", "--nsamples", "16"], "reads no calibration data"),
+    (["--method", "magnitude", "--sparsity", "0.5", "--true-sequential"], "does not use --true-sequential"),
     (["--method", "depth", "--drop-blocks", "1", "--exclude", "*.mlp.*"], "do not apply"),
 ])
 def test_bad_input_one_line_exit_2(tiny_folder, tmp_path, calib_file, capsys, flags, needle):

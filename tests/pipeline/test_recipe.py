@@ -73,6 +73,10 @@ def test_round_trip_through_yaml_keeps_every_field():
     ({"calibration": {"dataset": "wiki"}, "stages": [{"rtn": {}}]}, "no stage uses calibration"),
     ({"calibration": {"nsample": 8}, "stages": [{"gptq": {}}]}, "calibration: unknown key 'nsample'"),
     ({"calibration": {"nsamples": 0}, "stages": [{"gptq": {}}]}, "--nsamples must be positive"),
+    ({"stages": [{"gptq": {"forward_dtype": "fp16"}}]}, "--forward-dtype must be one of fp32, bf16"),
+    ({"stages": [{"gptq": {"forward_dtype": 16}}]}, "forward_dtype must be a string"),
+    ({"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5, "forward_dtype": "bf16"}}]},
+     "does not use --forward-dtype"),
 ])
 def test_bad_recipes_are_named(data, message):
     with pytest.raises(UserError, match=message):
@@ -145,3 +149,75 @@ def test_the_log_records_every_stage(tiny_folder, tmp_path, calib_file):
     assert [x["stage"] for x in s["stages"]] == ["gptq"] and len(s["layers"]) == 14
     log = json.loads((tmp_path / "one" / "quant_log.json").read_text())
     assert log["config"]["bits"] == 4 and log["calibration"]["nsamples"] == 8
+
+
+# --- an export stage that cannot hold the grid before it (issue 15): refused before any work ---------
+
+@pytest.mark.parametrize("stage", [
+    {"gptq": {"group_size": 128}},  # whole blocks of 32 inside each group share its scale: Q4_0 holds it
+    {"gptq": {"bits": 2, "group_size": 64}},
+    {"gptq": {"group_size": -1, "desc_act": True}},  # one group per row: act-order changes nothing
+    {"gptq": {"group_size": 32, "desc_act": True, "static_groups": True}},
+    {"gptq": {"target": "gguf-q4_0"}},
+    {"tune": {"budget": "bpw=3.5", "candidates": ["4:32", "3:64", "2:128"]}},
+])
+def test_export_after_a_grid_it_holds_is_accepted(stage):
+    parse_recipe({"stages": [stage, "recover", {"export": {"type": "q4_0"}}]})
+
+
+@pytest.mark.parametrize("stage, kind, problem, fix", [
+    ({"gptq": {"group_size": 16}}, "q4_0", "groups of 16 split", "target: gguf-q4_0"),
+    ({"rtn": {"bits": 8, "group_size": 32}}, "q4_0", r"\[-8, 7\].*\[-128, 127\]", "target: gguf-q4_0"),
+    ({"gptq": {"sym": False, "group_size": 32}}, "q4_0", "asymmetric", "target: gguf-q4_0"),
+    ({"gptq": {"group_size": 32, "desc_act": True}}, "q8_0", "act-order", "target: gguf-q8_0"),
+    ({"gptq": {"overrides": ["model.layers.0.mlp.down_proj=8:64"]}}, "q4_0", "8-bit", "target: gguf-q4_0"),
+    ({"gptq": {"target": "gguf-q8_0"}}, "q4_0", "8-bit", "target: gguf-q4_0"),
+    ({"gptq": {"target": "gguf-q4_k_m"}}, "q4_0", "only q4_k_m holds", "target: gguf-q4_0"),
+    ({"gptq": {}}, "q4_k_m", "not as Q4_K_M", "target: gguf-q4_k_m"),
+    ({"rtn": {}}, "q4_k_m", "not as Q4_K_M", "drop stage 1"),
+    ({"gptq": {}}, "f16", "would round", "export as f32"),
+    ({"tune": {"budget": "bpw=3.5"}}, "q4_0", "8-bit", "only candidates that q4_0 holds"),
+])
+def test_export_after_a_grid_it_cannot_hold_is_refused_up_front(stage, kind, problem, fix):
+    with pytest.raises(UserError, match=rf"recipe stage 3 \(export {kind}\) cannot write stage 1 .*{problem}.*{fix}"):
+        parse_recipe({"stages": [stage, "recover", {"export": {"type": kind}}]})
+
+
+def test_the_refusal_comes_before_loading_or_computing(tiny_folder, tmp_path, capsys, monkeypatch):
+    """``compress`` with gptq at group size 16 then export q4_0, and ``export`` of such a checkpoint: one
+    line, exit 2, before a model is loaded or a block solved, and nothing written."""
+    import llmslim.pipeline.run as run
+    import llmslim.pipeline.stages as stages
+
+    src = tiny_folder("llama")
+    g16 = tmp_path / "g16"
+    assert main(["quantize", str(src), "--method", "rtn", "--group-size", "16", "--out", str(g16)]) == 0
+    (tmp_path / "r.yaml").write_text("stages: [{gptq: {group_size: 16}}, {export: {type: q4_0}}]\n")
+    calls = []
+    for module, name in ((run, "load_hf"), (run, "load"), (stages, "gptq_blocks"),
+                         (stages, "rtn_layers")):
+        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: calls.append(_n))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "m.gguf"
+    for argv, needle in (
+        (["compress", str(src), "--recipe", str(tmp_path / "r.yaml")], "give stage 1 target: gguf-q4_0"),
+        (["quantize", str(src), "--group-size", "16", "--target", "gguf-q4_0"], "drop --group-size 16"),
+        (["export", str(g16), "--type", "q4_0"], "groups of 16 split those blocks; re-fit on it"),
+        (["export", str(g16), "--type", "q5_0"], "export the original float model as q5_0"),
+    ):
+        capsys.readouterr()
+        assert main([*argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, (argv, err)
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_checkpoint_grid_problem_reads_every_dynamic_grid():
+    from llmslim.formats.gguf import checkpoint_grid_problem
+
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+    assert checkpoint_grid_problem(qc, "q4_0") is None and checkpoint_grid_problem(qc, "q8_0") is None
+    assert "8-bit" in checkpoint_grid_problem(qc | {"dynamic": {"+:^a$": {"bits": 8}}}, "q4_0")
+    assert checkpoint_grid_problem(qc | {"dynamic": {"-:^a$": {}}}, "q4_0") is None  # skipped: stays float
+    assert "act-order" in checkpoint_grid_problem(qc | {"desc_act": True}, "q4_0")
+    assert checkpoint_grid_problem(qc | {"desc_act": True, "static_groups": True}, "q4_0") is None

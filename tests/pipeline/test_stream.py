@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llmslim.cli import main
 from llmslim.config import CalibConfig, GPTQConfig, LayerFilter, RTNConfig
@@ -48,6 +49,21 @@ def test_streamed_gptq_is_byte_identical_to_in_memory(tiny_folder, tmp_path, cal
     assert "model.safetensors" in memory and memory == streamed
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_bf16_forwards_are_byte_identical_to_in_memory(tiny_folder, tmp_path, calib_file, arch):
+    """--forward-dtype bf16: the streamed path (embeddings row by row, blocks loaded one at a time)
+    and the in-memory one run the same bf16 forwards: the same bytes, and not fp32's."""
+    src = tiny_folder(arch)
+    calib = CalibConfig(str(calib_file), 8, 32)
+    memory, streamed = both_paths(src, Recipe((GPTQConfig(bits=4, group_size=32, forward_dtype="bf16"),), calib),
+                                  tmp_path, batch_size=4)
+    assert memory == streamed
+    compress_to_folder(str(src), Recipe((GPTQConfig(bits=4, group_size=32),), calib), tmp_path / "fp32", batch_size=4)
+    fp32 = digest(tmp_path / "fp32")
+    assert memory["model.safetensors"] != fp32["model.safetensors"]
+    assert "forward_dtype: bf16" in (tmp_path / "streamed" / "recipe.yaml").read_text()
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D layers and a tied lm_head
 def test_streamed_rtn_with_lm_head_is_byte_identical(tiny_folder, tmp_path, arch):
     src = tiny_folder(arch)
@@ -83,8 +99,10 @@ def test_many_shards_with_index_identical_and_loadable(tmp_path, calib_file, mon
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
 
 
-def test_disk_spill_equals_in_memory(tiny_folder, tmp_path, calib_file, monkeypatch):
-    """Activations beyond a quarter of --max-memory go to files: the checkpoint does not change."""
+@pytest.mark.parametrize("forward_dtype", ["fp32", "bf16"])
+def test_disk_spill_equals_in_memory(tiny_folder, tmp_path, calib_file, monkeypatch, forward_dtype):
+    """Activations beyond a quarter of --max-memory go to files (bf16 ones with bf16 forwards): the
+    checkpoint does not change."""
     from llmslim.quant import sequential
 
     spilled = []
@@ -96,7 +114,7 @@ def test_disk_spill_equals_in_memory(tiny_folder, tmp_path, calib_file, monkeypa
 
     monkeypatch.setattr(sequential.Activations, "__init__", record)
     src = tiny_folder("llama")
-    recipe = Recipe((GPTQConfig(bits=4, group_size=32),), CalibConfig(str(calib_file), 8, 32))
+    recipe = Recipe((GPTQConfig(bits=4, group_size=32, forward_dtype=forward_dtype),), CalibConfig(str(calib_file), 8, 32))
     for name, budget in [("in-memory", 1e12), ("on-disk", 1e5)]:
         spilled.clear()
         compress_to_folder(str(src), recipe, tmp_path / name, batch_size=2, max_memory=budget)
@@ -129,12 +147,13 @@ def test_one_block_in_memory_and_never_the_whole_model(tiny_folder, tmp_path, ca
     assert seen == [[0], [1]]
 
 
-def test_streamed_resume_with_spilled_activations(tiny_folder, tmp_path, calib_file, monkeypatch):
+@pytest.mark.parametrize("forward_dtype", ["fp32", "bf16"])
+def test_streamed_resume_with_spilled_activations(tiny_folder, tmp_path, calib_file, monkeypatch, forward_dtype):
     """Killed after block 0 with activations on disk; --resume ends with the same bytes."""
     from llmslim.quant import sequential
 
     src = tiny_folder("llama")
-    recipe = Recipe((GPTQConfig(bits=4, group_size=32),), CalibConfig(str(calib_file), 8, 32))
+    recipe = Recipe((GPTQConfig(bits=4, group_size=32, forward_dtype=forward_dtype),), CalibConfig(str(calib_file), 8, 32))
     kw = dict(batch_size=2, max_memory=1e5)
     compress_to_folder(str(src), recipe, tmp_path / "clean", **kw)
     real = sequential.BlockState.save_block
@@ -147,7 +166,9 @@ def test_streamed_resume_with_spilled_activations(tiny_folder, tmp_path, calib_f
     monkeypatch.setattr(sequential.BlockState, "save_block", crash)
     with pytest.raises(KeyboardInterrupt):
         compress_to_folder(str(src), recipe, tmp_path / "resumed", **kw)
-    assert (tmp_path / ".resumed.partial" / "_state" / "stage_0" / "activations").is_dir()
+    activations = tmp_path / ".resumed.partial" / "_state" / "stage_0" / "activations"
+    kept = {load_file(f)["h"].dtype for f in activations.rglob("*.safetensors")}  # what the resume reads
+    assert kept == {torch.bfloat16 if forward_dtype == "bf16" else torch.float32}
     monkeypatch.setattr(sequential.BlockState, "save_block", real)
     compress_to_folder(str(src), recipe, tmp_path / "resumed", resume=True, **kw)
     assert digest(tmp_path / "clean") == digest(tmp_path / "resumed")

@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,6 +38,29 @@ def test_hessian_of_wide_layers_matches_the_formula(columns):
     for chunk in X.split(200):
         H, n = accumulate_hessian(H, n, chunk)
     torch.testing.assert_close(H, 2 * X.T @ X / 500, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("columns", [96, 576, 777])
+def test_hessian_of_bf16_inputs_is_float32_and_exact(columns):
+    """bf16 inputs (the block driver's bf16 forwards) give a float32 H as exact as float32 inputs do:
+    products of bf16 numbers are exact in float32 and summed in float32 (oneDNN's bf16 math mode, set
+    only for these products and put back), not a bf16 GEMM's output (~1e-3 off)."""
+    g = torch.Generator().manual_seed(2)
+    X = (torch.randn(3000, columns, generator=g) * (torch.rand(columns, generator=g) * 4 + 0.1)).bfloat16()
+    X[:, :3] *= 40  # massive-activation channels
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    H, n = torch.zeros(columns, columns), 0
+    for chunk in X.split(700):
+        H, n = accumulate_hessian(H, n, chunk)
+    assert H.dtype == torch.float32 and torch.backends.mkldnn.matmul.fp32_precision == before
+    exact = 2 * X.double().T @ X.double() / 3000
+
+    def error(A):
+        return float((A.double() - exact).norm() / exact.norm())
+
+    H32, _ = accumulate_hessian(torch.zeros(columns, columns), 0, X.float())  # the float32 path, same values
+    assert error(H) < 1e-6 and error(H) < 4 * error(H32) + 1e-7
+    assert error(2 * (X.T @ X) / 3000) > 100 * error(H)  # what summing bf16 GEMM outputs would cost
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 32), (2, 64), (8, -1), (4, -1)])
@@ -122,3 +148,32 @@ def test_group_aware_reordering_keeps_natural_groups_and_helps(columns, group_si
     assert gar.scales.shape == plain.scales.shape
     err = lambda r: ((W - r.dequantize()) @ X.T).pow(2).sum()  # noqa: E731
     assert err(gar) < err(plain)
+
+
+def test_inverse_cholesky_holds_at_most_three_copies_of_the_hessian():
+    """At 11008 inputs (a 7B down_proj) each n x n copy is 0.5 GB: the factorization may hold three at
+    once beyond H itself (the damped J H J, its factor, the inverse), not more. Measured as the peak
+    RSS of a fresh process over what it held before the call (Linux: VmHWM, reset by clear_refs)."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc")
+    n = 3072  # 36 MB per copy: above glibc's largest heap-served size, so every copy is its own pages
+    code = f"""
+import torch
+from llmslim.quant.gptq import inverse_cholesky
+torch.set_num_threads(1)
+X = torch.randn({n} + 256, {n})
+H = X.T @ X
+del X
+def status(key):
+    return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+U, _ = inverse_cholesky(H, 0.01)
+print((status("VmHWM") - before) / ({n} * {n} * 4))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    assert float(out.strip().splitlines()[-1]) < 3.5

@@ -139,8 +139,14 @@ def test_chunked_prefill_equals_unchunked(family):
     chunked = lean_logits(model, IDS, [5, 2, 7])[2:]  # chunks shorter and longer than the window
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5 * whole.abs().max().item())
     model16 = accelerate(tiny(family), torch.bfloat16)
-    a, b = lean_logits(model16, IDS, [14]), lean_logits(model16, IDS, [5, 2, 7])[2:]
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    a, b = lean_logits(model16, IDS, [14]).float(), lean_logits(model16, IDS, [5, 2, 7])[2:].float()
+    # bf16: another chunking sums in another order (bitwise equality is not promised, and depends
+    # on the CPU's GEMM kernels); a chunk that misread the cache would be off by the logits' scale.
+    diff = (a - b).abs().max()
+    assert diff <= 0.03 * a.abs().max()
+    top2 = a.topk(2, -1).values
+    clear = top2[:, 0] - top2[:, 1] > 2 * diff  # where rounding cannot flip the top token
+    assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
 
 
 # --- batch invariance --------------------------------------------------------------------------
@@ -240,7 +246,7 @@ def run_engine(model, tok, cases: list[tuple[list[int], int]], together: bool) -
         engine.stop()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_engine_concurrent_equals_sequential(family):
     model = accelerate(tiny(family), torch.bfloat16)
     tok = make_tiny_tokenizer()

@@ -96,3 +96,43 @@ def test_serve_passes_tp_and_pp_through_or_names_what_works(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "--tensor-parallel-size 1, 2 work" in err[0]
     assert main(["serve", str(g32), "-tp", "2"]) == 2
     assert "need --engine vllm" in capsys.readouterr().err
+
+
+def mixed_checkpoint(tmp_path, name, group_size, overrides):
+    """A GPTQ checkpoint whose ``overrides`` layers have their own grids (``dynamic`` rules, as
+    ``llmslim tune`` writes them)."""
+    from llmslim.config import GPTQConfig
+    from llmslim.formats.gptq import save_gptq
+    from llmslim.pipeline.stages import quantize
+
+    model = make_tiny_model("llama")
+    config = GPTQConfig(bits=4, group_size=group_size, overrides=overrides)
+    report = quantize(model, config, torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0)))
+    save_gptq(model, make_tiny_tokenizer(), tmp_path / name, config, report.skipped)
+    return tmp_path / name
+
+
+def test_mixed_checkpoints_are_checked_with_each_modules_own_grid(tmp_path):
+    import json
+
+    from llmslim.server.vllm import check_group_size
+
+    # Base group 16 splits 4 ways (o_proj 64/4 = 16, down_proj 128/4 = 32); one o_proj at group 64
+    # does not split (64/2 = 32), nor one k_proj at 3 bits (32 columns a word; 32/2 = 16 columns).
+    folder = mixed_checkpoint(tmp_path, "mixed", 16, ("model.layers.1.self_attn.o_proj=4:64",
+                                                      "model.layers.0.self_attn.k_proj=3:16"))
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["group_size"] == 16 and len(qc["dynamic"]) == 2
+    assert working_tp_sizes(mixed_checkpoint(tmp_path, "base", 16, ())) == [1, 2, 4]
+    assert parallel_problems(folder, 2) == [
+        "model.layers.0.self_attn.k_proj: output 32/2 = 16 is not a multiple of 32 (the columns a packed int32 "
+        "word holds at 3 bits)",
+        "model.layers.1.self_attn.o_proj: input 64/2 = 32 is not a multiple of group size 64"]
+    assert working_tp_sizes(folder) == [1]
+    with pytest.raises(UserError, match="--tensor-parallel-size 1 works"):
+        check_parallel(folder, 2)
+    check_group_size(folder)  # every module's own group divides its input
+    # A module whose own group does not divide its input is refused though the base group would.
+    odd = mixed_checkpoint(tmp_path, "odd", 16, ("model.layers.0.mlp.down_proj=4:48",))
+    with pytest.raises(UserError, match=r"group size 48 does not divide .* model.layers.0.mlp.down_proj \(128\)"):
+        check_group_size(odd)

@@ -124,3 +124,19 @@ def test_the_recipe_stage_writes_a_mixed_checkpoint(tiny_folder, tmp_path, texts
     assert s["stages"][0]["tune"]["bpw"] <= 3.5
     qc = json.loads((tmp_path / "r" / "config.json").read_text())["quantization_config"]
     assert qc["dynamic"] and qc["meta"]["method"] == "tune"
+
+
+def test_forward_dtype_reaches_the_sensitivity_pass_and_the_gptq_run(tiny_folder, tmp_path, texts, monkeypatch):
+    """--forward-dtype bf16: the pricing pass and the final GPTQ both run bf16 forwards; the
+    checkpoint's recipe records it."""
+    import torch
+
+    import llmslim.quant.sequential as seq
+
+    real = seq.LayerSolver.forward_dtype.fget
+    asked = set()
+    monkeypatch.setattr(seq.LayerSolver, "forward_dtype",
+                        property(lambda self: asked.add((type(self).__name__, real(self))) or real(self)))
+    assert tune(tiny_folder("llama"), tmp_path / "out", "bpw=3.5", texts, "--forward-dtype", "bf16") == 0
+    assert asked == {("SensitivitySolver", torch.bfloat16), ("GPTQSolver", torch.bfloat16)}
+    assert "forward_dtype: bf16" in (tmp_path / "out" / "recipe.yaml").read_text()
