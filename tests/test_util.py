@@ -41,36 +41,48 @@ def _fresh_page_faults(pages: int) -> int:
     return faults
 
 
+_CHURN = """
+import json, resource, torch
+from llmslim.util import heap_allocations, map_large_allocations
+
+def faults_of_churn(numel):
+    # minor page faults of making and freeing a tensor 20 times, once the heap has grown
+    for _ in range(20):
+        torch.empty(numel).fill_(1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.empty(numel).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+small, large = 2**19, 2**22  # 2 MB (a search's piece), 16 MB (above the 4 MB threshold)
+map_large_allocations()
+mapped = faults_of_churn(small)
+with heap_allocations():
+    heap = faults_of_churn(small)
+    heap_large = faults_of_churn(large)
+after = faults_of_churn(large)  # (a small one may reuse a free heap chunk: glibc's bins come first)
+print(json.dumps([small, large, mapped, heap, heap_large, after]))
+"""
+
+
 def test_heap_allocations_stop_the_page_faults_of_repeated_large_temporaries():
     """Mapped afresh, every large temporary is faulted in page by page; from the heap the pages are
-    reused. Whole-matrix sizes (above the threshold) keep their own pages, inside and afterwards."""
-    import resource
+    reused. Whole-matrix sizes (above the threshold) keep their own pages, inside and afterwards.
+    In a fresh process: glibc serves even a 16 MB request from a free chunk of its heap before it
+    maps one, so a test process whose heap has holes (after a quantize run: the packed weights stay
+    allocated above them) would reuse pages whatever the thresholds say."""
+    import json
+    import subprocess
+    import sys
 
-    import torch
-
-    from llmslim.util import _libc, heap_allocations, map_large_allocations
+    from llmslim.util import _libc
 
     if _libc() is None:
         pytest.skip("glibc's malloc tunables only")
     if _fresh_page_faults(256) == 0:  # gVisor-like sandboxes report no minor faults at all
         pytest.skip("this kernel does not count minor page faults (getrusage's ru_minflt stays 0)")
-
-    def faults_of_churn(numel: int) -> int:
-        """Minor page faults of making and freeing a tensor 20 times, once the heap has grown."""
-        for _ in range(20):
-            torch.empty(numel).fill_(1.0)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(20):
-            torch.empty(numel).fill_(1.0)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    small, large = 2**19, 2**22  # 2 MB (a search's piece), 16 MB (above the 4 MB threshold)
-    map_large_allocations()
-    mapped = faults_of_churn(small)
-    with heap_allocations():
-        heap = faults_of_churn(small)
-        heap_large = faults_of_churn(large)
-    after = faults_of_churn(large)  # (a small one may reuse a free heap chunk: glibc's bins come first)
+    out = subprocess.run([sys.executable, "-c", _CHURN], capture_output=True, text=True, check=True).stdout
+    small, large, mapped, heap, heap_large, after = json.loads(out.splitlines()[-1])
     counts = (mapped, heap, heap_large, after)
     assert mapped > 20 * small * 4 // 4096 // 2, counts  # about one fault per page, every time
     assert heap < mapped / 10, counts
