@@ -38,8 +38,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def fp16_ste(x: torch.Tensor) -> torch.Tensor:
-    """The value the checkpoint stores (fp16) forward, identity backward."""
-    return x + (x.detach().clamp(min=2**-20).half().float() - x).detach()
+    """The value the checkpoint stores (fp16) forward, identity backward. The magnitude is kept
+    above fp16's underflow, the sign as it is: GGUF Q4_0's scales are signed (``d = m / -8``)."""
+    v = x.detach()
+    stored = torch.where(v < 0, -(-v).clamp(min=2**-20), v.clamp(min=2**-20)).half().float()
+    return x + (stored - x).detach()
 
 
 def is_symmetric(layer: GPTQLinear) -> bool:

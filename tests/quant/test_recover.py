@@ -39,7 +39,8 @@ def tokens(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
 def gptq_pair(arch: str = "llama", bits: int = 2, sym: bool = True, **kw):
     teacher = make_tiny_model(arch)
     student = copy.deepcopy(teacher)
-    quantize(student, GPTQConfig(bits=bits, group_size=32, sym=sym, **kw), tokens(8, 32, seed=1))
+    config = GPTQConfig(**kw) if "target" in kw else GPTQConfig(bits=bits, group_size=32, sym=sym, **kw)
+    quantize(student, config, tokens(8, 32, seed=1))
     return student, teacher
 
 
@@ -73,6 +74,22 @@ def test_learned_grid_starts_exactly_at_the_layer_and_packs_back(sym, desc_act):
     assert torch.allclose(g.to_gptq().dequantized_weight(), g.weight().detach())
 
 
+def test_learned_grid_keeps_signed_scales():
+    """GGUF Q4_0's scales are signed (d = m / -8): the learned grid starts at them exactly, and a scale
+    adjustment changes a scale's magnitude, never its sign (a clamp to positive once zeroed them all)."""
+    student, teacher = gptq_pair(target="gguf-q4_0")
+    name, layer = next((n, m) for n, m in student.named_modules() if isinstance(m, GPTQLinear))
+    assert (layer.scales < 0).any() and (layer.scales > 0).any()
+    g = LearnedGrid(layer, linear_weight(teacher.get_submodule(name)).detach())
+    assert torch.equal(g.weight().detach(), layer.dequantized_weight())
+    assert torch.equal(g.to_gptq().scales, layer.scales)
+    with torch.no_grad():
+        g.a.fill_(0.25)
+    s = g.grid()[1]
+    assert torch.equal(torch.sign(s), torch.sign(layer.scales.float()))
+    assert torch.allclose(s, (layer.scales.float() * 1.25).half().float())
+
+
 def test_learned_grid_keeps_pruned_weights_zero():
     student, _ = gptq_pair(sym=False)
     layer = next(m for m in student.modules() if isinstance(m, GPTQLinear))
@@ -104,11 +121,13 @@ def block_losses(student, teacher, calib, swap: dict[int, torch.nn.Module] | Non
     return losses
 
 
-@pytest.mark.parametrize("arch,lr", [("llama", None), ("gpt2", None), ("llama", 50.0)])
-def test_block_mode_never_increases_a_blocks_calibration_loss(arch, lr):
+@pytest.mark.parametrize("arch,lr,target", [("llama", None, ""), ("gpt2", None, ""), ("llama", 50.0, ""),
+                                            ("llama", None, "gguf-q4_0")])
+def test_block_mode_never_increases_a_blocks_calibration_loss(arch, lr, target):
     """Against the input (GPTQ) block on the same inputs, measured independently; an absurd learning
-    rate must fall back to the input block rather than make it worse."""
-    student, teacher = gptq_pair(arch)
+    rate must fall back to the input block rather than make it worse. The GGUF Q4_0 grid (signed
+    scales) must be improved too, not only survive by falling back."""
+    student, teacher = gptq_pair(arch, target=target) if target else gptq_pair(arch)
     gptq_blocks = copy.deepcopy(find_blocks(student)[1])
     calib = tokens(8, 32)
     logs = reconstruct.recover_blocks(student, teacher, calib, RecoverConfig(iters=6, batch_size=4, lr=lr),
