@@ -19,6 +19,10 @@ Rows (the issue's benchmark, eval/gguf.md):
                       calibration text: the text of llmslim's 128 calibration windows (llama-imatrix
                       re-tokenizes it into 512-token chunks; --llama-bin)
   llmslim-gptq-q4_0   ``llmslim quantize --method gptq --target gguf-q4_0 --out FILE.gguf``
+  llmslim-gptq-q4_0-actorder   the same with ``--desc-act --static-groups``
+  llmslim-gptq-q4_0-recover    ``llmslim compress --recipe calibration/recipes/gguf-q4_0-recover.yaml``:
+                      that GPTQ, then block-wise recovery on the Q4_0 grid (AutoRound's signed gradient
+                      on the rounding and the fp16 scales, 200 steps a block), then the file
   llama-q4_k_m, llama-q4_k_m-imatrix, llmslim-gptq-q4_k_m
                       the same for llama.cpp's Q4_K_M mix (GPTQ: each layer on the type the mix gives
                       it; on SmolLM2 most rows are 576 wide, not whole super-blocks of 256: llama.cpp
@@ -53,8 +57,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-ROWS = ["f32", "llama-q4_0", "llama-q4_0-imatrix", "llmslim-gptq-q4_0", "llama-q4_k_m", "llama-q4_k_m-imatrix",
-        "llmslim-gptq-q4_k_m", "llama-q8_0", "llmslim-gptq-q8_0"]
+ROWS = ["f32", "llama-q4_0", "llama-q4_0-imatrix", "llmslim-gptq-q4_0", "llmslim-gptq-q4_0-actorder",
+        "llmslim-gptq-q4_0-recover", "llama-q4_k_m", "llama-q4_k_m-imatrix", "llmslim-gptq-q4_k_m", "llama-q8_0",
+        "llmslim-gptq-q8_0"]
 EXTRA_ROWS = ["f16", "llmslim-rtn-q4_0", "llmslim-rtn-q8_0", "llmslim-rtn-q4_k_m"]
 SMOKE_ROWS = ["f32", "llama-q4_0", "llama-q4_0-imatrix", "llmslim-gptq-q4_0"]
 LLAMA_VENV = HERE.parent / ".llama-venv"  # `make llama`
@@ -174,9 +179,18 @@ def make_file(row: str, work: Path, args) -> Path | None:
             sh([args.llama_python, "-c", LLAMA_SCRIPT, "quantize", source, out, FTYPES[kind]])
     elif row.startswith("llmslim-rtn-"):
         sh(llmslim("export", MODEL, "--type", row.removeprefix("llmslim-rtn-"), "--out", out, "--force"))
+    elif row.endswith("-recover"):  # the example recipe: GPTQ (act-order), block recovery, export
+        import yaml
+
+        recipe = yaml.safe_load((HERE.parent / "calibration" / "recipes" / "gguf-q4_0-recover.yaml").read_text())
+        recipe["calibration"]["nsamples"] = args.nsamples  # (--smoke)
+        path = work / f"{row}.recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        sh(llmslim("compress", MODEL, "--recipe", path, "--out", out, "--force"))
     elif row.startswith("llmslim-gptq-"):
-        kind = row.removeprefix("llmslim-gptq-")
-        sh(llmslim("quantize", MODEL, "--method", "gptq", "--target", f"gguf-{kind}", *calib, "--out", out,
+        kind, _, variant = row.removeprefix("llmslim-gptq-").partition("-")
+        flags = ["--desc-act", "--static-groups"] if variant == "actorder" else []
+        sh(llmslim("quantize", MODEL, "--method", "gptq", "--target", f"gguf-{kind}", *calib, *flags, "--out", out,
                    "--force"))
     return out
 
