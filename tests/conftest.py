@@ -77,6 +77,28 @@ def tiny_folder(tmp_path):
     return make
 
 
+class BlockCrash:
+    """Stops the block driver once, as kill -9 would, right after block 0's checkpoint hits the disk;
+    a run after that (``--resume``) goes on. ``saved``: the blocks checkpointed since (clear it before
+    resuming to see which blocks the resume redid)."""
+
+    def __init__(self, monkeypatch):
+        from llmslim.quant import sequential
+
+        real = sequential.BlockState.save_block
+        self.saved: list[int] = []
+        self.armed = True
+
+        def save_block(state, i, *a):
+            real(state, i, *a)
+            self.saved.append(i)
+            if self.armed and i == 0:
+                self.armed = False
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(sequential.BlockState, "save_block", save_block)
+
+
 # --- tests that cannot quietly not run ---------------------------------------------------------
 # `make test-slow` (and so CI) sets LLMSLIM_FAIL_ON_SKIP=1: there every peer (lm-eval, GPTQModel,
 # the reference model) is installed, so a skip means a test silently did not run -- a failure.

@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from llmslim.cli import main
+from tests.conftest import BlockCrash
 
 
 def run(*args, cwd=None):
@@ -62,29 +63,18 @@ def test_module_filter(tiny_folder, tmp_path):
 
 def test_resume_after_crash_is_identical(tiny_folder, tmp_path, calib_file, monkeypatch):
     """Kill the run after the first block is checkpointed; --resume ends with the same checkpoint."""
-    from llmslim.quant import sequential
-
     src = tiny_folder("llama")
     args = ["quantize", str(src), "--method", "gptq", "--bits", "3", "--group-size", "32", "--desc-act",
             "--calib", str(calib_file), "--nsamples", "8", "--seqlen", "32"]
     assert main([*args, "--out", str(tmp_path / "clean")]) == 0
 
-    real_save = sequential.BlockState.save_block
-    calls = []
-
-    def crash_after_first(self, i, *a):
-        real_save(self, i, *a)
-        calls.append(i)
-        if i == 0:
-            raise KeyboardInterrupt  # like kill -9 right after block 0 hit the disk
-
-    monkeypatch.setattr(sequential.BlockState, "save_block", crash_after_first)
+    crash = BlockCrash(monkeypatch)
     assert main([*args, "--out", str(tmp_path / "resumed")]) == 130
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial").exists()
     assert main([*args, "--out", str(tmp_path / "resumed")]) == 2  # refuses to silently discard the work
-    calls.clear()
+    crash.saved.clear()
     assert main([*args, "--out", str(tmp_path / "resumed"), "--resume"]) == 0
-    assert calls == [1]  # block 0 was not redone
+    assert crash.saved == [1]  # block 0 was not redone
     a = load_file(tmp_path / "clean" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -18,7 +18,7 @@ import llmslim
 from llmslim import ggml_quants as gq
 from llmslim.cli import main
 from llmslim.formats.gguf_mix import linear_type, use_more_bits
-from tests.conftest import make_tiny_tokenizer
+from tests.conftest import BlockCrash, make_tiny_tokenizer
 from tests.formats.test_gguf import (  # noqa: F401
     GGUF_ARCH,
     WINDOW,
@@ -173,29 +173,18 @@ def test_a_killed_k_target_run_resumes_to_the_same_file(tmp_path, monkeypatch):
     """``quantize --target gguf-q4_k_m --out x.gguf`` interrupted after its first block: the run refuses
     to start over silently, and ``--resume`` (which does not redo block 0: its GGUFLinear codes and
     block scales come back from the checkpoint) writes the very file an uninterrupted run writes."""
-    from llmslim.quant import sequential
-
     src = kmodel_folder(tmp_path / "src", layers=3)
     args = ["quantize", str(src), "--method", "gptq", "--target", "gguf-q4_k_m", "--calib", "wiki",
             "--nsamples", "4", "--seqlen", "64"]
     clean, resumed = tmp_path / "clean.gguf", tmp_path / "resumed.gguf"
     assert main([*args, "--out", str(clean)]) == 0
-    real_save = sequential.BlockState.save_block
-    calls = []
-
-    def crash_after_first(self, i, *a):
-        real_save(self, i, *a)
-        calls.append(i)
-        if i == 0:
-            raise KeyboardInterrupt  # like kill -9 right after block 0 hit the disk
-
-    monkeypatch.setattr(sequential.BlockState, "save_block", crash_after_first)
+    crash = BlockCrash(monkeypatch)
     assert main([*args, "--out", str(resumed)]) == 130
     assert not resumed.exists() and (tmp_path / ".resumed.gguf.partial").exists()
     assert main([*args, "--out", str(resumed)]) == 2  # refuses to discard the work
-    calls.clear()
+    crash.saved.clear()
     assert main([*args, "--out", str(resumed), "--resume"]) == 0
-    assert calls == [1, 2]  # block 0 was not redone
+    assert crash.saved == [1, 2]  # block 0 was not redone
     assert resumed.read_bytes() == clean.read_bytes()
     assert not (tmp_path / ".resumed.gguf.partial").exists()
 

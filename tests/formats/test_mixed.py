@@ -16,6 +16,7 @@ from llmslim.config import CalibConfig, GPTQConfig
 from llmslim.errors import UserError
 from llmslim.formats.gptq import layer_grid
 from llmslim.nn import GPTQLinear
+from tests.conftest import BlockCrash
 
 OVERRIDES = ("model.layers.0.mlp.down_proj=2:64", "model.layers.1.self_attn.q_proj=8:-1",
              "model.layers.1.mlp.gate_proj=3:32", "model.layers.1.mlp.up_proj=3:32")
@@ -126,19 +127,9 @@ def test_gptqmodel_reads_the_dynamic_config(mixed):
 def test_a_killed_mixed_run_resumes_to_the_same_bytes(mixed, tmp_path, monkeypatch):
     """Block 0's overridden layers come back from the checkpoint with their own grids."""
     from llmslim.pipeline.run import compress_to_folder
-    from llmslim.quant import sequential
-
     src, out, recipe = mixed
-    real_save = sequential.BlockState.save_block
-
-    def crash_after_first(self, i, *a):
-        real_save(self, i, *a)
-        if i == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sequential.BlockState, "save_block", crash_after_first)
+    BlockCrash(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         compress_to_folder(str(src), recipe, tmp_path / "resumed", stream=False)
-    monkeypatch.setattr(sequential.BlockState, "save_block", real_save)
     compress_to_folder(str(src), recipe, tmp_path / "resumed", resume=True, stream=False)
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

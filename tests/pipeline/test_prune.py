@@ -14,6 +14,7 @@ from llmslim.cli import main
 from llmslim.loader import load
 from llmslim.quant.masks import nm_holds
 from llmslim.quant.sparsity import sparsity_report
+from tests.conftest import BlockCrash
 
 
 @pytest.fixture
@@ -103,21 +104,12 @@ def test_depth_and_width_through_the_cli_then_gptq(tiny_folder, tmp_path, calib_
 
 
 def test_resume_after_crash_is_identical(tiny_folder, tmp_path, calib_file, monkeypatch):
-    from llmslim.quant import sequential
 
     src = tiny_folder("llama")
     args = ["prune", str(src), "--method", "sparsegpt", "--sparsity", "0.5", *calib(calib_file)]
     assert main([*args, "--out", str(tmp_path / "clean")]) == 0
-    real = sequential.BlockState.save_block
-
-    def crash(self, i, *a):
-        real(self, i, *a)
-        if i == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sequential.BlockState, "save_block", crash)
+    BlockCrash(monkeypatch)
     assert main([*args, "--out", str(tmp_path / "r")]) == 130
-    monkeypatch.setattr(sequential.BlockState, "save_block", real)
     assert main([*args, "--out", str(tmp_path / "r"), "--resume"]) == 0
     a, b = load_file(tmp_path / "clean" / "model.safetensors"), load_file(tmp_path / "r" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -18,7 +18,7 @@ from llmslim.config import CalibConfig, GPTQConfig, LayerFilter, RTNConfig
 from llmslim.errors import UserError
 from llmslim.pipeline.recipe import Recipe
 from llmslim.pipeline.run import compress_to_folder
-from tests.conftest import ARCHS
+from tests.conftest import ARCHS, BlockCrash
 
 
 @pytest.fixture
@@ -150,26 +150,17 @@ def test_one_block_in_memory_and_never_the_whole_model(tiny_folder, tmp_path, ca
 @pytest.mark.parametrize("forward_dtype", ["fp32", "bf16"])
 def test_streamed_resume_with_spilled_activations(tiny_folder, tmp_path, calib_file, monkeypatch, forward_dtype):
     """Killed after block 0 with activations on disk; --resume ends with the same bytes."""
-    from llmslim.quant import sequential
 
     src = tiny_folder("llama")
     recipe = Recipe((GPTQConfig(bits=4, group_size=32, forward_dtype=forward_dtype),), CalibConfig(str(calib_file), 8, 32))
     kw = dict(batch_size=2, max_memory=1e5)
     compress_to_folder(str(src), recipe, tmp_path / "clean", **kw)
-    real = sequential.BlockState.save_block
-
-    def crash(self, i, *a):
-        real(self, i, *a)
-        if i == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sequential.BlockState, "save_block", crash)
+    BlockCrash(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         compress_to_folder(str(src), recipe, tmp_path / "resumed", **kw)
     activations = tmp_path / ".resumed.partial" / "_state" / "stage_0" / "activations"
     kept = {load_file(f)["h"].dtype for f in activations.rglob("*.safetensors")}  # what the resume reads
     assert kept == {torch.bfloat16 if forward_dtype == "bf16" else torch.float32}
-    monkeypatch.setattr(sequential.BlockState, "save_block", real)
     compress_to_folder(str(src), recipe, tmp_path / "resumed", resume=True, **kw)
     assert digest(tmp_path / "clean") == digest(tmp_path / "resumed")
 
