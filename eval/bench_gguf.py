@@ -156,6 +156,8 @@ def float_file(kind: str, work: Path) -> Path:
 
 def make_file(row: str, work: Path, args) -> Path | None:
     out = work / f"{row}.gguf"
+    if args.reuse and out.exists():  # made before (by this script, or by hand: say how in the notes)
+        return out
     calib = ["--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", "512"]
     if row in ("f32", "f16"):
         return float_file(row, work)
@@ -204,10 +206,12 @@ def run_row(row: str, args) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    reused = args.reuse and (work / f"{row}.gguf").exists()
     path = make_file(row, work, args)
     if path is None:
         return {"row": row, "skipped": "needs --llama-bin" if "imatrix" in row else "needs --llama-python"}
-    res = {"row": row, "file": str(path), "bytes": path.stat().st_size, "make_seconds": round(time.perf_counter() - t0, 1),
+    res = {"row": row, "file": str(path), "bytes": path.stat().st_size,
+           "make_seconds": None if reused else round(time.perf_counter() - t0, 1),
            "llama_source": args.llama_source if row.startswith("llama-") else None,
            "nsamples": args.nsamples, "windows": args.windows}
     out_json = work / f"{row}.eval.json"
@@ -282,6 +286,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--speed-reps", type=int, default=3)
     ap.add_argument("--work", default=str(HERE.parent / "out" / "bench_gguf"))
+    ap.add_argument("--reuse", action="store_true", help="score a row's file already in --work instead of making "
+                    "it again (its make_seconds is then not measured)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.report:
