@@ -156,8 +156,6 @@ def float_file(kind: str, work: Path) -> Path:
 
 def make_file(row: str, work: Path, args) -> Path | None:
     out = work / f"{row}.gguf"
-    if args.reuse and out.exists():  # made before (by this script, or by hand: say how in the notes)
-        return out
     calib = ["--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", "512"]
     if row in ("f32", "f16"):
         return float_file(row, work)
@@ -206,8 +204,8 @@ def run_row(row: str, args) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    reused = args.reuse and (work / f"{row}.gguf").exists()
-    path = make_file(row, work, args)
+    reused = args.reuse and (work / f"{row}.gguf").exists()  # made before, here or by hand (say how)
+    path = work / f"{row}.gguf" if reused else make_file(row, work, args)
     if path is None:
         return {"row": row, "skipped": "needs --llama-bin" if "imatrix" in row else "needs --llama-python"}
     res = {"row": row, "file": str(path), "bytes": path.stat().st_size,

@@ -41,7 +41,7 @@ def fp16_ste(x: torch.Tensor) -> torch.Tensor:
     """The value the checkpoint stores (fp16) forward, identity backward. The magnitude is kept
     above fp16's underflow, the sign as it is: GGUF Q4_0's scales are signed (``d = m / -8``)."""
     v = x.detach()
-    stored = torch.where(v < 0, -(-v).clamp(min=2**-20), v.clamp(min=2**-20)).half().float()
+    stored = (torch.where(v < 0, -1.0, 1.0) * v.abs().clamp(min=2**-20)).half().float()
     return x + (stored - x).detach()
 
 
