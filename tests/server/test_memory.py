@@ -20,7 +20,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
 GOAL = 0.5  # issue 16: 4-bit served <= 0.5x float32 served
-MEASURED = 0.60  # what this code reaches (0.56-0.57 whole process): a regression guard above it
+# What this code reaches, whole process: 0.547-0.591 after requests over four runs on one machine (session 9),
+# 0.607 in CI. glibc returns freed heap to the kernel or not, run to run, in both servers, so the ratio moves a few
+# hundredths; the guard sits above that spread and still catches a served model that keeps a float copy (>= 0.8).
+MEASURED = 0.65
 
 
 @pytest.fixture(scope="module")
