@@ -20,7 +20,8 @@ Steps (each also runnable alone: ``calib``, ``quantize-gptqmodel``, ``quantize-l
    ``llmslim.loader.load("smollm2-135m")[0]``, then ``save_gptq`` (tool ``llmslim``: the model
    whole in memory, as before issue 19); tool ``llmslim-stream``: what ``llmslim quantize`` runs
    now, block by block from the checkpoint (``llmslim.pipeline.stream``), on the same tokens,
-   with ``--max-memory`` as given (default: half of the available memory).
+   with ``--max-memory`` as given (default: half of the available memory), MKL's fast memory manager
+   off as the CLI sets it; tool ``llmslim-stream-bf16``: the same with ``--forward-dtype bf16``.
    Both: quantize() wall time, process CPU time, VmHWM, and the 1-minute load average sampled
    every 5 s during the call (this machine is shared: timings mean little without it).
 4. perplexity of fp32 and every checkpoint, all loaded with ``llmslim.loader.load``: the last 20% of
@@ -47,6 +48,8 @@ from llmslim.util import peak_rss_bytes  # noqa: E402  (stdlib only: every venv 
 MODEL = "smollm2-135m"
 NSAMPLES, SEQLEN, SEED = 128, 512, 0
 PPL_SEQLEN, PPL_WINDOWS = 1024, 44
+# llmslim-stream-bf16: llmslim-stream with --forward-dtype bf16 (the calibration forwards in bf16)
+TOOLS = ("gptqmodel", "llmslim", "llmslim-stream", "llmslim-stream-bf16")
 
 
 # --- measurement helpers (both venvs) ---------------------------------------------------------
@@ -159,8 +162,10 @@ def step_quantize_llmslim(work: Path, setting: dict) -> None:
     print(json.dumps(res))
 
 
-def step_quantize_llmslim_stream(work: Path, setting: dict, max_memory: str | None) -> None:
-    """The block-by-block path (``llmslim quantize``'s), on the calibration tensor both tools use."""
+def step_quantize_llmslim_stream(work: Path, setting: dict, max_memory: str | None, forward_dtype: str = "fp32") -> None:
+    """The block-by-block path (``llmslim quantize``'s), on the calibration tensor both tools use; tool
+    ``llmslim-stream-bf16`` with ``--forward-dtype bf16``."""
+    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")  # as llmslim's CLI runs it (llmslim/cli.py)
     import torch
 
     from llmslim.config import CalibConfig, GPTQConfig
@@ -174,19 +179,21 @@ def step_quantize_llmslim_stream(work: Path, setting: dict, max_memory: str | No
 
     tokens = torch.load(work / "calib.pt")["tokens"]
     config = GPTQConfig(bits=setting["bits"], group_size=setting["group_size"], sym=setting["sym"],
-                        desc_act=setting["desc_act"])
+                        desc_act=setting["desc_act"], forward_dtype=forward_dtype)
     folder = resolve(MODEL)
     tok = load_tokenizer(folder)
-    out = work / f"llmslim-stream_{setting['name']}"
+    tool = "llmslim-stream" if forward_dtype == "fp32" else f"llmslim-stream-{forward_dtype}"
+    out = work / f"{tool}_{setting['name']}"
     out.mkdir(parents=True, exist_ok=True)
     with Meter() as m:  # the model's loading is inside (block by block), unlike the in-memory tools' load
         run = prepare(Recipe((config,), CalibConfig("wiki", NSAMPLES, SEQLEN, SEED)), folder, read_config(folder))
         model, report = run.run(config, Context(tokens, max_memory=parse_size(max_memory) if max_memory else None),
                                 out)
     save_gptq(model, tok, out, config, report.skipped, weights_written=True)
-    res = m.result() | {"tool": "llmslim-stream", "setting": setting["name"], "max_memory": max_memory,
-                        "torch_threads": torch.get_num_threads(), "report_seconds": round(report.seconds, 1)}
-    (work / f"llmslim-stream_{setting['name']}.json").write_text(json.dumps(res | {"dir": str(out)}, indent=1))
+    res = m.result() | {"tool": tool, "setting": setting["name"], "max_memory": max_memory,
+                        "forward_dtype": forward_dtype, "torch_threads": torch.get_num_threads(),
+                        "report_seconds": round(report.seconds, 1)}
+    (work / f"{tool}_{setting['name']}.json").write_text(json.dumps(res | {"dir": str(out)}, indent=1))
     print(json.dumps(res))
 
 
@@ -216,7 +223,7 @@ def table(work: Path, settings: list[dict]) -> str:
     fp = read("ppl_fp32.json")
     rows.append(f"| fp32 | — | {fp.get('perplexity', float('nan')):.2f} | — | — | — | — |")
     for s in settings:
-        for tool in ("gptqmodel", "llmslim", "llmslim-stream"):
+        for tool in TOOLS:
             q, p = read(f"{tool}_{s['name']}.json"), read(f"ppl_{tool}_{s['name']}.json")
             if not q:
                 continue
@@ -247,12 +254,11 @@ def run(cmd: list[str], log: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("step", nargs="?", default="all",
-                    choices=["all", "calib", "quantize-gptqmodel", "quantize-llmslim", "quantize-llmslim-stream", "ppl",
-                             "table"])
+                    choices=["all", "calib", *(f"quantize-{t}" for t in TOOLS), "ppl", "table"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/peers/compare"))
     ap.add_argument("--gptqmodel-python", default="/work/gptqmodel-venv/bin/python")
     ap.add_argument("--settings", default="4:128:sym,3:128:sym", help="bits:group:sym|asym, comma-separated")
-    ap.add_argument("--tools", default="gptqmodel,llmslim,llmslim-stream")
+    ap.add_argument("--tools", default="gptqmodel,llmslim,llmslim-stream", help=f"comma-separated, of {', '.join(TOOLS)}")
     ap.add_argument("--max-memory", default=None, help="llmslim-stream's --max-memory (default: llmslim's default)")
     ap.add_argument("--setting", default=None, help="one setting, for the single-step commands")
     ap.add_argument("--name", default=None, help="ppl: fp32 or a checkpoint folder name under --work")
@@ -270,6 +276,8 @@ def main() -> None:
         return step_quantize_llmslim(args.work, parse_setting(args.setting))
     if args.step == "quantize-llmslim-stream":
         return step_quantize_llmslim_stream(args.work, parse_setting(args.setting), args.max_memory)
+    if args.step == "quantize-llmslim-stream-bf16":
+        return step_quantize_llmslim_stream(args.work, parse_setting(args.setting), args.max_memory, "bf16")
     if args.step == "ppl":
         return step_ppl(args.work, args.name)
     if args.step == "all":
@@ -282,7 +290,8 @@ def main() -> None:
             for tool in args.tools.split(","):
                 py = args.gptqmodel_python if tool == "gptqmodel" else sys.executable
                 if not (args.work / f"{tool}_{s['name']}.json").exists():
-                    extra = ["--max-memory", args.max_memory] if tool == "llmslim-stream" and args.max_memory else []
+                    extra = ["--max-memory", args.max_memory] if tool.startswith("llmslim-stream") and args.max_memory \
+                        else []
                     run([py, me, f"quantize-{tool}", "--setting", spec, *w, *extra], log)
                 if (args.work / f"{tool}_{s['name']}.json").exists() and \
                         not (args.work / f"ppl_{tool}_{s['name']}.json").exists():
