@@ -95,7 +95,7 @@ def add_quantize(sub) -> None:
     sp.add_argument("--nm", default="", metavar="N:M",
                     help="also prune to N:M (e.g. 2:4: at most 2 nonzeros in every 4 inputs) in the same sweep")
     q.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: auto)")
-    q.add_argument("--forward-dtype", default="fp32", metavar="fp32|bf16", help=FORWARD_DTYPE_HELP)
+    q.add_argument("--forward-dtype", default="auto", metavar="auto|fp32|bf16", help=FORWARD_DTYPE_HELP)
     q.add_argument("--importance", default="auto", metavar="|".join(IMPORTANCES), help=IMPORTANCE_HELP)
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default="wiki",
@@ -250,7 +250,7 @@ def cmd_compress(args) -> int:
 # they would be silently ignored, so they are refused instead.
 _GRID_OPTIONS = {"bits": 4, "group_size": 128, "sym": True, "mse": None, "target": ""}
 _GPTQ_OPTIONS = {"desc_act": False, "static_groups": False, "act_group_aware": None, "true_sequential": True,
-                 "damp_percent": 0.01, "block_size": 128, "sparsity": 0.0, "nm": "", "forward_dtype": "fp32",
+                 "damp_percent": 0.01, "block_size": 128, "sparsity": 0.0, "nm": "", "forward_dtype": "auto",
                  "importance": "auto"}
 _CALIB_OPTIONS = {"batch_size": None, "resume": False, "calib": "wiki", "nsamples": 128, "seqlen": 2048,
                   "seed": 0, "text_field": "text", "device": "cpu"}
@@ -304,7 +304,7 @@ def add_prune(sub) -> None:
                    help="sparsegpt/wanda: each group of a block (q/k/v, o, gate/up, down) sees the groups before it "
                    "pruned (default: every layer's input from one forward of the unpruned block, as the reference "
                    "code and llm-compressor read it)")
-    u.add_argument("--forward-dtype", default="fp32", metavar="fp32|bf16", help="sparsegpt/wanda: " + FORWARD_DTYPE_HELP)
+    u.add_argument("--forward-dtype", default="auto", metavar="auto|fp32|bf16", help="sparsegpt/wanda: " + FORWARD_DTYPE_HELP)
     u.add_argument("--include", action="append", default=[], metavar="GLOB", help="only prune these linears (repeatable)")
     u.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune these (repeatable)")
     d = p.add_argument_group("depth (drop decoder blocks)")

@@ -18,10 +18,13 @@ from .grid import GGUF_BLOCK, GGUF_GRIDS, SUPPORTED_BITS
 # The dtype the block driver runs calibration forwards in (``--forward-dtype``). bf16: linears and
 # attention under autocast (AMX on recent Intel CPUs: ~3x a fp32 forward), activations kept in bf16
 # between blocks; the weights the solvers read and write stay float32, and so do the statistics
-# (H = 2XX^T of the bf16 inputs, exact: eval/scale.md#bf16-calibration-forwards).
-FORWARD_DTYPES = ("fp32", "bf16")
-FORWARD_DTYPE_HELP = ("dtype of the calibration forwards through each block: fp32 (default) or bf16 (about 3x "
-                      "faster on CPUs with AMX/AVX512-BF16; the solvers' weights and statistics stay float32)")
+# (H = 2XX^T of the bf16 inputs, exact: eval/scale.md#bf16-calibration-forwards). auto: bf16 where
+# the device computes bf16 natively (CPUs with AMX or AVX512-BF16, CUDA GPUs with bf16), fp32 elsewhere
+# (emulated bf16 is slower than fp32); on the reference model bf16 forwards gave the same quality.
+FORWARD_DTYPES = ("auto", "fp32", "bf16")
+FORWARD_DTYPE_HELP = ("dtype of the calibration forwards through each block: auto (default: bf16 where the device "
+                      "has native bf16 matmuls -- CPUs with AMX or AVX512-BF16, CUDA -- else fp32), fp32 or bf16 "
+                      "(about 3x faster forwards with AMX; the solvers' weights and statistics stay float32)")
 
 
 # How GPTQ's MSE search weighs a weight's error when it picks a group's scale (``gptq_quantize``'s
@@ -162,7 +165,7 @@ class GPTQConfig(IntConfig):
     # A GGUF mix target's per-layer tensor types, "FULL.LAYER.NAME=TYPE" (filled in by the gptq stage
     # from llama.cpp's rule, ``formats.gguf_mix``); not a user option.
     layer_types: tuple[str, ...] = ()
-    forward_dtype: str = "fp32"  # the block forwards on the calibration text (FORWARD_DTYPES)
+    forward_dtype: str = "auto"  # the block forwards on the calibration text (FORWARD_DTYPES)
     importance: str = "auto"  # the MSE scale search's weighting (IMPORTANCES)
 
     def __post_init__(self):
@@ -387,7 +390,7 @@ class PruneConfig:
     # block (q/k/v, o, gate/up, down) see inputs computed with the groups before it already pruned,
     # as GPTQ does. Measured on SmolLM2-135M at 50%: True was worse for both (eval/pruning.md).
     true_sequential: bool = False
-    forward_dtype: str = "fp32"  # sparsegpt/wanda: the block forwards on the calibration text (FORWARD_DTYPES)
+    forward_dtype: str = "auto"  # sparsegpt/wanda: the block forwards on the calibration text (FORWARD_DTYPES)
 
     def __post_init__(self):
         m = self.method

@@ -89,7 +89,7 @@ def test_resume_after_crash_is_identical(tiny_folder, tmp_path, calib_file, monk
         (["--group-size", "-3"], "--group-size"),
         (["--calib", "nope-corpus"], "nope-corpus"),
         (["--seqlen", "64", "--calib", "SHORT"], "token"),
-        (["--forward-dtype", "fp16"], "--forward-dtype must be one of fp32, bf16"),
+        (["--forward-dtype", "fp16"], "--forward-dtype must be one of auto, fp32, bf16"),
         (["--importance", "fisher"], "--importance must be one of auto, none, hessian, imatrix, got 'fisher'"),
     ],
 )
@@ -204,7 +204,7 @@ def test_mse_defaults_per_method(tiny_folder, tmp_path):
 
 @pytest.mark.parametrize("cmd,needle", [
     (["prune", "SRC", "--method", "sparsegpt", "--sparsity", "0.5", "--forward-dtype", "float16"],
-     "--forward-dtype must be one of fp32, bf16, got 'float16'"),
+     "--forward-dtype must be one of auto, fp32, bf16, got 'float16'"),
     (["prune", "SRC", "--method", "magnitude", "--sparsity", "0.5", "--forward-dtype", "bf16"],
      "does not use --forward-dtype"),
     (["prune", "SRC", "--method", "depth", "--drop-blocks", "1", "--forward-dtype", "bf16"],

@@ -24,7 +24,8 @@ right after. The activations between blocks move to files when they would pass a
 ``max_memory`` (read back exactly: the same result). With ``device`` (e.g. ``cuda``) each block's
 forwards and solves run there, the activations stay in CPU memory or on disk.
 
-The forwards run in the stage's ``forward_dtype``: with bf16 the linears and attention compute under
+The forwards run in the stage's ``forward_dtype`` (``auto``, the default: bf16 where the device
+multiplies bf16 natively, float32 elsewhere): with bf16 the linears and attention compute under
 autocast (AMX tiles on this project's CPU: ~3x a float32 block forward) and the activations between
 blocks are kept in bf16, as GPTQModel and llm-compressor run them on GPUs. What the solvers read stays
 float32: the weights (autocast casts a copy at each call), and each layer's statistic, accumulated in
@@ -98,8 +99,24 @@ def solver_options(config: GPTQConfig) -> dict:
                 importance=config.scale_importance if config.mse else None)
 
 
-# ``forward_dtype`` -> the dtype block forwards autocast to; None: the model's own (float32 as llmslim loads it).
-FORWARD_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: AMX or AVX512-BF16 on a CPU (elsewhere
+    oneDNN emulates bf16, slower than float32), bf16 support on a CUDA GPU."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind != "cpu":
+        return False
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def resolve_forward_dtype(name: str, device: str) -> torch.dtype | None:
+    """``forward_dtype`` -> the dtype block forwards autocast to; None: the model's own (float32 as
+    llmslim loads it). ``auto``: bf16 where ``device`` has native bf16 matmuls, else float32."""
+    if name == "auto":
+        name = "bf16" if native_bf16(device) else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16}[name]
 
 
 class LayerSolver:
@@ -118,10 +135,10 @@ class LayerSolver:
     def __init__(self, config):
         self.config = config  # fingerprinted: a resumed run must use the same one
 
-    @property
-    def forward_dtype(self) -> torch.dtype | None:
-        """The dtype the block forwards autocast to (the stage's ``forward_dtype``); None: the model's own."""
-        return FORWARD_DTYPES[getattr(self.config, "forward_dtype", "fp32")]
+    def forward_dtype(self, device: str) -> torch.dtype | None:
+        """The dtype the block forwards on ``device`` autocast to (the stage's ``forward_dtype``); None:
+        the model's own."""
+        return resolve_forward_dtype(getattr(self.config, "forward_dtype", "fp32"), device)
 
     def statistic(self, columns: int) -> torch.Tensor:
         return torch.zeros(columns, columns)
@@ -614,7 +631,7 @@ def run_blocks(
     start = state.start(resume) if state else 0
     width = getattr(getattr(model, "config", None), "hidden_size", None) or widest
     held = held_batches(len(batches), batch_size, seqlen, width, widest, budget)
-    dtype = solver.forward_dtype
+    dtype = solver.forward_dtype(device)
     element = 4 if dtype is None else dtype.itemsize
     spill_root = None
     with contextlib.ExitStack() as stack:
@@ -693,7 +710,7 @@ def _solve_block(block, prefix, names, solver: LayerSolver, hidden, inputs, bar,
 def _solve_block_here(block, prefix, names, solver: LayerSolver, hidden, inputs, bar, outs, device, held):
     args, kwargs = inputs.args, inputs.kwargs
     config = solver.config
-    dtype = solver.forward_dtype
+    dtype = solver.forward_dtype(device)
     layers = {n: block.get_submodule(n) for n in names}
     H: dict[str, tuple[torch.Tensor, int]] = {}
     results: dict[str, object] = {}

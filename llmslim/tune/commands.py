@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     c.add_argument("--fisher-samples", type=int, default=16, help="sequences for the Fisher pass (default 16); the first eighth of the calibration, at most this many, "
                    "also measures the calibration's reference model and is kept out of the sensitivity pass")
     c.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: auto)")
-    c.add_argument("--forward-dtype", default="fp32", metavar="fp32|bf16", help=FORWARD_DTYPE_HELP)
+    c.add_argument("--forward-dtype", default="auto", metavar="auto|fp32|bf16", help=FORWARD_DTYPE_HELP)
     v = p.add_argument_group("verification")
     v.add_argument("--eval-text", default="wiki",
                    help="held-out text: a built-in corpus's evaluation part (default wiki), hub dataset, or a file "

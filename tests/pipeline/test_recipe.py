@@ -73,7 +73,7 @@ def test_round_trip_through_yaml_keeps_every_field():
     ({"calibration": {"dataset": "wiki"}, "stages": [{"rtn": {}}]}, "no stage uses calibration"),
     ({"calibration": {"nsample": 8}, "stages": [{"gptq": {}}]}, "calibration: unknown key 'nsample'"),
     ({"calibration": {"nsamples": 0}, "stages": [{"gptq": {}}]}, "--nsamples must be positive"),
-    ({"stages": [{"gptq": {"forward_dtype": "fp16"}}]}, "--forward-dtype must be one of fp32, bf16"),
+    ({"stages": [{"gptq": {"forward_dtype": "fp16"}}]}, "--forward-dtype must be one of auto, fp32, bf16"),
     ({"stages": [{"gptq": {"forward_dtype": 16}}]}, "forward_dtype must be a string"),
     ({"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5, "forward_dtype": "bf16"}}]},
      "does not use --forward-dtype"),

@@ -58,7 +58,8 @@ def test_streamed_bf16_forwards_are_byte_identical_to_in_memory(tiny_folder, tmp
     memory, streamed = both_paths(src, Recipe((GPTQConfig(bits=4, group_size=32, forward_dtype="bf16"),), calib),
                                   tmp_path, batch_size=4)
     assert memory == streamed
-    compress_to_folder(str(src), Recipe((GPTQConfig(bits=4, group_size=32),), calib), tmp_path / "fp32", batch_size=4)
+    compress_to_folder(str(src), Recipe((GPTQConfig(bits=4, group_size=32, forward_dtype="fp32"),), calib),
+                       tmp_path / "fp32", batch_size=4)
     fp32 = digest(tmp_path / "fp32")
     assert memory["model.safetensors"] != fp32["model.safetensors"]
     assert "forward_dtype: bf16" in (tmp_path / "streamed" / "recipe.yaml").read_text()

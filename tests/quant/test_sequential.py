@@ -189,3 +189,24 @@ def test_forward_dtype_reaches_every_forward_and_statistics_stay_float32(monkeyp
     if method != "gptq":
         pruned = [v for k, v in b.items() if k.endswith("proj.weight") and ".layers." in k]
         assert pruned and all(v.dtype == torch.float32 and float((v == 0).float().mean()) == 0.5 for v in pruned)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_forward_dtype_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch, native):
+    """forward_dtype auto (the default): the driver's forwards run in bf16 where the CPU reports AMX or
+    AVX512-BF16 and in float32 elsewhere (oneDNN's emulated bf16 is slower than float32); the
+    result is then that of the explicit setting, byte for byte."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda native=native: native, raising=False)
+    assert seq.native_bf16("cpu") is native and seq.native_bf16("cpu:0") is native and seq.native_bf16("meta") is False
+    assert seq.resolve_forward_dtype("auto", "cpu") == (torch.bfloat16 if native else None)
+    assert seq.resolve_forward_dtype("fp32", "cpu") is None and seq.resolve_forward_dtype("bf16", "cpu") == torch.bfloat16
+    assert GPTQConfig().forward_dtype == "auto" and PruneConfig("sparsegpt", sparsity=0.5).forward_dtype == "auto"
+    states = {}
+    for dtype in ("auto", "bf16" if native else "fp32"):
+        model = make_tiny_model("llama")
+        gptq_blocks(model, GPTQConfig(bits=4, group_size=32, forward_dtype=dtype), CALIB, batch_size=2,
+                    log=lambda s: None)
+        states[dtype] = model.state_dict()
+    a, b = states.values()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -133,10 +133,10 @@ def test_forward_dtype_reaches_the_sensitivity_pass_and_the_gptq_run(tiny_folder
 
     import llmslim.quant.sequential as seq
 
-    real = seq.LayerSolver.forward_dtype.fget
+    real = seq.LayerSolver.forward_dtype
     asked = set()
     monkeypatch.setattr(seq.LayerSolver, "forward_dtype",
-                        property(lambda self: asked.add((type(self).__name__, real(self))) or real(self)))
+                        lambda self, device: asked.add((type(self).__name__, real(self, device))) or real(self, device))
     assert tune(tiny_folder("llama"), tmp_path / "out", "bpw=3.5", texts, "--forward-dtype", "bf16") == 0
     assert asked == {("SensitivitySolver", torch.bfloat16), ("GPTQSolver", torch.bfloat16)}
     assert "forward_dtype: bf16" in (tmp_path / "out" / "recipe.yaml").read_text()
