@@ -129,30 +129,39 @@ def deep_folder(tmp_path):
     return path, calib
 
 
-def _kill_after_first_block(src: Path, calib: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
-    """Run GPTQ into ``out`` and send ``sig`` once block 0 is checkpointed. The other 11 blocks take
-    about a second; on a machine loaded enough to starve this watcher for that long, the run can end
-    before the signal lands -- a whole, valid output (exit 0), which tests nothing: then try again."""
-    import shutil
+# The real CLI, paused for a minute once block 0 is checkpointed: the test's signal lands between two
+# blocks however loaded the machine is (unpaused, the 11 blocks left take about a second, and a
+# watcher starved that long saw the run finish first).
+PAUSED_AFTER_BLOCK_0 = """
+import sys, time
+from llmslim.cli import main
+import llmslim.quant.sequential as seq
+save_block = seq.BlockState.save_block
+def paused(self, i, *args, **kwargs):
+    save_block(self, i, *args, **kwargs)
+    if i == 0:
+        time.sleep(60)
+seq.BlockState.save_block = paused
+sys.exit(main(sys.argv[1:]))
+"""
 
+
+def _kill_after_first_block(src: Path, calib: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
+    """Run GPTQ into ``out`` and send ``sig`` once block 0 is checkpointed."""
     args = ["quantize", src, "--method", "gptq", "--bits", "4", "--group-size", "32", "--desc-act",
             "--no-act-group-aware", "--calib", calib, "--nsamples", "16", "--seqlen", "128", "--out", out]
-    for _ in range(3):
-        p = cli(*args)
-        # hidden.safetensors is written after each block's tensors: its presence means a block is done.
-        first = out.parent / f".{out.name}.partial" / "_state" / "stage_0" / "hidden.safetensors"
-        deadline = time.monotonic() + 300
-        while not first.exists() and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert p.poll() is None, "the run ended before the first block was checkpointed"
-        p.send_signal(sig)
-        stdout, stderr = p.communicate(timeout=120)
-        if p.returncode == 0 and out.exists():  # it finished first: the signal came too late
-            shutil.rmtree(out)
-            continue
-        assert not out.exists(), "a killed run must not leave a folder that looks complete"
-        return subprocess.CompletedProcess(args, p.returncode, stdout, stderr)
-    raise AssertionError("three runs finished before the signal reached them: the machine is too loaded")
+    p = subprocess.Popen([sys.executable, "-c", PAUSED_AFTER_BLOCK_0, *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # hidden.safetensors is written after each block's tensors: its presence means a block is done.
+    first = out.parent / f".{out.name}.partial" / "_state" / "stage_0" / "hidden.safetensors"
+    deadline = time.monotonic() + 300
+    while not first.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert p.poll() is None, "the run ended before the first block was checkpointed"
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=120)
+    assert not out.exists(), "a killed run must not leave a folder that looks complete"
+    return subprocess.CompletedProcess(args, p.returncode, stdout, stderr)
 
 
 @pytest.mark.slow  # three 12-block GPTQ runs and two resumes: minutes on 2 cores
