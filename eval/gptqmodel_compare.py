@@ -274,10 +274,9 @@ def main() -> None:
         return step_quantize_gptqmodel(args.work, parse_setting(args.setting))
     if args.step == "quantize-llmslim":
         return step_quantize_llmslim(args.work, parse_setting(args.setting))
-    if args.step == "quantize-llmslim-stream":
-        return step_quantize_llmslim_stream(args.work, parse_setting(args.setting), args.max_memory)
-    if args.step == "quantize-llmslim-stream-bf16":
-        return step_quantize_llmslim_stream(args.work, parse_setting(args.setting), args.max_memory, "bf16")
+    if args.step.startswith("quantize-llmslim-stream"):
+        dtype = "bf16" if args.step.endswith("-bf16") else "fp32"
+        return step_quantize_llmslim_stream(args.work, parse_setting(args.setting), args.max_memory, dtype)
     if args.step == "ppl":
         return step_ppl(args.work, args.name)
     if args.step == "all":

@@ -23,20 +23,15 @@ import threading
 import time
 from pathlib import Path
 
-KEYS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+from serve_memory import status_bytes  # this folder's reader of /proc/PID/status
 
 
 def status_mb(pid: int) -> dict[str, float] | None:
+    """VmRSS, VmHWM, RssAnon and RssFile of ``pid`` in MiB; None once the process is gone."""
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        return {k: round(v / 2**20, 1) for k, v in status_bytes(pid).items()} or None
     except OSError:
         return None
-    out = {}
-    for line in text.splitlines():
-        key = line.split(":", 1)[0]
-        if key in KEYS:
-            out[key] = round(int(line.split()[1]) / 1024, 1)
-    return out or None
 
 
 def trace(cmd: list[str], every: float) -> dict:

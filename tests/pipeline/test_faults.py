@@ -19,8 +19,8 @@ from llmslim.cli import main
 ROOT = Path(__file__).parents[2]
 
 
-def cli(*args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "llmslim.cli", *map(str, args)], stdout=subprocess.PIPE,
+def cli(*args, runner: tuple[str, ...] = ("-m", "llmslim.cli"), **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *runner, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             **kw)
 
@@ -150,8 +150,7 @@ def _kill_after_first_block(src: Path, calib: Path, out: Path, sig: int) -> subp
     """Run GPTQ into ``out`` and send ``sig`` once block 0 is checkpointed."""
     args = ["quantize", src, "--method", "gptq", "--bits", "4", "--group-size", "32", "--desc-act",
             "--no-act-group-aware", "--calib", calib, "--nsamples", "16", "--seqlen", "128", "--out", out]
-    p = subprocess.Popen([sys.executable, "-c", PAUSED_AFTER_BLOCK_0, *map(str, args)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = cli(*args, runner=("-c", PAUSED_AFTER_BLOCK_0))
     # hidden.safetensors is written after each block's tensors: its presence means a block is done.
     first = out.parent / f".{out.name}.partial" / "_state" / "stage_0" / "hidden.safetensors"
     deadline = time.monotonic() + 300
