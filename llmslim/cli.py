@@ -304,7 +304,7 @@ def add_prune(sub) -> None:
                    help="sparsegpt/wanda: each group of a block (q/k/v, o, gate/up, down) sees the groups before it "
                    "pruned (default: every layer's input from one forward of the unpruned block, as the reference "
                    "code and llm-compressor read it)")
-    u.add_argument("--forward-dtype", default="auto", metavar="auto|fp32|bf16", help="sparsegpt/wanda: " + FORWARD_DTYPE_HELP)
+    u.add_argument("--forward-dtype", default="auto", metavar="auto|fp32|bf16", help="sparsegpt/wanda, depth/width importance: " + FORWARD_DTYPE_HELP)
     u.add_argument("--include", action="append", default=[], metavar="GLOB", help="only prune these linears (repeatable)")
     u.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune these (repeatable)")
     d = p.add_argument_group("depth (drop decoder blocks)")

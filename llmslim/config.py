@@ -390,7 +390,7 @@ class PruneConfig:
     # block (q/k/v, o, gate/up, down) see inputs computed with the groups before it already pruned,
     # as GPTQ does. Measured on SmolLM2-135M at 50%: True was worse for both (eval/pruning.md).
     true_sequential: bool = False
-    forward_dtype: str = "auto"  # sparsegpt/wanda: the block forwards on the calibration text (FORWARD_DTYPES)
+    forward_dtype: str = "auto"  # the forwards on the calibration text: sparsegpt/wanda's blocks, depth/width's importance (FORWARD_DTYPES)
 
     def __post_init__(self):
         m = self.method
@@ -399,8 +399,8 @@ class PruneConfig:
         defaults = {f.name: f.default for f in fields(PruneConfig) if f.name != "layers"}
         own = {"sparsegpt": ("sparsity", "nm", "damp_percent", "block_size", "true_sequential", "forward_dtype"),
                "wanda": ("sparsity", "nm", "true_sequential", "forward_dtype"),
-               "magnitude": ("sparsity", "nm"), "depth": ("drop_blocks", "importance"),
-               "width": ("mlp_keep", "heads_keep")}[m]
+               "magnitude": ("sparsity", "nm"), "depth": ("drop_blocks", "importance", "forward_dtype"),
+               "width": ("mlp_keep", "heads_keep", "forward_dtype")}[m]
         foreign = [k for k, v in defaults.items() if k not in ("method", *own) and getattr(self, k) != v]
         if foreign:
             raise UserError(f"--method {m} does not use " + ", ".join("--" + k.replace("_", "-") for k in foreign))

@@ -46,7 +46,7 @@ from ..quant.distill import distill
 from ..quant.prune import magnitude_layers, prune_blocks
 from ..quant.reconstruct import recover_blocks
 from ..quant.rtn import rtn_layers
-from ..quant.sequential import gptq_blocks, gptq_lm_head
+from ..quant.sequential import gptq_blocks, gptq_lm_head, resolve_forward_dtype
 from ..quant.sparsity import sparsity_report
 from ..quant.structured import depth_prune, width_prune
 from ..quant.walk import select_layers
@@ -190,10 +190,12 @@ def run_prune(model: nn.Module, config: PruneConfig, ctx: Context) -> tuple[nn.M
     before = sparsity_report(model)["parameters"]
     extra: dict = {}
     if config.method == "depth":
-        extra = depth_prune(model, config.drop_blocks, config.importance, ctx.calib, ctx.batch_size)
+        extra = depth_prune(model, config.drop_blocks, config.importance, ctx.calib, ctx.batch_size,
+                            resolve_forward_dtype(config.forward_dtype, ctx.device))
         logs = []
     elif config.method == "width":
-        extra = width_prune(model, config.mlp_keep, config.heads_keep, ctx.calib, ctx.batch_size)
+        extra = width_prune(model, config.mlp_keep, config.heads_keep, ctx.calib, ctx.batch_size,
+                            resolve_forward_dtype(config.forward_dtype, ctx.device))
         logs = []
     elif config.method == "magnitude":
         logs = [asdict(x) for x in magnitude_layers(model, config)]

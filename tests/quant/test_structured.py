@@ -106,3 +106,28 @@ def test_dropping_all_blocks_or_more_is_refused():
     for n in (2, 3):
         with pytest.raises(UserError, match="at least one must remain"):
             depth_prune(make_tiny_model("llama"), n, "bi", IDS)
+
+
+@pytest.mark.parametrize("method", ["depth", "width"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_importance_forwards_run_in_the_forward_dtype(method, dtype):
+    model = make_tiny_model("llama")
+    seen = set()
+    for b in find_blocks(model)[1]:
+        b.mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.add(args[0].dtype))
+    if method == "depth":
+        depth_prune(model, 1, "kl", IDS, dtype=dtype)
+    else:
+        width_prune(model, 0.5, 1.0, IDS, dtype=dtype)
+    # (width also runs one float32 probe forward first, to read the block layout)
+    assert seen == {dtype or torch.float32} if method == "depth" else seen == {torch.float32, dtype or torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights themselves stay float32
+
+
+def test_forward_dtype_is_an_option_of_depth_and_width_only_where_calibrated():
+    from llmslim.config import PruneConfig
+
+    assert PruneConfig("depth", drop_blocks=1, forward_dtype="bf16").forward_dtype == "bf16"
+    assert PruneConfig("width", mlp_keep=0.5, forward_dtype="fp32").forward_dtype == "fp32"
+    with pytest.raises(UserError, match="does not use --forward-dtype"):
+        PruneConfig("magnitude", sparsity=0.5, forward_dtype="bf16")
