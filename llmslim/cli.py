@@ -271,9 +271,6 @@ def _refuse_foreign_options(args) -> None:
     if args.method == "gptq" and args.desc_act and args.act_group_aware:
         raise UserError("--act-group-aware has no effect with --desc-act (act-order reorders every column); "
                         "drop one of them")
-    if args.method == "gptq" and args.act_group_aware and (args.sparsity or args.nm):
-        raise UserError("--act-group-aware has no effect with --sparsity/--nm (the joint sweep runs in the natural "
-                        "column order, as SparseGPT's does); drop it")
 
 
 def add_prune(sub) -> None:

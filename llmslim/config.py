@@ -227,7 +227,7 @@ class GPTQConfig(IntConfig):
 
     @property
     def joint(self) -> bool:
-        """Pruning in the same sweep (then group-aware reordering is off: natural column order)."""
+        """Pruning in the same sweep (SparseGPT's joint sparse + quantized mode)."""
         return bool(self.sparsity) or bool(self.nm)
 
 

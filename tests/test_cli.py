@@ -183,13 +183,6 @@ def test_act_group_aware_under_desc_act_is_refused(tiny_folder, tmp_path):
     assert r.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("joint", [["--nm", "2:4"], ["--sparsity", "0.5"]])
-def test_act_group_aware_with_joint_pruning_is_refused(tiny_folder, tmp_path, joint):
-    r = run("quantize", tiny_folder("llama"), *joint, "--act-group-aware", "--out", tmp_path / "o")
-    assert r.returncode == 2 and "--act-group-aware has no effect with --sparsity/--nm" in r.stderr, r.stderr
-    assert r.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
-
-
 def test_mse_defaults_per_method(tiny_folder, tmp_path):
     src = tiny_folder("llama")
     for method, extra, want in [("gptq", [], True), ("gptq", ["--no-mse"], False), ("rtn", [], False),

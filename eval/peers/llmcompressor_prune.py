@@ -63,7 +63,13 @@ def main() -> None:
                 from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
                 m.weight.data = forward_quantize(m, m.weight, "weight", m.quantization_scheme.weights)
-    model.save_pretrained(args.out, save_compressed=False)
+    # Saved through a fresh float copy of the model: the weights (pruned, and fake-quantized) without
+    # llm-compressor's quantization parameters and config, which would make the folder a
+    # compressed-tensors checkpoint that llmslim's loader (rightly) refuses to read as float.
+    plain = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    state = model.state_dict()
+    plain.load_state_dict({k: state[k] for k in plain.state_dict()})
+    plain.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     import llmcompressor
 

@@ -51,7 +51,7 @@ def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool,
                  "mse": config.mse,
                  # GAR is off under desc_act (the solver ignores it); GPTQModel refuses a config with both on.
                  "act_group_aware": bool(getattr(config, "act_group_aware", False))
-                 and not bool(getattr(config, "desc_act", False)) and not getattr(config, "joint", False)},
+                 and not bool(getattr(config, "desc_act", False))},
     }
     if getattr(config, "sparsity", 0) or getattr(config, "nm", ""):
         # Joint pruning (SparseGPT's sparse + quantized mode): the zeros are stored as zero points.

@@ -104,12 +104,27 @@ def test_joint_prune_quantize_keeps_zeros_at_zero(kw, prune):
     g = torch.arange(128) // (opts["group_size"] if opts["group_size"] != -1 else 128)
     rtn_after = (Q.float() - z[g].T.float()) * s[g].T
     assert err(W, Wq, X) < err(W, rtn_after, X)
-    # the reorderings still keep every zero (they are off in the joint mode of the CLI: they pruned worse)
+    # the reorderings keep every zero (group-aware reordering is on in the CLI's joint mode, act-order refused)
     for order in (dict(desc_act=True), dict(act_group_aware=True)):
         r = gptq_quantize(W, H, 4, 32, **order, **prune)
         assert (r.dequantize()[r.mask] == 0).all()
         if "nm" in prune:
             assert masks.nm_holds(r.dequantize(), *prune["nm"])
+
+
+def test_joint_nm_grid_leaves_out_weights_pruned_later_in_the_group():
+    # One group of 8 columns, 2:4. H is diagonal (no OBS cross-updates): columns 4 and 5 are the least
+    # salient of the second run (column 5 is a large weight on a nearly unused input), so both get
+    # pruned when the sweep reaches them. The group's grid, fixed at column 0, must not stretch to
+    # reach column 5: the kept +-1 weights then round within a step of 2/15, not of 6/15.
+    W = torch.tensor([[1.0, -1, 1, -1, 0.1, 3, 1, -1]]).repeat(4, 1)
+    H = torch.diag(torch.tensor([100.0, 100, 100, 100, 100, 1e-6, 100, 100]))
+    r = gptq_quantize(W, H, 4, 8, sym=True, mse=False, nm=(2, 4))
+    assert r.mask[:, 4:6].all()
+    Wq = r.dequantize()
+    kept = ~r.mask
+    assert float((Wq[kept] - W[kept]).abs().max()) < 0.1  # 0.8 on the stretched grid
+    assert float(r.scales.max()) < 0.2  # 2 / 15 for |w| <= 1, not 6 / 15 for the pruned 3
 
 
 def test_joint_without_pruning_is_plain_gptq():
