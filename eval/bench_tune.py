@@ -29,6 +29,9 @@ GPTQ run. Also reported: measured / predicted held-out KL over every row that ha
     python eval/bench_tune.py --smoke              # minutes: the plumbing only, numbers mean nothing
     python eval/bench_tune.py --report             # the table of an earlier run
 
+Rows already measured (kept in OUT.partial.json as each finishes) are not run again: an interrupted
+run continues where it stopped; delete that file to measure everything anew.
+
 Results: eval/results/tune.json (--out) and a markdown table beside it.
 """
 
@@ -250,9 +253,26 @@ def main() -> None:
             args.out = args.work / "tune-smoke.json"
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rank = rank_row(args)
-    rows = [tune_row(b, args, args.work) for b in args.budgets]
-    uniform = [uniform_row(u, args, args.work) for u in args.uniform]
+    # Every finished row is kept in OUT.partial.json at once, and a rerun with the same protocol skips
+    # it: the whole benchmark is hours on 2 cores, and a session may end in the middle.
+    protocol = {k: getattr(args, k) for k in ("nsamples", "calib_seqlen", "windows", "seqlen", "smoke", "space")}
+    partial = args.out.with_suffix(".partial.json")
+    done = json.loads(partial.read_text()) if partial.exists() else {}
+    if done.get("_protocol", protocol) != protocol:
+        raise SystemExit(f"{partial} holds rows of another protocol ({done['_protocol']}): move it away")
+    done["_protocol"] = protocol
+
+    def cached(key: str, make):
+        if key in done:
+            print(f"{key}: cached in {partial}", flush=True)
+            return done[key]
+        done[key] = make()
+        partial.write_text(json.dumps(done, indent=1, default=str))
+        return done[key]
+
+    rank = cached("rank", lambda: rank_row(args))
+    rows = [cached(f"tune {b}", lambda b=b: tune_row(b, args, args.work)) for b in args.budgets]
+    uniform = [cached(f"uniform {u}", lambda u=u: uniform_row(u, args, args.work)) for u in args.uniform]
     rows += uniform
     measured_first = next((r for r in rows if r.get("uniform_predicted")), None)
     for u in uniform:  # the tune's calibrated prediction of this very setting
@@ -261,18 +281,18 @@ def main() -> None:
     criteria = {}
     for u in uniform:
         if u["row"] in ("uniform 3:64", "uniform 4:64"):
-            r = tune_row(f"size={u['bytes']}B", args, args.work)
+            r = cached(f"tune size={u['bytes']}B", lambda u=u: tune_row(f"size={u['bytes']}B", args, args.work))
             rows.append(r)
             if "kl" in r:
                 criteria[f"KL at the size of {u['row']}"] = (f"tuned {r['kl']:.4f} vs uniform {u['kl']:.4f} = "
                                                             f"{r['kl'] / u['kl']:.2f}x")
-    rows += llama_rows(args, args.work)
+    rows += cached("llama.cpp", lambda: llama_rows(args, args.work))
     # Decode speed: the tuned checkpoint nearest 4 bits/weight against uniform 4-bit g64.
     four = next((u for u in uniform if u["row"] == "uniform 4:64"), None)
     near = nearest(rows, 4.0)
     if four and near:
-        s_u = evaluate(Path(four["dir"]), args, speed=True)["speed"]["decode_tokens_per_s"]
-        s_t = evaluate(Path(near["dir"]), args, speed=True)["speed"]["decode_tokens_per_s"]
+        s_u, s_t = cached(f"speed {near['row']}", lambda: [
+            evaluate(Path(d), args, speed=True)["speed"]["decode_tokens_per_s"] for d in (four["dir"], near["dir"])])
         criteria["decode speed"] = (f"{near['row']} ({near['bpw']:.2f} bits/weight) {s_t:.1f} tok/s vs uniform 4:64 "
                                     f"{s_u:.1f} = {s_t / s_u:.2f}x")
     gptq = next((u["gptq_seconds"] for u in uniform if u["row"] == "uniform 4:64"), None)

@@ -39,6 +39,31 @@ def test_depth_equals_the_original_without_those_blocks(arch, importance, tmp_pa
     assert out.shape == (1, 7)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_skip_kl_equals_running_the_whole_model_with_each_block_skipped(arch):
+    # skip_kl starts from each block's recorded input; the reference runs every block before it
+    # again and makes block i return its input (a hook), as the method defines "skipped".
+    model = make_tiny_model(arch)
+    _, blocks = find_blocks(model)
+    ids = IDS[:2]
+    before = logits(model, ids)
+    logp = torch.log_softmax(before, -1)
+    want = []
+    for block in blocks:
+        def identity(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            return (x, *output[1:]) if isinstance(output, tuple) else x
+
+        handle = block.register_forward_hook(identity, with_kwargs=True)
+        logq = torch.log_softmax(logits(model, ids), -1)
+        handle.remove()
+        want.append(float((logp.exp() * (logp - logq)).sum() / ids.numel()))
+    assert min(want) > 0
+    torch.testing.assert_close(torch.tensor(skip_kl(model, [ids])), torch.tensor(want), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(logits(model, ids), before)  # every block computes again afterwards
+    assert all("forward" not in b.__dict__ for b in blocks)
+
+
 def test_depth_importance_finds_a_block_that_does_nothing():
     model = make_tiny_model("llama")
     model.config.num_hidden_layers = 3
