@@ -117,7 +117,7 @@ def skip_kl(model: nn.Module, batches: list[torch.Tensor]) -> list[float]:
     for ids in batches:
         inputs, outputs = [None] * n, [None] * n
 
-        def record(i):
+        def record(i, inputs=inputs, outputs=outputs):
             def f(module, args, kwargs, output):
                 inputs[i], outputs[i] = _hidden_in(args, kwargs), output
             return f
