@@ -308,7 +308,7 @@ def add_prune(sub) -> None:
     d.add_argument("--drop-blocks", type=int, default=0, metavar="N", help="decoder blocks to remove")
     d.add_argument("--importance", choices=("bi", "kl"), default="bi",
                    help="bi: ShortGPT block influence 1-cos(in, out) (one pass); kl: KL increase when the block is "
-                   "skipped (one pass per block)")
+                   "skipped (about n/2 passes for n blocks)")
     w = p.add_argument_group("width (MLP channels, attention heads)")
     w.add_argument("--mlp-keep", type=float, default=1.0, metavar="R", help="fraction of MLP channels kept, in (0, 1]")
     w.add_argument("--heads-keep", type=float, default=1.0, metavar="R",
