@@ -301,7 +301,11 @@ def add_prune(sub) -> None:
                    help="sparsegpt/wanda: each group of a block (q/k/v, o, gate/up, down) sees the groups before it "
                    "pruned (default: every layer's input from one forward of the unpruned block, as the reference "
                    "code and llm-compressor read it)")
-    u.add_argument("--forward-dtype", default="auto", metavar="auto|fp32|bf16", help="sparsegpt/wanda, depth/width importance: " + FORWARD_DTYPE_HELP)
+    u.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="sparsegpt --nm: sweep the columns left to right (default: runs of M columns in decreasing "
+                   "order of their largest Hessian diagonal entry, GPTQ's act-order)")
+    u.add_argument("--forward-dtype", default="auto", metavar="auto|fp32|bf16",
+                   help="sparsegpt/wanda, depth/width importance: " + FORWARD_DTYPE_HELP)
     u.add_argument("--include", action="append", default=[], metavar="GLOB", help="only prune these linears (repeatable)")
     u.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune these (repeatable)")
     d = p.add_argument_group("depth (drop decoder blocks)")
@@ -333,7 +337,8 @@ def cmd_prune(args) -> int:
 
     config = PruneConfig(args.method, args.sparsity, args.nm, args.drop_blocks, args.importance, args.mlp_keep,
                          args.heads_keep, args.damp_percent, args.block_size,
-                         LayerFilter(tuple(args.include), tuple(args.exclude)), args.true_sequential, args.forward_dtype)
+                         LayerFilter(tuple(args.include), tuple(args.exclude)), args.true_sequential, args.act_order,
+                         args.forward_dtype)
     if not config.calibrated:
         given = [k for k, v in _CALIB_OPTIONS.items() if getattr(args, k) != v]
         if given:

@@ -203,7 +203,8 @@ def run_prune(model: nn.Module, config: PruneConfig, ctx: Context) -> tuple[nn.M
         logs = [asdict(x) for x in prune_blocks(model, config, ctx.calib, ctx.state_dir, ctx.resume, ctx.batch_size,
                                                 device=ctx.device, max_memory=ctx.max_memory)]
     measured = sparsity_report(model)
-    record = {"method": config.method, **{k: v for k, v in asdict(config).items() if k in _PRUNE_OWN[config.method]},
+    own = [k for k in _PRUNE_OWN[config.method] if k != "act_order" or config.n_m]  # act-order: N:M sweeps only
+    record = {"method": config.method, **{k: v for k, v in asdict(config).items() if k in own},
               "sparsity_measured": measured["sparsity"], "nm_measured": measured["nm"],
               "parameters": [before, measured["parameters"]],
               **{k: v for k, v in extra.items() if k not in ("kept", "scores")}}
@@ -265,7 +266,7 @@ def was_pruned(model: nn.Module, earlier: tuple = ()) -> bool:
                or (isinstance(c, GPTQConfig) and c.joint) for c in earlier)
 
 
-_PRUNE_OWN = {"sparsegpt": ("sparsity", "nm"), "wanda": ("sparsity", "nm"), "magnitude": ("sparsity", "nm"),
+_PRUNE_OWN = {"sparsegpt": ("sparsity", "nm", "act_order"), "wanda": ("sparsity", "nm"), "magnitude": ("sparsity", "nm"),
               "depth": ("drop_blocks", "importance"), "width": ("mlp_keep", "heads_keep")}
 
 

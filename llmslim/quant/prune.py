@@ -55,7 +55,8 @@ class SparseGPTSolver(LayerSolver):
     def solve(self, name, layer, W, H):
         t0 = time.perf_counter()
         c = self.config
-        r = sparsegpt_prune(W, H, c.sparsity, c.n_m, c.block_size, c.damp_percent)
+        r = sparsegpt_prune(W, H, c.sparsity, c.n_m, c.block_size, c.damp_percent,
+                            act_order=c.act_order and c.n_m is not None)
         return r.W, None, _log(name, W, r, t0, H)
 
     def postfix(self, log) -> str:

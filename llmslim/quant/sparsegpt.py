@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import masks
-from .gptq import inverse_cholesky, magnitude_mask, torch_threads
+from .gptq import column_order, inverse_cholesky, magnitude_mask, torch_threads
 
 
 @dataclass
@@ -44,13 +44,27 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None = None,
     block_size: int = 128,
     damp_percent: float = 0.01,
+    act_order: bool = False,
 ) -> PruneResult:
-    """Prune ``W`` to ``sparsity`` (unstructured) or to ``nm`` = (N, M) with SparseGPT."""
+    """Prune ``W`` to ``sparsity`` (unstructured) or to ``nm`` = (N, M) with SparseGPT.
+
+    ``act_order`` (N:M only) sweeps the runs of M columns in decreasing order of their largest
+    Hessian diagonal entry (``gptq.column_order``), GPTQ's act-order heuristic (arXiv:2210.17323 Sec. 4 footnote; the reference
+    ``--act-order``) applied to whole runs, so the pattern is unchanged: the runs whose inputs carry
+    the most energy are pruned first, while every other column can still absorb their error."""
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     rows, columns = W.shape
     if nm is not None and (columns % nm[1] or block_size % nm[1]):
         raise ValueError(f"M={nm[1]} must divide the {columns} columns and the block size {block_size}")
+    if act_order:
+        if nm is None:
+            raise ValueError("act_order applies to N:M pruning only")
+        perm, _ = column_order(torch.diag(H), torch.zeros(columns, dtype=torch.long), -1, desc_act=True,
+                               static_groups=False, act_group_aware=False, unit=nm[1])
+        r = sparsegpt_prune(W[:, perm], H[perm][:, perm], sparsity, nm, block_size, damp_percent)
+        inv = torch.argsort(perm)
+        return PruneResult(r.W[:, inv], r.mask[:, inv], r.loss, r.damp_percent, r.fallback)
     if not bool(torch.isfinite(H.sum())):
         return _magnitude_fallback(W, sparsity, nm, damp_percent, "Hessian is not finite")
 

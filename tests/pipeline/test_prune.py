@@ -55,6 +55,22 @@ def test_unstructured_methods(tiny_folder, tmp_path, calib_file, method, flags, 
     assert len(log["layers"]) == 14 and log["method"] == "prune"
 
 
+def test_nm_act_order_is_the_default_and_recorded(tiny_folder, tmp_path, calib_file):
+    src, outs = tiny_folder("llama"), {}
+    for flags in ([], ["--no-act-order"]):
+        out = tmp_path / f"o{len(flags)}"
+        assert main(["prune", str(src), "--method", "sparsegpt", "--nm", "2:4", *flags, *calib(calib_file),
+                     "--out", str(out)]) == 0
+        (record,) = json.loads((out / "config.json").read_text())["pruning"]
+        assert record["act_order"] is (not flags) and record["nm_measured"] == "2:4"
+        outs[bool(flags)] = load_file(out / "model.safetensors")
+    assert any(not torch.equal(outs[True][k], outs[False][k]) for k in outs[True])
+    out = tmp_path / "unstructured"
+    assert main(["prune", str(src), "--method", "sparsegpt", "--sparsity", "0.5", *calib(calib_file),
+                 "--out", str(out)]) == 0
+    assert "act_order" not in json.loads((out / "config.json").read_text())["pruning"][0]
+
+
 def test_prune_then_gptq_keeps_the_pattern(tiny_folder, tmp_path, calib_file):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"calibration: {{dataset: {calib_file}, nsamples: 8, seqlen: 32}}\n"
@@ -172,6 +188,8 @@ def test_true_sequential_reads_the_pruned_groups(tiny_folder, tmp_path, calib_fi
     (["--method", "magnitude", "--sparsity", "0.5", "--nsamples", "16"], "reads no calibration data"),
     (["--method", "magnitude", "--sparsity", "0.5", "--true-sequential"], "does not use --true-sequential"),
     (["--method", "depth", "--drop-blocks", "1", "--exclude", "*.mlp.*"], "do not apply"),
+    (["--method", "sparsegpt", "--sparsity", "0.5", "--no-act-order"], "applies to N:M pruning (--nm) only"),
+    (["--method", "wanda", "--nm", "2:4", "--no-act-order"], "does not use --act-order"),
 ])
 def test_bad_input_one_line_exit_2(tiny_folder, tmp_path, calib_file, capsys, flags, needle):
     src, out = tiny_folder("llama"), tmp_path / "o"

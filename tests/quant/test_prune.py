@@ -73,6 +73,19 @@ def test_nm_holds_in_every_group_of_m_inputs(n, m):
     assert masks.nm_holds(joint.dequantize(), n, m)
 
 
+def test_sparsegpt_act_order_is_the_natural_sweep_over_runs_sorted_by_their_largest_hessian_diagonal():
+    W, _, H = synthetic_layer(rows=32, columns=128)
+    r = sparsegpt_prune(W, H, nm=(2, 4), act_order=True)
+    assert ((r.W.reshape(32, 32, 4) != 0).sum(-1) == 2).all()  # the 2:4 pattern holds in the stored order
+    assert torch.equal(r.W == 0, r.mask)
+    perm = (torch.argsort(torch.diag(H).view(-1, 4).amax(1), descending=True)[:, None] * 4 + torch.arange(4)).flatten()
+    by_hand = sparsegpt_prune(W[:, perm], H[perm][:, perm], nm=(2, 4))
+    torch.testing.assert_close(r.W[:, perm], by_hand.W)
+    assert not torch.equal(perm, torch.arange(128))  # the case does reorder
+    with pytest.raises(ValueError, match="N:M"):
+        sparsegpt_prune(W, H, 0.5, act_order=True)
+
+
 def test_sparsegpt_beats_wanda_beats_magnitude_on_the_layer_objective():
     W, X, H = synthetic_layer(rows=64, columns=128, seed=2)
     S, _ = accumulate_sq_norms(torch.zeros(128), 0, X)
