@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .walk import (
@@ -94,7 +95,7 @@ def block_influence(model: nn.Module, batches: list[torch.Tensor]) -> list[float
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
-        for ids in batches:
+        for ids in tqdm(batches, desc="block influence", unit="batch"):
             model(input_ids=ids, use_cache=False)
             tokens += ids.numel()
     finally:
@@ -114,7 +115,7 @@ def skip_kl(model: nn.Module, batches: list[torch.Tensor]) -> list[float]:
     n = len(blocks)
     kl = [0.0] * n
     tokens = 0
-    for ids in batches:
+    for ids in tqdm(batches, desc=f"KL without each of {n} blocks", unit="batch"):
         inputs, outputs = [None] * n, [None] * n
 
         def record(i, inputs=inputs, outputs=outputs):
@@ -230,7 +231,7 @@ def width_importance(model: nn.Module, layout: Layout, batches: list[torch.Tenso
         if heads is not None:
             handles.append(b.get_submodule(layout.out).register_forward_pre_hook(on_out(i)))
     try:
-        for ids in batches:
+        for ids in tqdm(batches, desc="channel and head importance", unit="batch"):
             model(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
