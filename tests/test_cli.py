@@ -200,8 +200,8 @@ def test_mse_defaults_per_method(tiny_folder, tmp_path):
      "--forward-dtype must be one of auto, fp32, bf16, got 'float16'"),
     (["prune", "SRC", "--method", "magnitude", "--sparsity", "0.5", "--forward-dtype", "bf16"],
      "does not use --forward-dtype"),
-    (["prune", "SRC", "--method", "depth", "--drop-blocks", "1", "--forward-dtype", "bf16"],
-     "does not use --forward-dtype"),
+    (["prune", "SRC", "--method", "depth", "--drop-blocks", "1", "--forward-dtype", "fp16"],
+     "--forward-dtype must be one of auto, fp32, bf16, got 'fp16'"),  # depth's importance pass uses it
     (["tune", "SRC", "--budget", "kl=0.1", "--forward-dtype", "bf8"], "--forward-dtype must be one of"),
 ])
 def test_forward_dtype_of_prune_and_tune_checked_first(tiny_folder, tmp_path, cmd, needle):
