@@ -97,10 +97,14 @@ def run_one(row: str, calib_file: Path, windows: int, seqlen: int, speed: bool) 
         recipe = Recipe(tuple(stages(row)))
         calib = torch.load(calib_file)
         t0 = time.perf_counter()
-        model, _ = compress(model, recipe, calib)
+        model, reports = compress(model, recipe, calib)
         seconds = time.perf_counter() - t0
+        # what each prune stage did (dropped blocks and their scores, kept widths, measured sparsity)
+        records = [r.extra["pruning"] for r in reports if "pruning" in r.extra]
     rss = peak_rss_bytes()  # before decoding weights for the evaluation
     result = {"row": row, "seconds": seconds, "peak_rss": rss, "load": os.getloadavg()[0]}
+    if row != "fp32" and records:
+        result["pruning"] = [{k: v for k, v in r.items() if k != "kept"} for r in records]
     result |= score(model, tok, windows, seqlen)
     if speed and (row == "fp32" or row.startswith(("depth", "width"))):
         result |= structured_costs(model, tok)
