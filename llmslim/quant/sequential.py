@@ -94,7 +94,8 @@ class LayerLog:
 def solver_options(config: GPTQConfig) -> dict:
     return dict(bits=config.bits, group_size=config.group_size, sym=config.sym, mse=config.mse,
                 desc_act=config.desc_act, static_groups=config.static_groups, damp_percent=config.damp_percent,
-                block_size=config.block_size, act_group_aware=config.act_group_aware and not config.desc_act, grid=config.gguf_grid, sparsity=config.sparsity, nm=config.n_m,
+                block_size=config.block_size, act_group_aware=config.act_group_aware and not config.desc_act,
+                grid=config.gguf_grid, sparsity=config.sparsity, nm=config.n_m,
                 importance=config.scale_importance if config.mse else None)
 
 

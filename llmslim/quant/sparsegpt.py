@@ -49,9 +49,10 @@ def sparsegpt_prune(
     """Prune ``W`` to ``sparsity`` (unstructured) or to ``nm`` = (N, M) with SparseGPT.
 
     ``act_order`` (N:M only) sweeps the runs of M columns in decreasing order of their largest
-    Hessian diagonal entry (``gptq.column_order``), GPTQ's act-order heuristic (arXiv:2210.17323 Sec. 4 footnote; the reference
-    ``--act-order``) applied to whole runs, so the pattern is unchanged: the runs whose inputs carry
-    the most energy are pruned first, while every other column can still absorb their error."""
+    Hessian diagonal entry (``gptq.column_order``), GPTQ's act-order heuristic (arXiv:2210.17323; the
+    reference ``--act-order``) applied to whole runs, so the pattern is unchanged: the runs whose
+    inputs carry the most energy are pruned first, while every other column can still absorb their
+    error."""
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     rows, columns = W.shape
