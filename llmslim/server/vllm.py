@@ -9,6 +9,10 @@ checked first, because vLLM's own failures come late and are hard to read:
   refuse anything else; SmolLM2's 576 hidden size at g128 is the classic case). The sizes come
   from the safetensors headers, so nothing is loaded; each module is checked with its own bits
   and group size (a mixed checkpoint's GPTQModel ``dynamic`` rules, as vLLM reads them);
+- every quantized layer's bits (and the checkpoint's symmetry) are ones vLLM's GPTQ loader takes:
+  vLLM 0.32 loads 4- and 8-bit symmetric layers only (its ``AutoGPTQConfig.TYPE_MAP``), so a
+  ``llmslim tune`` checkpoint with 2- or 3-bit layers fails there. The set is asked of the vLLM that
+  will run (the check is skipped when that vLLM does not say);
 - with ``--tensor-parallel-size T``, that vLLM can split the model T ways: attention heads (and
   KV heads, or T a multiple of them), every row-parallel layer's input (o_proj, down_proj ...)
   in T slices that the group size still divides, every column-parallel layer's output in T
@@ -104,6 +108,44 @@ def check_group_size(folder: str | Path) -> None:
         f"{folder}: {'their group sizes do' if mixed else f'group size {group} does'} not divide the input size "
         f"of {len(bad)} quantized layers (e.g. {example}); vLLM refuses such GPTQ checkpoints. Re-quantize with {fix}, "
         f"or serve this one with --engine embedded."
+    )
+
+
+# What vLLM's GPTQ loader takes, as (bits, sym) pairs: its config class's own table (vLLM 0.32).
+GPTQ_TYPES_PROBE = ("from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig as C; "
+                    "print(sorted(C.TYPE_MAP))")
+
+
+def vllm_gptq_types(python: str) -> set[tuple[int, bool]] | None:
+    """The (bits, sym) pairs the vLLM of ``python`` loads GPTQ layers at, or None when it does not say
+    (another vLLM layout, or no vLLM): then vLLM is left to judge the checkpoint itself."""
+    import ast
+
+    try:
+        p = subprocess.run([python, "-c", GPTQ_TYPES_PROBE], capture_output=True, text=True, timeout=300)
+        pairs = ast.literal_eval(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
+        return {(int(b), bool(sym)) for b, sym in pairs} if pairs else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, SyntaxError, IndexError, TypeError):
+        return None
+
+
+def check_bits(folder: str | Path, types: set[tuple[int, bool]] | None) -> None:
+    """Raise ``UserError`` when a quantized layer's bits (with the checkpoint's symmetry) are not among
+    ``types``, the (bits, sym) pairs vLLM loads (``vllm_gptq_types``; None: no check)."""
+    qc = _gptq_config(Path(folder))
+    if not qc or types is None:
+        return
+    sym = bool(qc.get("sym", True))
+    bits = {n: _grid(qc, n)[0] for n in quantized_input_sizes(folder)}
+    bad = sorted(n for n, b in bits.items() if (b, sym) not in types)
+    if not bad:
+        return
+    takes = ", ".join(f"{b}-bit {'symmetric' if s else 'asymmetric'}" for b, s in sorted(types))
+    found = ", ".join(f"{b}-bit" for b in sorted({bits[n] for n in bad}))
+    raise UserError(
+        f"{folder}: vLLM's GPTQ loader takes {takes} layers only; {len(bad)} quantized layers here are "
+        f"{found}{'' if sym else ' asymmetric'} (e.g. {bad[0]}). Serve it with --engine embedded, or tune with "
+        f"--space calibration/spaces/vllm.yaml (4 and 8 bits only)."
     )
 
 
@@ -247,6 +289,7 @@ def launch(args, extra: list[str]) -> int:
         return 0
     if not vllm_installed(python):
         raise UserError(INSTALL_HINT.format(python=python))
+    check_bits(folder, vllm_gptq_types(python))
     print(f"starting vLLM: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     os.execvpe(python, cmd, env)
     return 0  # not reached

@@ -140,3 +140,23 @@ def test_forward_dtype_reaches_the_sensitivity_pass_and_the_gptq_run(tiny_folder
     assert tune(tiny_folder("llama"), tmp_path / "out", "bpw=3.5", texts, "--forward-dtype", "bf16") == 0
     assert asked == {("SensitivitySolver", torch.bfloat16), ("GPTQSolver", torch.bfloat16)}
     assert "forward_dtype: bf16" in (tmp_path / "out" / "recipe.yaml").read_text()
+
+
+def test_the_vllm_space_makes_checkpoints_vllm_loads(tiny_folder, tmp_path, texts):
+    """calibration/spaces/vllm.yaml keeps to 4 and 8 bits: the tuned checkpoint passes the bits check
+    `serve --engine vllm` makes against vLLM 0.32's GPTQ loader; the default space's does not."""
+    from pathlib import Path
+
+    from llmslim.errors import UserError
+    from llmslim.server.vllm import check_bits, check_group_size
+
+    space = Path(__file__).parents[2] / "calibration" / "spaces" / "vllm.yaml"
+    src = tiny_folder("llama")
+    assert tune(src, tmp_path / "v", "bpw=6", texts, "--space", str(space)) == 0
+    choice = json.loads((tmp_path / "v" / "tune.json").read_text())["choice"]
+    assert {c.split(":")[0] for c in choice.values()} == {"4", "8"}  # mixed, both vLLM's
+    check_bits(tmp_path / "v", {(4, True), (8, True)})
+    check_group_size(tmp_path / "v")
+    assert tune(src, tmp_path / "d", "bpw=3", texts) == 0
+    with pytest.raises(UserError, match="calibration/spaces/vllm.yaml"):
+        check_bits(tmp_path / "d", {(4, True), (8, True)})
