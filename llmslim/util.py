@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,13 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 def atomic_write_text(path: Path | str, text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "x", encoding="utf-8") as f:
         f.write(text)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the kernel's pick), for a server a script or test starts."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def rss_bytes() -> tuple[int, int]:

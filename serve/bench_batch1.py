@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from llmslim.util import free_port
 
 
 def wait_healthy(http: httpx.Client, server: subprocess.Popen, timeout: float = 600) -> None:
@@ -76,11 +77,6 @@ def worker(args) -> None:
         print(json.dumps({"decode_tok_s": r.timings["decode_tok_s"], "tokens": len(r.tokens),
                           "first": r.tokens[:8]}), flush=True)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def step_seconds(http: httpx.Client) -> tuple[float, float]:

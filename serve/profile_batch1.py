@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
-from bench_batch1 import step_seconds, wait_healthy  # (this folder is on sys.path when run as a script)
+from bench_batch1 import (  # (this folder is on sys.path when run as a script)
+    free_port,
+    step_seconds,
+    wait_healthy,
+)
 
 IDS = list(range(1000, 1128))  # a 128-token prompt, as token ids
 SPY = os.environ.get("PY_SPY") or shutil.which("py-spy") or "py-spy"
@@ -86,9 +89,7 @@ def direct(ckpt: str, n: int, tokens: int, spy_out: str) -> dict:
 
 
 def served(ckpt: str, stream: bool, n: int, tokens: int, spy_out: str) -> dict:
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        port = so.getsockname()[1]
+    port = free_port()
     srv = subprocess.Popen([sys.executable, "-m", "llmslim.cli", "serve", ckpt, "--port", str(port), "--threads", "1",
                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -21,6 +21,7 @@ import torch
 
 from llmslim.runtime.sampling import SamplingParams
 from llmslim.server.engine import Done, Engine, Failed, Output, PromptLogprobs
+from llmslim.util import free_port
 from tests.conftest import make_tiny_model, make_tiny_tokenizer
 from tests.server.conftest import API_KEY, MODEL, start, stop
 from tests.server.test_errors import GOOD, assert_error, assert_still_serving
@@ -653,9 +654,7 @@ def test_over_the_concurrency_limit_is_a_503_in_openai_shape():
             await asyncio.get_running_loop().run_in_executor(None, release.wait, 20)
         await JSONResponse({"ok": scope["path"]})(scope, receive, send)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(ConcurrencyLimit(app, 2), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

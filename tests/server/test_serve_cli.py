@@ -4,7 +4,6 @@ vLLM launcher's checks (group size, missing vLLM, flags passed through)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from llmslim.cli import main
 from llmslim.errors import UserError
+from llmslim.util import free_port
 from tests.conftest import make_tiny_model, make_tiny_tokenizer
 
 
@@ -123,17 +123,12 @@ def test_bitsandbytes_checkpoint(tiny_folder, tmp_path, fast):
         engine.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_llmslim_serve_command(gptq_dir):
     """The real command in a subprocess, with a key from the environment, queried by the openai client."""
     import openai
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, LLMSLIM_API_KEY="k3y", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "llmslim.cli", "serve", str(gptq_dir), "--port", str(port),
                              "--served-model-name", "smol", "--max-batch", "4", "--log-level", "warning"],

@@ -32,7 +32,6 @@ import json
 import os
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import time
 
 import httpx
 import pytest
+
+from llmslim.util import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -80,11 +81,6 @@ BAD = [
     ("/tokenize", {"prompt": "a" * 200_000}),
 ]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
