@@ -294,13 +294,13 @@ def report(results: dict, out: Path) -> str:
         mb = f"{r['bytes'] / 1e6:.1f}" if r.get("bytes") else ""
         lines.append(f"| {r['row']} | {met} | {r.get('attempts', '')} | {f('predicted_kl', '.4f')} | {f('kl', '.4f')} | "
                      f"{f('ppl', '.3f')} | {mb} | {f('bpw', '.3f')} | {r.get('seconds', r.get('gptq_seconds', ''))} |")
-    budget_rows = [r for r in rows if r["row"].startswith("tune ") and r["budget"] in BUDGETS]
+    sweep = [r for r in rows if r["row"].startswith("tune ") and "space)" not in r["row"]]  # the default space's
+    budget_rows = [r for r in sweep if r["budget"] in BUDGETS]
     met = sum(bool(r.get("met")) for r in budget_rows)
     refused = [r for r in budget_rows if "refused" in r]
     lines += ["", f"Budgets met on held-out text: {met} of the {len(budget_rows)} in issue 14's sweep (refused as "
               f"unreachable: {len(refused)}{': ' if refused else ''}{'; '.join(r['refused'] for r in refused)})."]
-    reachable = [r for r in rows if r["row"].startswith("tune ") and r["budget"] in BUDGETS + EXTRA_BUDGETS
-                 and "refused" not in r]
+    reachable = [r for r in sweep if r["budget"] in BUDGETS + EXTRA_BUDGETS and "refused" not in r]
     if reachable:
         lines.append(f"Of every reachable budget run ({', '.join(r['budget'] for r in reachable)}): met "
                      f"{sum(bool(r.get('met')) for r in reachable)} of {len(reachable)}.")
@@ -382,16 +382,6 @@ def main() -> None:
                                                             f"{r['kl'] / u['kl']:.2f}x")
     llama = cached("llama.cpp", lambda: llama_rows(args, args.work))
     rows += llama
-    # Equal size against llama.cpp: tune to each K-quant file's own size (its embeddings included, as
-    # the tuned checkpoint's are) and compare perplexity on the same windows.
-    for q in llama:
-        if q.get("bytes"):
-            r = cached(f"tune size={q['bytes']}B", lambda q=q: tune_row(f"size={q['bytes']}B", args, args.work))
-            rows.append(r)
-            if "ppl" in r:
-                criteria[f"perplexity at the size of {q['row']}"] = (
-                    f"tuned {r['ppl']:.3f} (base {r['base_ppl']:.3f}) vs {q['row']} {q['ppl']:.3f} (base "
-                    f"{q['base_ppl_llama_cpp']:.3f}, llama.cpp's own f32) at {q['bytes'] / 1e6:.1f} MB")
     # Decode speed: the tuned checkpoint nearest 4 bits/weight against uniform 4-bit g64.
     four = next((u for u in uniform if u["row"] == "uniform 4:64"), None)
     near = nearest(rows, 4.0)
@@ -418,6 +408,16 @@ def main() -> None:
                     criteria[v["row"]] = v.get("refused") or (
                         f"perplexity on {v['windows']} held-out windows: vLLM {v['ppl_vllm']:.3f} vs llmslim "
                         f"{v['ppl_llmslim']:.3f} ({v['vllm_over_llmslim']:.3f}x; {v['bpw']:.2f} bits/weight)")
+    # Equal size against llama.cpp: tune to each K-quant file's own size (its embeddings included, as
+    # the tuned checkpoint's are) and compare perplexity on the same windows.
+    for q in llama:
+        if q.get("bytes"):
+            r = cached(f"tune size={q['bytes']}B", lambda q=q: tune_row(f"size={q['bytes']}B", args, args.work))
+            rows.append(r)
+            if "ppl" in r:
+                criteria[f"perplexity at the size of {q['row']}"] = (
+                    f"tuned {r['ppl']:.3f} (base {r['base_ppl']:.3f}) vs {q['row']} {q['ppl']:.3f} (base "
+                    f"{q['base_ppl_llama_cpp']:.3f}, llama.cpp's own f32) at {q['bytes'] / 1e6:.1f} MB")
     gptq = next((u["gptq_seconds"] for u in uniform if u["row"] == "uniform 4:64"), None)
     first = next((r for r in rows if r["row"].startswith("tune") and not r.get("cached") and "seconds" in r), None)
     if gptq and first:
