@@ -146,13 +146,13 @@ def llama_rows(args, work: Path) -> list[dict]:
             "f32"], check=True)
     wfile = work / "windows.json"
     wfile.write_text(json.dumps(windows(args.windows, args.seqlen)))
-    base = sh([args.llama_python, "-c", LLAMA_SCRIPT, "ppl", f32, wfile], capture_output=True, text=True, check=True)
+    base = sh([args.llama_python, "-c", LLAMA_SCRIPT, "ppl", f32, wfile, 2], capture_output=True, text=True, check=True)
     base_ppl = json.loads(base.stdout.strip().splitlines()[-1])["ppl"]
     rows = []
     for name, ftype in LLAMA_TYPES.items():
         out = work / f"{name}.gguf"
         sh([args.llama_python, "-c", LLAMA_SCRIPT, "quantize", f32, out, ftype], check=True)
-        p = sh([args.llama_python, "-c", LLAMA_SCRIPT, "ppl", out, wfile], capture_output=True, text=True, check=True)
+        p = sh([args.llama_python, "-c", LLAMA_SCRIPT, "ppl", out, wfile, 2], capture_output=True, text=True, check=True)
         rows.append({"row": f"llama.cpp {name}", "ppl": json.loads(p.stdout.strip().splitlines()[-1])["ppl"],
                      "base_ppl_llama_cpp": base_ppl, "bytes": out.stat().st_size,
                      "note": "file size includes the embeddings at llama.cpp's types; ppl from llama.cpp itself"})
