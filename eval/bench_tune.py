@@ -154,9 +154,25 @@ def llama_rows(args, work: Path) -> list[dict]:
         sh([args.llama_python, "-c", LLAMA_SCRIPT, "quantize", f32, out, ftype], check=True)
         p = sh([args.llama_python, "-c", LLAMA_SCRIPT, "ppl", out, wfile, 2], capture_output=True, text=True, check=True)
         rows.append({"row": f"llama.cpp {name}", "ppl": json.loads(p.stdout.strip().splitlines()[-1])["ppl"],
-                     "base_ppl_llama_cpp": base_ppl, "bytes": out.stat().st_size,
+                     "base_ppl_llama_cpp": base_ppl, "bytes": out.stat().st_size, **linear_bits(out),
                      "note": "file size includes the embeddings at llama.cpp's types; ppl from llama.cpp itself"})
     return rows
+
+
+def linear_bits(path: Path) -> dict:
+    """What a GGUF file spends on the decoder blocks' matrices: bits per weight (its block scales
+    included, as a GPTQ checkpoint's bits per weight include its scales and zeros) and the types
+    llama.cpp chose (on a 576-wide model most K-quant tensors fall back to Q4_0/Q5_0: 576 is not a
+    multiple of K-quants' 256), and the type of its token embedding."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(path).tensors
+    mats = [t for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    embed = next((t.tensor_type.name for t in tensors if t.name == "token_embd.weight"), None)
+    return {"linear_bpw": sum(int(t.n_bytes) for t in mats) * 8 / sum(int(t.n_elements) for t in mats),
+            "linear_types": dict(Counter(t.tensor_type.name for t in mats)), "embedding_type": embed}
 
 
 def rank_row(args) -> dict:
@@ -409,7 +425,20 @@ def main() -> None:
                         f"perplexity on {v['windows']} held-out windows: vLLM {v['ppl_vllm']:.3f} vs llmslim "
                         f"{v['ppl_llmslim']:.3f} ({v['vllm_over_llmslim']:.3f}x; {v['bpw']:.2f} bits/weight)")
     # Equal size against llama.cpp: tune to each K-quant file's own size (its embeddings included, as
-    # the tuned checkpoint's are) and compare perplexity on the same windows.
+    # the tuned checkpoint's are) and compare perplexity on the same windows. A GPTQ checkpoint keeps
+    # the embedding in float16 (56.6 MB here) where llama.cpp stores Q8_0 (30 MB), so also at equal
+    # bits per weight of the blocks' matrices: what the two quantizers do with the same bits.
+    for q in llama:
+        if q.get("bytes") and "linear_bpw" not in q:  # a row measured before linear_bits existed
+            q.update(linear_bits(args.work / f"{q['row'].split()[-1]}.gguf"))
+        if q.get("linear_bpw"):
+            b = f"bpw={q['linear_bpw']:.4f}"
+            r = cached(f"tune {b}", lambda b=b: tune_row(b, args, args.work))
+            rows.append(r)
+            if "ppl" in r:
+                criteria[f"perplexity at the blocks' bits per weight of {q['row']}"] = (
+                    f"tuned {r['ppl']:.3f} at {r['bpw']:.2f} bits/weight, {r['bytes'] / 1e6:.1f} MB vs {q['row']} "
+                    f"{q['ppl']:.3f} at {q['linear_bpw']:.2f} ({q['linear_types']}), {q['bytes'] / 1e6:.1f} MB")
     for q in llama:
         if q.get("bytes"):
             r = cached(f"tune size={q['bytes']}B", lambda q=q: tune_row(f"size={q['bytes']}B", args, args.work))
