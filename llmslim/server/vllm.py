@@ -9,10 +9,11 @@ checked first, because vLLM's own failures come late and are hard to read:
   refuse anything else; SmolLM2's 576 hidden size at g128 is the classic case). The sizes come
   from the safetensors headers, so nothing is loaded; each module is checked with its own bits
   and group size (a mixed checkpoint's GPTQModel ``dynamic`` rules, as vLLM reads them);
-- every quantized layer's bits (and the checkpoint's symmetry) are ones vLLM's GPTQ loader takes:
-  vLLM 0.32 loads 4- and 8-bit symmetric layers only (its ``AutoGPTQConfig.TYPE_MAP``), so a
-  ``llmslim tune`` checkpoint with 2- or 3-bit layers fails there. The set is asked of the vLLM that
-  will run (the check is skipped when that vLLM does not say);
+- every quantized layer's bits and group size (and the checkpoint's symmetry) are ones vLLM's GPTQ
+  kernels load on this machine: vLLM 0.32 loads 4- and 8-bit symmetric layers on GPU (its
+  ``AutoGPTQConfig.TYPE_MAP``, Marlin) but only 4-bit symmetric ones on CPU (its Marlin check for the
+  CPU platform), so a ``llmslim tune`` checkpoint with 2-, 3- or (on CPU) 8-bit layers fails there.
+  The set is asked of the vLLM that will run (the check is skipped when that vLLM does not say);
 - with ``--tensor-parallel-size T``, that vLLM can split the model T ways: attention heads (and
   KV heads, or T a multiple of them), every row-parallel layer's input (o_proj, down_proj ...)
   in T slices that the group size still divides, every column-parallel layer's output in T
@@ -111,41 +112,65 @@ def check_group_size(folder: str | Path) -> None:
     )
 
 
-# What vLLM's GPTQ loader takes, as (bits, sym) pairs: its config class's own table (vLLM 0.32).
-GPTQ_TYPES_PROBE = ("from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig as C; "
-                    "print(sorted(C.TYPE_MAP))")
+# What vLLM's GPTQ loader takes, as (bits, sym, group size) triples: its config class's table (vLLM 0.32)
+# filtered by the kernel check it runs per layer on this platform (``check_marlin_supported``: on CPU only
+# 4-bit symmetric passes, though the table lists 8 bits). A vLLM without that check gives group None (any).
+GPTQ_TYPES_PROBE = """
+from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig as C
+try:
+    from vllm.model_executor.layers.quantization.utils import marlin_utils as M
+    ok = [(b, s, g) for (b, s), t in C.TYPE_MAP.items() for g in M.MARLIN_SUPPORTED_GROUP_SIZES
+          if M.check_marlin_supported(t, g, has_zp=not s)]
+except ImportError:
+    ok = [(b, s, None) for b, s in C.TYPE_MAP]
+print(sorted(ok, key=str))
+"""
+
+Grids = set[tuple[int, bool, int | None]]
 
 
-def vllm_gptq_types(python: str) -> set[tuple[int, bool]] | None:
-    """The (bits, sym) pairs the vLLM of ``python`` loads GPTQ layers at, or None when it does not say
-    (another vLLM layout, or no vLLM): then vLLM is left to judge the checkpoint itself."""
+def vllm_gptq_types(python: str) -> Grids | None:
+    """The (bits, sym, group size) triples the vLLM of ``python`` loads GPTQ layers at on this machine
+    (group None: any group), or None when it does not say (another vLLM layout, or no vLLM): then vLLM
+    is left to judge the checkpoint itself."""
     import ast
 
     try:
         p = subprocess.run([python, "-c", GPTQ_TYPES_PROBE], capture_output=True, text=True, timeout=300)
-        pairs = ast.literal_eval(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
-        return {(int(b), bool(sym)) for b, sym in pairs} if pairs else None
+        triples = ast.literal_eval(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
+        return {(int(b), bool(sym), None if g is None else int(g)) for b, sym, g in triples} if triples else None
     except (OSError, subprocess.TimeoutExpired, ValueError, SyntaxError, IndexError, TypeError):
         return None
 
 
-def check_bits(folder: str | Path, types: set[tuple[int, bool]] | None) -> None:
-    """Raise ``UserError`` when a quantized layer's bits (with the checkpoint's symmetry) are not among
-    ``types``, the (bits, sym) pairs vLLM loads (``vllm_gptq_types``; None: no check)."""
+def _describe(types: Grids) -> str:
+    by_bits: dict[tuple[int, bool], list[int | None]] = {}
+    for b, s, g in sorted(types, key=str):
+        by_bits.setdefault((b, s), []).append(g)
+    parts = []
+    for (b, s), groups in sorted(by_bits.items()):
+        kind = f"{b}-bit {'symmetric' if s else 'asymmetric'}"
+        parts.append(kind if None in groups else f"{kind} (group {', '.join(map(str, sorted(groups)))})")
+    return "; ".join(parts)
+
+
+def check_bits(folder: str | Path, types: Grids | None) -> None:
+    """Raise ``UserError`` when a quantized layer's grid (its bits and group size, with the checkpoint's
+    symmetry) is not among ``types``, what vLLM loads here (``vllm_gptq_types``; None: no check)."""
     qc = _gptq_config(Path(folder))
     if not qc or types is None:
         return
     sym = bool(qc.get("sym", True))
-    bits = {n: _grid(qc, n)[0] for n in quantized_input_sizes(folder)}
-    bad = sorted(n for n, b in bits.items() if (b, sym) not in types)
+    grids = {n: _grid(qc, n) for n in quantized_input_sizes(folder)}
+    bad = sorted(n for n, (b, g) in grids.items() if (b, sym, None) not in types and (b, sym, g) not in types)
     if not bad:
         return
-    takes = ", ".join(f"{b}-bit {'symmetric' if s else 'asymmetric'}" for b, s in sorted(types))
-    found = ", ".join(f"{b}-bit" for b in sorted({bits[n] for n in bad}))
+    found = ", ".join(f"{b}-bit group {g}" for b, g in sorted({grids[n] for n in bad}))
+    space = "vllm-cpu.yaml" if {b for b, _, _ in types} == {4} else "vllm.yaml"
     raise UserError(
-        f"{folder}: vLLM's GPTQ loader takes {takes} layers only; {len(bad)} quantized layers here are "
-        f"{found}{'' if sym else ' asymmetric'} (e.g. {bad[0]}). Serve it with --engine embedded, or tune with "
-        f"--space calibration/spaces/vllm.yaml (4 and 8 bits only)."
+        f"{folder}: this vLLM's GPTQ kernels load {_describe(types)} layers only; {len(bad)} quantized layers "
+        f"here are {found}{'' if sym else ' asymmetric'} (e.g. {bad[0]}). Serve it with --engine embedded, or "
+        f"tune with --space calibration/spaces/{space}."
     )
 
 

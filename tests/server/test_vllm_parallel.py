@@ -138,28 +138,38 @@ def test_mixed_checkpoints_are_checked_with_each_modules_own_grid(tmp_path):
         check_group_size(odd)
 
 
-def test_layers_at_bits_vllm_does_not_load_are_refused(tmp_path):
-    """vLLM 0.32's GPTQ loader takes 4- and 8-bit symmetric layers: a tuned checkpoint with a 3-bit
-    layer is refused before vLLM starts, naming the layer and the vLLM space to tune with."""
+def test_layers_at_grids_vllm_does_not_load_are_refused(tmp_path):
+    """vLLM 0.32's GPTQ kernels take 4- and 8-bit symmetric layers on GPU, 4-bit only on CPU: a tuned
+    checkpoint with a 3-bit layer (or, on CPU, an 8-bit one) is refused before vLLM starts, naming the
+    layer and the space to tune with."""
     from llmslim.server.vllm import check_bits
 
-    vllm_032 = {(4, True), (8, True)}
-    check_bits(mixed_checkpoint(tmp_path, "ok", 16, ("model.layers.1.self_attn.o_proj=8:16",)), vllm_032)
+    gpu = {(4, True, None), (8, True, None)}
+    cpu = {(4, True, g) for g in (-1, 32, 64, 128)}
+    eight = mixed_checkpoint(tmp_path, "eight", 32, ("model.layers.1.self_attn.o_proj=8:32",))
+    check_bits(eight, gpu)
+    with pytest.raises(UserError, match=r"load 4-bit symmetric \(group -1, 32, 64, 128\) layers only; 1 quantized "
+                       r"layers here are 8-bit group 32 \(e.g. model.layers.1.self_attn.o_proj\).*spaces/vllm-cpu.yaml"):
+        check_bits(eight, cpu)
     folder = mixed_checkpoint(tmp_path, "three", 16, ("model.layers.0.self_attn.k_proj=3:16",))
-    with pytest.raises(UserError, match=r"takes 4-bit symmetric, 8-bit symmetric layers only; 1 quantized layers "
-                       r"here are 3-bit \(e.g. model.layers.0.self_attn.k_proj\).*calibration/spaces/vllm.yaml"):
-        check_bits(folder, vllm_032)
-    check_bits(folder, {(3, True), (4, True)})  # a vLLM that says it loads 3 bits
+    with pytest.raises(UserError, match=r"load 4-bit symmetric; 8-bit symmetric layers only; 1 quantized layers "
+                       r"here are 3-bit group 16 \(e.g. model.layers.0.self_attn.k_proj\).*calibration/spaces/vllm.yaml"):
+        check_bits(folder, gpu)
+    check_bits(folder, {(3, True, None), (4, True, None)})  # a vLLM that says it loads 3 bits
     check_bits(folder, None)  # a vLLM that does not say: it judges the checkpoint itself
+    # The group matters where the kernel check names groups: 4-bit at group 16 is not among CPU's.
+    with pytest.raises(UserError, match="4-bit group 16"):
+        check_bits(mixed_checkpoint(tmp_path, "g16", 16, ()), cpu)
+    check_bits(mixed_checkpoint(tmp_path, "g32", 32, ()), cpu)
 
 
-def test_the_bits_vllm_loads_are_asked_of_its_python(tmp_path):
+def test_the_grids_vllm_loads_are_asked_of_its_python(tmp_path):
     from llmslim.server.vllm import vllm_gptq_types
 
     fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\necho '[(4, True), (8, True)]'\n")
+    fake.write_text("#!/bin/sh\necho '[(4, True, 32), (4, True, 64), (8, True, None)]'\n")
     fake.chmod(0o755)
-    assert vllm_gptq_types(str(fake)) == {(4, True), (8, True)}
+    assert vllm_gptq_types(str(fake)) == {(4, True, 32), (4, True, 64), (8, True, None)}
     fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError' >&2; exit 1\n")
     assert vllm_gptq_types(str(fake)) is None
     assert vllm_gptq_types(str(tmp_path / "missing")) is None

