@@ -221,7 +221,8 @@ def rank_row(args) -> dict:
     from llmslim.data import calibration_tokens
     from llmslim.formats.hf import load_hf, load_tokenizer
     from llmslim.models import resolve
-    from llmslim.quant.sensitivity import base_log_probs, measure, measured_kl, spearman
+    from llmslim.quant.exact import base_log_probs, measured_kl
+    from llmslim.quant.sensitivity import measure, spearman
     from llmslim.quant.walk import find_blocks, find_linears
 
     folder = resolve(MODEL)
@@ -236,7 +237,8 @@ def rank_row(args) -> dict:
     calib = calibration_tokens("wiki", tok, args.nsamples, args.calib_seqlen, seed=0)
     config = GPTQConfig(group_size=64, layers=LayerFilter(include=tuple(sorted({n for n, _ in pairs}))))
     t0 = time.perf_counter()
-    s, kept = measure(model, config, space, calib, fisher_samples=min(16, args.nsamples), keep=set(pairs))
+    s, kept = measure(model, config, space, calib, fisher_samples=min(16, args.nsamples), keep=set(pairs),
+                      anchored=False)  # the second-order prediction alone: what the anchors correct
     predicted_s = time.perf_counter() - t0
     by_name = {x.name: x for x in s.layers}
     check = calib[: args.rank_samples]

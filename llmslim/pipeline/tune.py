@@ -37,6 +37,9 @@ _SOLVER_FIELDS = ("sym", "mse", "desc_act", "static_groups", "true_sequential", 
                   "act_group_aware", "forward_dtype", "importance")
 
 
+MEASUREMENT = 2  # what the pass measures (2: every unit anchored by exact KL); cached tables of others are stale
+
+
 @dataclass(frozen=True)
 class Unit:
     """Layers that get one grid together, with their common options' total bytes and predicted KL."""
@@ -65,7 +68,8 @@ def cache_key(folder: str, config: TuneConfig, calib: CalibConfig) -> str:
     files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(folder).glob("*.safetensors"))
     solver = {f: getattr(config, f) for f in _SOLVER_FIELDS}
     key = json.dumps([str(Path(folder).resolve()), files, asdict(calib), solver, sorted(config.space),
-                      config.fisher_samples, config.divisible, asdict(config.layers), __version__], default=str)
+                      config.fisher_samples, config.divisible, asdict(config.layers), __version__, MEASUREMENT],
+                     default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -94,7 +98,7 @@ def sensitivities(model: nn.Module, config: TuneConfig, calib: torch.Tensor, key
         if cached is not None:
             return cached, True
     s, _ = measure(model, config, config.space, calib, config.fisher_samples, config.divisible,
-                   batch_size=batch_size, device=device, max_memory=max_memory)
+                   batch_size=batch_size, device=device, max_memory=max_memory, unit_of=unit_key)
     if not s.layers:
         raise UserError("no layer of the model can take any candidate of the space (bits "
                         f"{sorted({b for b, _ in config.space})}, groups {sorted({g for _, g in config.space})})")
@@ -103,14 +107,20 @@ def sensitivities(model: nn.Module, config: TuneConfig, calib: torch.Tensor, key
     return s, False
 
 
+def unit_key(name: str) -> tuple:
+    """Layers with one key are one unit: siblings the fast kernels fuse (they read one input), else
+    the layer alone. The anchors measure a unit as a whole, and the allocation gives it one grid."""
+    parent, _, child = name.rpartition(".")
+    fused = next((g for g, members in FUSE_GROUPS.items() if child in members), None)
+    return (parent, fused) if fused else (name,)
+
+
 def units(s: Sensitivities) -> list[Unit]:
     """Layers grouped as the fast kernels fuse them; each unit's options are those all its layers take."""
     by_name = {x.name: x for x in s.layers}
     groups: dict[tuple, list[str]] = {}
     for name in by_name:
-        parent, _, child = name.rpartition(".")
-        fused = next((g for g, members in FUSE_GROUPS.items() if child in members), None)
-        groups.setdefault((parent, fused) if fused else (name,), []).append(name)
+        groups.setdefault(unit_key(name), []).append(name)
     out = []
     for names in groups.values():
         common = [c for c in by_name[names[0]].candidates if all(c in by_name[n].candidates for n in names)]

@@ -60,8 +60,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -69,12 +68,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import GPTQConfig
-from ..grid import dequantize_groups, find_params, maxq_for, quantize
+from ..grid import find_params, maxq_for, quantize
 from ..nn import can_pack
 from ..pack import packed_len
-from .gptq import GPTQResult, column_order, gptq_quantize, inverse_cholesky
-from .sequential import LayerSolver, run_blocks, solver_options
-from .walk import is_conv1d, linear_shape, select_layers
+from .anchors import ANCHOR_SEQUENCES, anchor_setting, interpolated, measure_anchors, unit_factors
+from .exact import Rounded, reference_kl
+from .gptq import column_order, gptq_quantize, inverse_cholesky
+from .sequential import LayerSolver, resolve_forward_dtype, run_blocks, solver_options
+from .walk import linear_shape, select_layers
 
 # The proxy's clipping search: shrink ratios 1.0, 0.9, ..., 0.3 (GPTQ's own search: 0.01 steps). On
 # SmolLM2-135M the coarse search changed the ranking of (layer, candidate) pairs by nothing
@@ -146,28 +147,6 @@ def output_fisher(model: nn.Module, names: list[str], calib: torch.Tensor, batch
     return {n: f / tokens for n, f in fisher.items() if f is not None}
 
 
-@dataclass
-class Rounded:
-    """One weight on a candidate grid, kept compact (a byte per weight; the reference model's GPTQ
-    result, or the proxy's round-to-nearest): codes ``[rows, columns]``, ``scale``/``zero``
-    ``[groups, rows]``, ``g_idx`` the group of each column (the checkpoint's layout)."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    g_idx: torch.Tensor
-
-    def weight(self) -> torch.Tensor:
-        return dequantize_groups(self.codes, self.scale, self.zero, self.g_idx)
-
-    def cpu(self) -> Rounded:
-        return Rounded(*(t.cpu() for t in (self.codes, self.scale, self.zero, self.g_idx)))
-
-    @classmethod
-    def of(cls, r: GPTQResult) -> Rounded:
-        return cls(r.Q.to(torch.uint8), r.scales, r.zeros, r.g_idx.long())
-
-
 def round_to_grid(W: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool, g_idx: torch.Tensor,
                   grid: int = PROXY_GRID) -> Rounded:
     """Round-to-nearest of ``W [rows, columns]`` on the grid ``bits``/``group_size`` with the groups
@@ -221,29 +200,32 @@ class SensitivityLog:
     columns: int
     bias: bool
     candidates: list[str]  # "bits:group_size"
-    kl: list[float]  # predicted KL increase per token, each candidate alone in this layer (GPTQ)
+    kl: list[float]  # the cost: KL increase per token, each candidate alone in this layer (GPTQ), anchored
     proxy: list[float]  # the LDL proxy before the GPTQ correction, each candidate
     ratio: dict[str, float]  # bits -> GPTQ / proxy on the sampled rows (the correction)
     seconds: float
     fallback: str | None = None
+    second_order: list[float] = field(default_factory=list)  # kl before the anchors' correction
+    anchor: dict[str, float] = field(default_factory=dict)  # anchor bits -> the unit's measured / predicted
 
 
 class SensitivitySolver(LayerSolver):
     """Prices every candidate grid on each layer (the LDL proxy, corrected by GPTQ on a sample of
-    rows: module docstring) and leaves the layer as it was. ``references``: layer -> the candidate
-    of the calibration's reference model; GPTQ runs on all its rows (its correction, and so its
-    price, is then exact) and the result is kept in ``rounded``. ``keep``: (layer, candidate) pairs
-    solved by full GPTQ and kept in ``kept`` for an exact measurement."""
+    rows: module docstring) and leaves the layer as it was. ``anchors``: layer -> {bits: candidate}
+    (the calibration's reference, the lowest bits' anchor): GPTQ runs on all rows of that candidate
+    for its bit width's correction (which, and so its price, is then exact) and the result is kept in
+    ``rounded``. ``keep``: (layer, candidate) pairs solved by full GPTQ and kept in ``kept`` for an
+    exact measurement."""
 
     label = "sensitivity blocks"
     log_type = SensitivityLog
 
     def __init__(self, config: GPTQConfig, candidates: dict[str, list[tuple[int, int]]],
                  fisher: dict[str, torch.Tensor], keep: set[tuple[str, str]] = frozenset(),
-                 references: dict[str, str] | None = None):
+                 anchors: dict[str, dict[int, str]] | None = None):
         super().__init__(config)
         self.candidates, self.fisher, self.keep = candidates, fisher, keep
-        self.references = references or {}
+        self.anchors = anchors or {}
         self.kept: dict[tuple[str, str], torch.Tensor] = {}
         self.rounded: dict[tuple[str, str], Rounded] = {}
 
@@ -277,13 +259,13 @@ class SensitivitySolver(LayerSolver):
                 self.kept[(name, key)] = gptq_quantize(W, H, **o).dequantize().cpu()
             del R, rounded
         ratio = {}
-        reference = self.references.get(name)
         for bits in sorted({b for b, _ in self.candidates[name]}):
             groups = sorted((g for b, g in self.candidates[name] if b == bits), key=group_order)
             group = groups[len(groups) // 2]
-            full = reference is not None and int(reference.split(":")[0]) == bits
-            if full:  # the reference model's layer: all rows, kept
-                group = int(reference.split(":")[1])
+            anchor = self.anchors.get(name, {}).get(bits)
+            full = anchor is not None
+            if full:  # an anchor (the reference model's layer): all rows, kept
+                group = int(anchor.split(":")[1])
             rows_used = slice(None) if full else sample
             o = solver_options(replace(self.config, bits=bits, group_size=group))
             r = gptq_quantize(W[rows_used], H, **o)
@@ -292,7 +274,7 @@ class SensitivitySolver(LayerSolver):
             estimate = float((f[rows_used] * proxy_rows[(bits, group)][rows_used]).sum() * 2)
             ratio[str(bits)] = exact / estimate if estimate > 0 else 1.0
             if full:
-                self.rounded[(name, reference)] = Rounded.of(r).cpu()
+                self.rounded[(name, anchor)] = Rounded.of(r).cpu()
             if r.fallback:
                 notes.append(f"{candidate_name(bits, group)}: {r.fallback}")
         proxy = [float((f * proxy_rows[c]).sum() / 2) for c in self.candidates[name]]
@@ -353,15 +335,16 @@ class Sensitivities:
     fisher_tokens: int
     seconds: dict[str, float] = field(default_factory=dict)
     calibration: Calibration = field(default_factory=Calibration)
+    anchors: list[dict] = field(default_factory=list)  # the units' exact measurements (``anchors``)
 
     def as_dict(self) -> dict:
         return {"layers": [asdict(x) for x in self.layers], "shapes": self.shapes, "fisher_tokens": self.fisher_tokens,
-                "seconds": self.seconds, "calibration": asdict(self.calibration)}
+                "seconds": self.seconds, "calibration": asdict(self.calibration), "anchors": self.anchors}
 
     @classmethod
     def from_dict(cls, d: dict) -> Sensitivities:
         return cls([SensitivityLog(**x) for x in d["layers"]], {k: tuple(v) for k, v in d["shapes"].items()},
-                   d["fisher_tokens"], d["seconds"], Calibration(**d["calibration"]))
+                   d["fisher_tokens"], d["seconds"], Calibration(**d["calibration"]), d["anchors"])
 
 
 def reference_setting(per_layer: dict[str, list[tuple[int, int]]]) -> tuple[str, dict[str, str]]:
@@ -388,15 +371,21 @@ def measure(
     log: Callable[[str], None] = print,
     device: str = "cpu",
     max_memory: float | None = None,
+    unit_of: Callable[[str], object] | None = None,
+    anchored: bool = True,
 ) -> tuple[Sensitivities, dict[tuple[str, str], torch.Tensor]]:
     """Predicted KL increase of every (layer, candidate) the layer can take, and the calibration of
     their sums; the model is left as it was. The first ``fisher_samples`` calibration sequences give
     the Fisher; the first eighth of them (at most ``fisher_samples``) are kept out of the pass and
-    measure the reference model. Returns the sensitivities and the kept GPTQ weights (``keep``)."""
+    measure the reference model and (``anchored``) every unit at its anchors (``anchors``: layers
+    with equal ``unit_of(name)`` are one unit, measured together; default: each layer alone).
+    Returns the sensitivities and the kept GPTQ weights (``keep``)."""
     targets, _ = select_layers(model, config.layers, lambda i, o: bool(allowed(i, o, candidates, divisible)))
     shapes = {n: (*linear_shape(m), getattr(m, "bias", None) is not None) for n, m in targets.items()}
     per_layer = {n: allowed(i, o, candidates, divisible) for n, (i, o, _) in shapes.items()}
     label, reference = reference_setting(per_layer)
+    anchors = {n: anchor_setting(per_layer[n], reference.get(n), group_order) if anchored else
+               {int(reference[n].split(":")[0]): reference[n]} for n in per_layer if anchored or n in reference}
     # The reference is measured on sequences its GPTQ never saw (kept out of the pass's Hessians), so
     # the calibration also covers what GPTQ fits to its own calibration text -- as the held-out
     # verification will see it. With a single sequence there is nothing to keep out.
@@ -406,93 +395,35 @@ def measure(
     fisher_calib = calib[:fisher_samples]
     fisher = output_fisher(model, list(targets), fisher_calib)
     t1 = time.perf_counter()
-    solver = SensitivitySolver(config, per_layer, fisher, keep, reference)
+    solver = SensitivitySolver(config, per_layer, fisher, keep, anchors)
     logs = run_blocks(model, solver, set(targets), solved, batch_size=batch_size, log=log, device=device,
                       max_memory=max_memory)
     t2 = time.perf_counter()
+    records = []
+    if anchored:
+        units: dict[object, list[str]] = {}
+        for x in logs:
+            units.setdefault(unit_of(x.name) if unit_of else x.name, []).append(x.name)
+        predicted = {x.name: dict(zip(x.candidates, x.kl, strict=True)) for x in logs}
+        records = measure_anchors(model, list(units.values()), anchors, predicted, solver.rounded,
+                                  check[:ANCHOR_SEQUENCES], resolve_forward_dtype(config.forward_dtype, device))
+        factors = unit_factors(records)
+        for x in logs:
+            f = factors.get(x.name, {})
+            x.second_order, x.anchor = list(x.kl), {str(b): v for b, v in f.items()}
+            x.kl = [k * interpolated(f, int(c.split(":")[0])) for k, c in zip(x.kl, x.candidates, strict=True)]
+    t3 = time.perf_counter()
     by_name = {x.name: x for x in logs}
-    weights = {n: solver.rounded.pop((n, c)) for n, c in reference.items()}
+    weights = {n: solver.rounded[(n, c)] for n, c in reference.items()}
+    solver.rounded.clear()
     measured = reference_kl(model, {label: weights}, check)[label]
     del weights
-    predicted = sum(by_name[n].kl[by_name[n].candidates.index(c)] for n, c in reference.items())
-    calibration = Calibration.fit([{"setting": label, "predicted": predicted, "measured": measured}], check.numel(),
-                                  unseen=bool(unseen))
-    seconds = {"fisher": round(t1 - t0, 1), "pass": round(t2 - t1, 1), "calibration": round(time.perf_counter() - t2, 1)}
-    return Sensitivities(logs, shapes, fisher_calib.numel(), seconds, calibration), solver.kept
-
-
-@contextmanager
-def replaced_weights(model: nn.Module, weights: dict[str, torch.Tensor | Rounded]) -> Iterator[None]:
-    """Within the block, each named layer computes with the given weight (``[out, in]`` floats, or
-    ``Rounded`` codes decoded on the spot) and every other layer as it is. The weight is swapped in
-    only for the layer's own forward: nothing is copied, and the model is as it was afterwards."""
-    saved: dict[str, torch.Tensor] = {}
-
-    def swap_in(name, module, args):
-        w = weights[name]
-        w = w.weight() if isinstance(w, Rounded) else w
-        saved[name] = module.weight.data
-        module.weight.data = (w.T if is_conv1d(module) else w).to(module.weight.dtype)
-
-    def swap_out(name, module, args, out):
-        module.weight.data = saved.pop(name)
-
-    handles = []
-    try:
-        for name in weights:
-            m = model.get_submodule(name)
-            handles.append(m.register_forward_pre_hook(lambda m, a, n=name: swap_in(n, m, a)))
-            handles.append(m.register_forward_hook(lambda m, a, o, n=name: swap_out(n, m, a, o)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for name, w in saved.items():  # a forward that failed midway
-            model.get_submodule(name).weight.data = w
-
-
-@torch.inference_mode()
-def reference_kl(model: nn.Module, references: dict[str, dict[str, torch.Tensor | Rounded]], calib: torch.Tensor,
-                 batch_size: int = 1) -> dict[str, float]:
-    """Mean KL(original || model) per token on ``calib`` of each reference model (label -> the
-    weights of its quantized layers): one forward of the original and one of each reference per
-    batch, so the original's log-probabilities are never all held at once."""
-    totals = dict.fromkeys(references, 0.0)
-    tokens = 0
-    for ids in calib.split(batch_size):
-        lq = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-        for label, weights in references.items():
-            with replaced_weights(model, weights):
-                lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-            totals[label] += float((lq.exp() * (lq - lp)).sum())
-        tokens += ids.numel()
-    return {k: v / tokens for k, v in totals.items()}
-
-
-@torch.inference_mode()
-def kl_to(model: nn.Module, base_logp: list[torch.Tensor], calib: torch.Tensor, batch_size: int = 1) -> float:
-    """Mean KL(original || model) per token on ``calib``, given the original's log-probabilities
-    per batch (``base_log_probs``)."""
-    total, n = 0.0, 0
-    for ids, lq in zip(calib.split(batch_size), base_logp, strict=True):
-        lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-        total += float((lq.exp() * (lq - lp)).sum())
-        n += ids.numel()
-    return total / n
-
-
-@torch.inference_mode()
-def base_log_probs(model: nn.Module, calib: torch.Tensor, batch_size: int = 1) -> list[torch.Tensor]:
-    return [torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-            for ids in calib.split(batch_size)]
-
-
-def measured_kl(model: nn.Module, weights: dict[str, torch.Tensor], base_logp: list[torch.Tensor],
-                calib: torch.Tensor, batch_size: int = 1) -> float:
-    """The exact KL increase with the named layers' weights replaced (``[out, in]`` floats) and
-    every other layer as it is; the model is left as it was."""
-    with replaced_weights(model, weights):
-        return kl_to(model, base_logp, calib, batch_size)
+    predicted_sum = sum(by_name[n].kl[by_name[n].candidates.index(c)] for n, c in reference.items())
+    calibration = Calibration.fit([{"setting": label, "predicted": predicted_sum, "measured": measured}],
+                                  check.numel(), unseen=bool(unseen))
+    seconds = {"fisher": round(t1 - t0, 1), "pass": round(t2 - t1, 1), "anchors": round(t3 - t2, 1),
+               "calibration": round(time.perf_counter() - t3, 1)}
+    return Sensitivities(logs, shapes, fisher_calib.numel(), seconds, calibration, records), solver.kept
 
 
 def spearman(x: list[float], y: list[float]) -> float:

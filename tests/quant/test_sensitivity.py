@@ -11,15 +11,13 @@ import torch
 
 from llmslim.config import GPTQConfig
 from llmslim.grid import dequantize_groups, quantize_rtn
+from llmslim.quant.exact import base_log_probs, kl_to, measured_kl
 from llmslim.quant.gptq import gptq_quantize
 from llmslim.quant.sensitivity import (
     Calibration,
     SensitivitySolver,
-    base_log_probs,
-    kl_to,
     layer_bytes,
     measure,
-    measured_kl,
     round_to_grid,
     spearman,
 )
