@@ -48,6 +48,9 @@ def add_eval(sub) -> None:
                    "hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada)")
     t.add_argument("--limit", type=int, metavar="N", help="first N examples of each task")
     p.add_argument("--speed", action="store_true", help="measure batch-1 prefill and decode tokens/s")
+    p.add_argument("--speed-path", choices=("serve", "as-loaded"), default="serve",
+                   help="what --speed times: serve = llmslim serve's fast path (int4/int8 kernels, bf16; the "
+                   "default), as-loaded = the model as loaded (quantized layers dequantize on every call)")
     p.add_argument("--batch-tokens", type=int, default=4096, metavar="N",
                    help="tokens per forward pass; bounds memory for logits (default 4096)")
     p.add_argument("--name", help="label for this model in tables and plots (default: last part of MODEL)")
@@ -136,7 +139,7 @@ def cmd_eval(args) -> int:
         model, tokenizer, args.model, ppl_text=text, ppl_source=args.ppl, ppl_method=args.ppl_method,
         seqlen=args.seqlen, stride=args.stride, add_bos=args.bos, ppl_tokens=args.ppl_tokens,
         baseline=baseline, baseline_source=args.baseline, tasks=tasks, limit=args.limit, task_docs=task_docs,
-        measure_speed=args.speed, peak_rss=peak, token_budget=args.batch_tokens, name=args.name,
+        measure_speed=args.speed, speed_path=args.speed_path, peak_rss=peak, token_budget=args.batch_tokens, name=args.name,
         progress=not args.no_progress,
     )
     result["command"] = command_line(args)

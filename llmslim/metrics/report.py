@@ -74,6 +74,8 @@ def format_result(result: dict) -> str:
     if sp:
         rows.append(("prefill (batch 1)", f"{sp['prefill_tokens_per_s']:.1f} tok/s ({sp['prompt_tokens']} tokens)"))
         rows.append(("decode (batch 1)", f"{sp['decode_tokens_per_s']:.1f} tok/s ({sp['new_tokens']} tokens)"))
+        if sp.get("path"):
+            rows.append(("  timed on", sp["path"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

@@ -13,7 +13,7 @@ from .efficiency import checkpoint_bytes, parameter_bytes, speed
 from .mc import evaluate_task
 from .ppl import perplexity
 from .report import FORMAT
-from .scoring import TOKEN_BUDGET
+from .scoring import TOKEN_BUDGET, model_device
 from .tasks import Doc
 
 
@@ -34,6 +34,7 @@ def evaluate(
     limit: int | None = None,
     task_docs: dict[str, list[Doc]] | None = None,
     measure_speed: bool = False,
+    speed_path: str = "serve",
     peak_rss: int | None = None,
     token_budget: int = TOKEN_BUDGET,
     name: str | None = None,
@@ -42,7 +43,10 @@ def evaluate(
     """Size always; perplexity (+ divergence from ``baseline``) if ``ppl_text``; each task; speed.
 
     ``source`` is what the model was loaded from (for its size on disk and the record);
-    ``task_docs`` maps task names to examples already loaded with ``limit``.
+    ``task_docs`` maps task names to examples already loaded with ``limit``. Speed is measured last;
+    ``speed_path="serve"`` times what ``llmslim serve`` runs: the model is converted in place by
+    ``accelerate`` (int4/int8 kernels for quantized layers, bf16), so it is not the model it was after
+    the call; ``"as-loaded"`` times it as loaded (a GPTQ layer then dequantizes its weight on every call).
     """
     result = {
         "format": FORMAT,
@@ -78,7 +82,16 @@ def evaluate(
                            for t in tasks]
     if measure_speed:
         context = model_context(model)  # 128 + 32 tokens, or less for a model with a tiny context
+        path = "as loaded"
+        if speed_path == "serve" and model_device(model).type == "cpu":
+            from ..server import fast_path_available
+
+            if fast_path_available():
+                from ..runtime.fast import accelerate
+
+                model, path = accelerate(model), "llmslim serve's fast path (accelerate: int4/int8 kernels, bf16)"
         result["speed"] = speed(model, prompt_tokens=min(128, context // 2), new_tokens=min(32, context // 4))
+        result["speed"]["path"] = path
     return result
 
 

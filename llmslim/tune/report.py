@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..quant.anchors import factor
 from ..util import atomic_write_text
 
 
@@ -29,6 +30,19 @@ def markdown(t: dict) -> str:
     s = t["sensitivity"]
     lines += ["", f"Sensitivities: {'read from the cache' if s['cached'] else 'measured'} ({s['cache']}); "
               f"Fisher on {s['fisher_tokens']} tokens; seconds {s['seconds']}."]
+    anchors = t.get("anchors") or []
+    if anchors:
+        lines += ["", "Anchors: each unit measured exactly (KL with only that unit quantized, calibration "
+                  "sequences kept out of the pass) at these bit widths; its predictions are scaled by measured / "
+                  "predicted (log-linear between the anchors). The factor's spread, and the units it moved most:", "",
+                  "| bits | units | median factor | min | max |", "|---:|---:|---:|---:|---:|"]
+        for bits in sorted({r["bits"] for r in anchors}):
+            f = sorted(_factor(r) for r in anchors if r["bits"] == bits)
+            lines.append(f"| {bits} | {len(f)} | {f[len(f) // 2]:.3g} | {f[0]:.3g} | {f[-1]:.3g} |")
+        lines += ["", "| unit | bits | predicted | measured | factor |", "|---|---:|---:|---:|---:|"]
+        for r in sorted(anchors, key=_factor, reverse=True)[:8]:
+            lines.append(f"| {' + '.join(r['names'])} | {r['bits']} | {r['predicted']:.3g} | {r['measured']:.3g} | "
+                         f"{_factor(r):.3g} |")
     cal = s.get("calibration")
     if cal:
         where = "calibration tokens kept out of the pass" if cal.get("unseen") else "calibration tokens"
@@ -39,6 +53,10 @@ def markdown(t: dict) -> str:
         lines += [f"| {p['setting']} | {p['predicted']:.4g} | {p['measured']:.4g} | "
                   f"{cal['a'] * p['predicted'] ** cal['b']:.4g} |" for p in cal["points"]]
     return "\n".join(lines) + "\n"
+
+
+def _factor(r: dict) -> float:
+    return factor(r["predicted"], r["measured"])
 
 
 def plot(t: dict, path: Path) -> bool:

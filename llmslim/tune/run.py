@@ -165,7 +165,7 @@ def tune_to_folder(
             {**asdict(result), "seconds": round(time.perf_counter() - t0, 1), "budget_kind": budget.kind,
              "budget_value": budget.value, "eval": {"text": eval_source, "windows": eval_windows, "seqlen": eval_seqlen},
              "fixed_bytes": fixed, "uniform_predicted": uniform_points(s, fixed), "front_predicted": front(s, fixed),
-             "layers": [asdict(x) for x in s.layers]}, indent=1))
+             "layers": [asdict(x) for x in s.layers], "anchors": s.anchors}, indent=1))
         write_report(tmp)
     shutil.rmtree(work, ignore_errors=True)
     return result

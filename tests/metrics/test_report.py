@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from llmslim.errors import UserError
 from llmslim.metrics import checkpoint_bytes, compare_markdown, parameter_bytes, speed
@@ -183,3 +184,24 @@ def test_unreachable_hub_task_fails_before_loading(monkeypatch, fake_load):
     with pytest.raises(UserError, match="needs the hub"):
         args.func(args)
     assert fake_load == []
+
+
+@pytest.mark.parametrize("path", ["serve", "as-loaded"])
+def test_speed_times_the_serving_fast_path_by_default(path):
+    """`eval --speed` times what `llmslim serve` runs (GPTQ layers on the int4/int8 kernels), not the
+    loaded GPTQLinear that dequantizes on every call, unless asked to."""
+    from llmslim.config import GPTQConfig
+    from llmslim.metrics.suite import evaluate
+    from llmslim.nn import GPTQLinear
+    from llmslim.pipeline.stages import quantize
+    from llmslim.server import fast_path_available
+    from tests.conftest import make_tiny_model, make_tiny_tokenizer
+
+    model = make_tiny_model("llama").float()
+    quantize(model, GPTQConfig(bits=4, group_size=32), torch.randint(0, 320, (4, 16)))
+    assert any(isinstance(m, GPTQLinear) for m in model.modules())
+    r = evaluate(model, make_tiny_tokenizer(), "tiny", measure_speed=True, speed_path=path, progress=False)
+    assert r["speed"]["decode_tokens_per_s"] > 0
+    fast = path == "serve" and fast_path_available()
+    assert r["speed"]["path"].startswith("llmslim serve's fast path") == fast
+    assert any(isinstance(m, GPTQLinear) for m in model.modules()) != fast  # converted in place

@@ -44,7 +44,11 @@ def test_size_budget_is_met_and_written_with_its_report(tiny_folder, tmp_path, t
     assert t["met"] and a["bpw"] <= 3.5 and not t["sensitivity"]["cached"]
     # Sizes are predicted to the byte, but for the safetensors header's estimate (~6 kB here).
     assert abs(a["measured_bytes"] - a["predicted_bytes"]) < 1500
-    assert (tmp_path / "t35" / "tune.md").read_text().startswith("# llmslim tune: budget bpw=3.5 -- met")
+    md = (tmp_path / "t35" / "tune.md").read_text()
+    assert md.startswith("# llmslim tune: budget bpw=3.5 -- met")
+    # Every unit (q/k/v, o, gate/up, down of 2 blocks) anchored at 2 and 4 bits, and reported.
+    assert len(t["anchors"]) == 2 * 4 * 2 and "Anchors: each unit measured exactly" in md
+    assert all(x["anchor"] and len(x["second_order"]) == len(x["kl"]) for x in t["layers"])
     assert (tmp_path / "t35" / "tune.png").stat().st_size > 10_000
     model, _ = llmslim.load(str(tmp_path / "t35"))
     grids = {n: f"{m.bits}:{m.group_size}" for n, m in model.named_modules() if isinstance(m, GPTQLinear)}
