@@ -1,4 +1,4 @@
-"""Exact costs at two anchor bit widths per unit, and the correction they give the prediction.
+"""Exact costs at the lowest bit width per unit, and the correction they give the prediction.
 
 Why: the second-order prediction (``sensitivity``) ranks (layer, candidate) pairs well overall
 (Spearman 0.966 on SmolLM2-135M) but some pairs are off by up to 9x, always low: k_proj and v_proj,
@@ -10,18 +10,19 @@ unit looks cheap and gets the fewest bits): tuned models near 3 bits/weight came
 
 So every unit (the layers that share a grid: q/k/v, o, gate/up, down) is measured exactly --
 KL(original || model with only that unit GPTQ-quantized), on calibration sequences the pass did
-not see -- at two anchors: the space's lowest bit width (its middle group, the grid the pass's
-correction solves anyway, now on all rows) and the reference's (the calibration's, already solved
-on all rows). The unit's factor measured / predicted at each anchor is interpolated in log space
-linearly over bits between the anchors (constant beyond them) and multiplies the unit's predicted
-cost of every candidate: at the anchors the cost is the measurement, elsewhere the prediction's
-shape between measured ends. Data behind the interpolation (SmolLM2-135M, eval/results/tune.partial.json's
-rank row): a layer's ratio is mostly a property of the layer across bit widths (a v_proj 3.30 at
-3 bits and 3.31 at 4, a down_proj 1.70 and 1.70), except where the expansion breaks at 2 bits (an
-up_proj 4.57 at 2 bits, 2.25 at 4), which the two ends bracket.
+not see -- at the space's lowest bit width (its middle group: the grid the pass's correction
+solves anyway, now on all rows), where the errors are large and so is the KL (bf16 forwards' noise
+is ~1e-4 nats, a unit at 4 bits costs about that much: an anchor there would measure noise). The
+unit's factor measured / predicted, relative to the typical unit's at the reference grid (the
+calibration's, 4 bits: it fixes the overall scale there; the median of ``SCALE_UNITS`` units spread
+over the model, measured in float32, whose rounding noise is far below a 4-bit unit's KL), scales its
+predictions at that bit width, and log-linearly less toward the reference's bit width, where the
+factor is 1. Data behind it (SmolLM2-135M,
+eval/results/tune_session11.partial.json's rank row): most layers' ratio is 1.3-1.7 at every bit width;
+the outliers are 3-9x at 2 bits and smaller at 3 and 4 (an up_proj 4.57 at 2 bits, 2.25 at 4).
 
-Cost: per unit and anchor, one forward on ``ANCHOR_SEQUENCES`` sequences starting at the unit's
-block (``exact.unit_kls``): on SmolLM2-135M 120 units x 2 anchors.
+Cost: per unit, one forward on ``ANCHOR_SEQUENCES`` sequences starting at the unit's block
+(``exact.unit_kls``), and the full-row GPTQ solve at the lowest bit width.
 """
 
 from __future__ import annotations
@@ -34,21 +35,19 @@ from torch import nn
 
 from .exact import Rounded, unit_kls
 
-ANCHOR_SEQUENCES = 4  # calibration sequences each unit is measured on (of those the pass kept out)
+ANCHOR_SEQUENCES = 2  # calibration sequences each unit is measured on (of those the pass kept out)
+SCALE_UNITS = 8  # units measured at the reference grid, in float32, for the typical ratio there
 
 
 def anchor_setting(candidates: list[tuple[int, int]], reference: str | None, group_order: Callable[[int], int]
                    ) -> dict[int, str]:
-    """A layer's anchors, bits -> candidate: the reference's own, and the lowest bit width's middle
-    group (the group the pass's GPTQ correction uses for those bits)."""
-    out = {}
-    if reference is not None:
-        out[int(reference.split(":")[0])] = reference
+    """A layer's anchor, {bits: candidate}: the lowest bit width's middle group (the group the pass's
+    GPTQ correction uses for those bits), when it lies below the reference's bits; else none."""
     low = min(b for b, _ in candidates)
-    if low not in out:
-        groups = sorted((g for b, g in candidates if b == low), key=group_order)
-        out[low] = f"{low}:{groups[len(groups) // 2]}"
-    return out
+    if reference is not None and low >= int(reference.split(":")[0]):
+        return {}
+    groups = sorted((g for b, g in candidates if b == low), key=group_order)
+    return {low: f"{low}:{groups[len(groups) // 2]}"}
 
 
 def interpolated(factors: dict[int, float], bits: int) -> float:
@@ -81,7 +80,7 @@ def measure_anchors(model: nn.Module, groups: list[list[str]], anchors: dict[str
     ``predicted[layer][candidate]``) and the measured KL."""
     jobs = []
     for names in groups:
-        for bits in sorted(set.intersection(*(set(anchors[n]) for n in names))):
+        for bits in sorted(set.intersection(*(set(anchors.get(n, {})) for n in names))):
             chosen = {n: anchors[n][bits] for n in names}
             jobs.append({"names": names, "bits": bits, "candidates": [chosen[n] for n in names],
                          "predicted": sum(predicted[n][c] for n, c in chosen.items()),
@@ -90,10 +89,18 @@ def measure_anchors(model: nn.Module, groups: list[list[str]], anchors: dict[str
     return [j | {"measured": m} for j, m in zip(jobs, measured, strict=True)]
 
 
-def unit_factors(records: list[dict]) -> dict[str, dict[int, float]]:
-    """layer -> {anchor bits: its unit's measured / predicted} from ``measure_anchors``'s records."""
+def unit_factors(records: list[dict], scale: list[dict]) -> dict[str, dict[int, float]]:
+    """layer -> {bits: factor} from ``measure_anchors``'s records: at the anchor its unit's measured /
+    predicted over the typical unit's at the reference grid (the median of ``scale``, a sample of units
+    measured there; the median anchor when there is none), and 1 at the reference's bits, where the
+    calibration measures the whole model."""
+    ratios = [factor(r["predicted"], r["measured"]) for r in records]
+    typical = [factor(r["predicted"], r["measured"]) for r in scale] or ratios
+    typical_ratio = sorted(typical)[len(typical) // 2] if typical else 1.0
+    reference_bits = {r["bits"] for r in scale}
     out: dict[str, dict[int, float]] = {}
-    for r in records:
+    for r, ratio in zip(records, ratios, strict=True):
         for n in r["names"]:
-            out.setdefault(n, {})[r["bits"]] = factor(r["predicted"], r["measured"])
+            out.setdefault(n, {})[r["bits"]] = ratio / typical_ratio
+            out[n].update(dict.fromkeys(reference_bits, 1.0))
     return out

@@ -71,7 +71,14 @@ from ..config import GPTQConfig
 from ..grid import find_params, maxq_for, quantize
 from ..nn import can_pack
 from ..pack import packed_len
-from .anchors import ANCHOR_SEQUENCES, anchor_setting, interpolated, measure_anchors, unit_factors
+from .anchors import (
+    ANCHOR_SEQUENCES,
+    SCALE_UNITS,
+    anchor_setting,
+    interpolated,
+    measure_anchors,
+    unit_factors,
+)
 from .exact import Rounded, reference_kl
 from .gptq import column_order, gptq_quantize, inverse_cholesky
 from .sequential import LayerSolver, resolve_forward_dtype, run_blocks, solver_options
@@ -384,8 +391,9 @@ def measure(
     shapes = {n: (*linear_shape(m), getattr(m, "bias", None) is not None) for n, m in targets.items()}
     per_layer = {n: allowed(i, o, candidates, divisible) for n, (i, o, _) in shapes.items()}
     label, reference = reference_setting(per_layer)
-    anchors = {n: anchor_setting(per_layer[n], reference.get(n), group_order) if anchored else
-               {int(reference[n].split(":")[0]): reference[n]} for n in per_layer if anchored or n in reference}
+    low = {n: anchor_setting(per_layer[n], reference.get(n), group_order) if anchored else {} for n in per_layer}
+    anchors = {n: {**low[n], **({int(reference[n].split(":")[0]): reference[n]} if n in reference else {})}
+               for n in per_layer}  # solved on all rows and kept: the anchors and the calibration's reference
     # The reference is measured on sequences its GPTQ never saw (kept out of the pass's Hessians), so
     # the calibration also covers what GPTQ fits to its own calibration text -- as the held-out
     # verification will see it. With a single sequence there is nothing to keep out.
@@ -400,14 +408,19 @@ def measure(
                       max_memory=max_memory)
     t2 = time.perf_counter()
     records = []
-    if anchored:
+    if any(low.values()):
         units: dict[object, list[str]] = {}
         for x in logs:
             units.setdefault(unit_of(x.name) if unit_of else x.name, []).append(x.name)
         predicted = {x.name: dict(zip(x.candidates, x.kl, strict=True)) for x in logs}
-        records = measure_anchors(model, list(units.values()), anchors, predicted, solver.rounded,
-                                  check[:ANCHOR_SEQUENCES], resolve_forward_dtype(config.forward_dtype, device))
-        factors = unit_factors(records)
+        groups = list(units.values())
+        records = measure_anchors(model, groups, low, predicted, solver.rounded, check[:ANCHOR_SEQUENCES],
+                                  resolve_forward_dtype(config.forward_dtype, device))
+        sample = groups[:: max(1, len(groups) // SCALE_UNITS)][:SCALE_UNITS]
+        refs = {n: {int(c.split(":")[0]): c} for n, c in reference.items()}
+        scale = measure_anchors(model, sample, refs, predicted, solver.rounded, check[:ANCHOR_SEQUENCES])
+        factors = unit_factors(records, scale)
+        records += [r | {"scale": True} for r in scale]
         for x in logs:
             f = factors.get(x.name, {})
             x.second_order, x.anchor = list(x.kl), {str(b): v for b, v in f.items()}

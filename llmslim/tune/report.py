@@ -33,14 +33,16 @@ def markdown(t: dict) -> str:
     anchors = t.get("anchors") or []
     if anchors:
         lines += ["", "Anchors: each unit measured exactly (KL with only that unit quantized, calibration "
-                  "sequences kept out of the pass) at these bit widths; its predictions are scaled by measured / "
-                  "predicted (log-linear between the anchors). The factor's spread, and the units it moved most:", "",
-                  "| bits | units | median factor | min | max |", "|---:|---:|---:|---:|---:|"]
+                  "sequences kept out of the pass) at the lowest bit width; its predictions there are scaled by its "
+                  "measured / predicted over the typical unit's at the reference grid (the median of a sample measured there, "
+                  "in float32), log-linearly less up to the reference's bits. The ratios' spread, and the units they "
+                  "moved most:", "",
+                  "| bits | units | median measured / predicted | min | max |", "|---:|---:|---:|---:|---:|"]
         for bits in sorted({r["bits"] for r in anchors}):
             f = sorted(_factor(r) for r in anchors if r["bits"] == bits)
             lines.append(f"| {bits} | {len(f)} | {f[len(f) // 2]:.3g} | {f[0]:.3g} | {f[-1]:.3g} |")
-        lines += ["", "| unit | bits | predicted | measured | factor |", "|---|---:|---:|---:|---:|"]
-        for r in sorted(anchors, key=_factor, reverse=True)[:8]:
+        lines += ["", "| unit | bits | predicted | measured | measured / predicted |", "|---|---:|---:|---:|---:|"]
+        for r in sorted((r for r in anchors if not r.get("scale")), key=_factor, reverse=True)[:8]:
             lines.append(f"| {' + '.join(r['names'])} | {r['bits']} | {r['predicted']:.3g} | {r['measured']:.3g} | "
                          f"{_factor(r):.3g} |")
     cal = s.get("calibration")

@@ -46,8 +46,8 @@ def test_size_budget_is_met_and_written_with_its_report(tiny_folder, tmp_path, t
     assert abs(a["measured_bytes"] - a["predicted_bytes"]) < 1500
     md = (tmp_path / "t35" / "tune.md").read_text()
     assert md.startswith("# llmslim tune: budget bpw=3.5 -- met")
-    # Every unit (q/k/v, o, gate/up, down of 2 blocks) anchored at 2 and 4 bits, and reported.
-    assert len(t["anchors"]) == 2 * 4 * 2 and "Anchors: each unit measured exactly" in md
+    # Every unit (q/k/v, o, gate/up, down of 2 blocks) anchored at 2 bits, and reported.
+    assert len(t["anchors"]) == 2 * 4 and "Anchors: each unit measured exactly" in md
     assert all(x["anchor"] and len(x["second_order"]) == len(x["kl"]) for x in t["layers"])
     assert (tmp_path / "t35" / "tune.png").stat().st_size > 10_000
     model, _ = llmslim.load(str(tmp_path / "t35"))
