@@ -424,10 +424,10 @@ def main() -> None:
     measured_first = next((r for r in rows if r.get("uniform_predicted")), None)
     for u in uniform:  # the tune's calibrated prediction of this very setting
         u["predicted_kl"] = (measured_first or {}).get("uniform_predicted", {}).get(u["row"].split()[-1])
-    # Equal size: tune to the very size of the uniform ~3 and ~4 bits/weight checkpoints.
+    # Equal size: tune to the very size of the uniform ~3 and ~4 bits/weight checkpoints (both group sizes).
     criteria = {}
     for u in uniform:
-        if u["row"] in ("uniform 3:64", "uniform 4:64"):
+        if u["row"] in ("uniform 3:32", "uniform 3:64", "uniform 4:32", "uniform 4:64"):
             r = cached(f"tune size={u['bytes']}B", lambda u=u: tune_row(f"size={u['bytes']}B", args, args.work))
             rows.append(r)
             if "kl" in r:
