@@ -15,7 +15,7 @@ Rows:
   uniform b:g       GPTQ at every bits x group of the space (bits 2/3/4/8 x groups 32/64: 128 does not
                     divide SmolLM2's 576), same calibration; its time is "one GPTQ run"; its predicted KL
                     is the tune's calibrated prediction of that uniform setting (tune.json)
-  tune size=<u>     tune at exactly the size of the uniform 3:64 and 4:64 checkpoints: KL at equal size
+  tune size=<u>     tune at exactly the size of the uniform 3:32, 3:64, 4:32 and 4:64 checkpoints: KL at equal size
   llama.cpp         Q4_K_M and Q3_K_M from llama.cpp's own quantizer, perplexity on the same windows
                     (needs --llama-python, a venv with llama-cpp-python==0.3.36, and llama.cpp's conversion
                     code: make llama-cpp)

@@ -3,8 +3,8 @@
 ``sensitivities`` measures every candidate on every layer (``quant.sensitivity``, one pass of the
 block driver, and the calibration of their sums on a reference model) or reads them from the
 cache, so a second budget on the same model takes seconds. ``plan`` groups layers into units -- layers the fast kernels fuse (q/k/v, gate/up: they read the
-same input) share one grid, so a tuned model decodes with the same fused kernels as a uniform
-one -- and solves the allocation (``quant.allocate``) for a KL target in calibrated units: the
+same input) choose together among the combinations that still fuse (one grid, or one group size at
+2-4 bits each), so a tuned model decodes with as many kernel calls as a uniform one -- and solves the allocation (``quant.allocate``) for a KL target in calibrated units: the
 allocation adds up per-layer predictions, ``Calibration`` maps their sum to the whole model's
 KL, and being monotone it maps the budget back to a target for the sum. The result is a ``GPTQConfig`` with
 ``overrides``: an ordinary GPTQ stage that reproduces the checkpoint without searching again.
@@ -14,6 +14,7 @@ Checking the result on held-out text is the command's job (``llmslim.tune``): it
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections import Counter
@@ -42,10 +43,11 @@ MEASUREMENT = 2  # what the pass measures (2: every unit anchored by exact KL); 
 
 @dataclass(frozen=True)
 class Unit:
-    """Layers that get one grid together, with their common options' total bytes and predicted KL."""
+    """Layers the fast kernels fuse, with the options they can take together (one "bits:group_size"
+    per layer), each option's total bytes and predicted KL."""
 
     names: tuple[str, ...]
-    options: tuple[str, ...]  # "bits:group_size"
+    options: tuple[tuple[str, ...], ...]
     bytes: tuple[int, ...]
     kl: tuple[float, ...]
     params: int  # weights in these layers
@@ -109,37 +111,56 @@ def sensitivities(model: nn.Module, config: TuneConfig, calib: torch.Tensor, key
 
 def unit_key(name: str) -> tuple:
     """Layers with one key are one unit: siblings the fast kernels fuse (they read one input), else
-    the layer alone. The anchors measure a unit as a whole, and the allocation gives it one grid."""
+    the layer alone. The anchors measure a unit as a whole, and the allocation chooses for it at once."""
     parent, _, child = name.rpartition(".")
     fused = next((g for g, members in FUSE_GROUPS.items() if child in members), None)
     return (parent, fused) if fused else (name,)
 
 
+def _grid(candidate: str) -> tuple[int, int]:
+    bits, group = (int(v) for v in candidate.split(":"))
+    return bits, group
+
+
+def fusable(choice: tuple[str, ...]) -> bool:
+    """Whether siblings with these grids still fuse into one kernel call: one grid for all, or one
+    group size at 2-4 bits each (the int4 kernel's codes are 4-bit whatever the source's bits;
+    ``runtime.kernels.Int4Linear.from_gptq_parts``)."""
+    grids = [_grid(c) for c in choice]
+    return len(set(grids)) == 1 or (len({g for _, g in grids}) == 1 and all(b <= 4 for b, _ in grids))
+
+
 def units(s: Sensitivities) -> list[Unit]:
-    """Layers grouped as the fast kernels fuse them; each unit's options are those all its layers take."""
+    """Layers grouped as the fast kernels fuse them; a unit's options are its layers' candidates in
+    every combination that still fuses (siblings of one group size at their own 2-4 bits), less the
+    combinations another one beats in both size and predicted KL."""
     by_name = {x.name: x for x in s.layers}
     groups: dict[tuple, list[str]] = {}
     for name in by_name:
         groups.setdefault(unit_key(name), []).append(name)
     out = []
     for names in groups.values():
-        common = [c for c in by_name[names[0]].candidates if all(c in by_name[n].candidates for n in names)]
-        if not common:  # siblings that share no grid: each on its own
-            out += [_unit(s, [n], by_name) for n in names]
+        combos = [c for c in itertools.product(*(by_name[n].candidates for n in names)) if fusable(c)]
+        if not combos:  # siblings that share no kernel: each on its own
+            out += [_unit(s, [n], by_name, [(c,) for c in by_name[n].candidates]) for n in names]
             continue
-        out.append(_unit(s, names, by_name, common))
+        out.append(_unit(s, names, by_name, combos))
     return out
 
 
-def _unit(s: Sensitivities, names: list[str], by_name: dict, options: list[str] | None = None) -> Unit:
-    options = options or by_name[names[0]].candidates
+def _unit(s: Sensitivities, names: list[str], by_name: dict, options: list[tuple[str, ...]]) -> Unit:
     size, kl = [], []
-    for c in options:
-        bits, group = (int(v) for v in c.split(":"))
-        size.append(sum(layer_bytes(s.shapes[n][0], s.shapes[n][1], bits, group, s.shapes[n][2]) for n in names))
-        kl.append(sum(by_name[n].kl[by_name[n].candidates.index(c)] for n in names))
+    for option in options:
+        size.append(sum(layer_bytes(*s.shapes[n][:2], *_grid(c), s.shapes[n][2]) for n, c in zip(names, option,
+                                                                                                  strict=True)))
+        kl.append(sum(by_name[n].kl[by_name[n].candidates.index(c)] for n, c in zip(names, option, strict=True)))
+    # Keep an option unless another is no larger and no costlier, and better in one (ties: the first).
+    keep = [j for j in range(len(options))
+            if not any((size[k] <= size[j] and kl[k] <= kl[j]) and (size[k] < size[j] or kl[k] < kl[j] or k < j)
+                       for k in range(len(options)) if k != j)]
     params = sum(s.shapes[n][0] * s.shapes[n][1] for n in names)
-    return Unit(tuple(names), tuple(options), tuple(size), tuple(kl), params)
+    return Unit(tuple(names), tuple(options[j] for j in keep), tuple(size[j] for j in keep),
+                tuple(kl[j] for j in keep), params)
 
 
 HEADER_BYTES_PER_TENSOR = 100  # the safetensors JSON header: name, dtype, shape and offsets of each tensor
@@ -184,16 +205,16 @@ def plan(s: Sensitivities, budget: Budget, base: GPTQConfig, fixed_bytes: int, i
                  f"the smallest choice is {(best.size + fixed_bytes) / 1e6:.4g} MB, "
                  f"{best.size * 8 / params:.2f} bits per weight")
         raise UserError(f"--budget {budget} cannot be met with this space: {reach}")
-    return _plan(us, result, budget, base, fixed_bytes, params, internal, cal)
+    return _plan(us, result, budget, base, fixed_bytes, params, internal, cal, s.shapes)
 
 
 def _plan(us: list[Unit], a: Allocation, budget: Budget, base: GPTQConfig, fixed_bytes: int, params: int,
-          internal: float, cal: Calibration) -> Plan:
-    choice = {n: u.options[j] for u, j in zip(us, a.choice, strict=True) for n in u.names}
+          internal: float, cal: Calibration, shapes: dict[str, tuple[int, int, bool]]) -> Plan:
+    choice = {n: c for u, j in zip(us, a.choice, strict=True) for n, c in zip(u.names, u.options[j], strict=True)}
     # The base grid: the one most weights use, so the dynamic rules stay few.
     weight = Counter()
-    for u, j in zip(us, a.choice, strict=True):
-        weight[u.options[j]] += u.params
+    for n, c in choice.items():
+        weight[c] += shapes[n][0] * shapes[n][1]
     bits, group = (int(v) for v in weight.most_common(1)[0][0].split(":"))
     overrides = tuple(f"{n}={c}" for n, c in choice.items() if c != f"{bits}:{group}")
     keep = {f.name: getattr(base, f.name) for f in fields(GPTQConfig) if f.name not in ("bits", "group_size", "overrides")}
@@ -204,17 +225,16 @@ def _plan(us: list[Unit], a: Allocation, budget: Budget, base: GPTQConfig, fixed
 
 def uniform_points(s: Sensitivities, fixed_bytes: int) -> list[dict]:
     """Predicted KL (calibrated, and the layers' sum) and bytes of every uniform setting of the space
-    (layers that cannot take it keep their first option), for the Pareto plot."""
-    us = units(s)
-    params = sum(u.params for u in us)
-    names = sorted({c for u in us for c in u.options}, key=lambda c: tuple(int(v) for v in c.split(":")))
+    (layers that cannot take it keep their first candidate), for the Pareto plot."""
+    params = sum(i * o for i, o, _ in s.shapes.values())
+    names = sorted({c for x in s.layers for c in x.candidates}, key=_grid)
     out = []
     for c in names:
         size = kl = 0.0
-        for u in us:
-            j = u.options.index(c) if c in u.options else 0
-            size += u.bytes[j]
-            kl += u.kl[j]
+        for x in s.layers:
+            j = x.candidates.index(c) if c in x.candidates else 0
+            size += layer_bytes(*s.shapes[x.name][:2], *_grid(x.candidates[j]), s.shapes[x.name][2])
+            kl += x.kl[j]
         out.append({"setting": c, "predicted_kl": s.calibration.kl(kl), "predicted_sum": kl,
                     "bytes": int(size + fixed_bytes), "bpw": size * 8 / params})
     return out

@@ -84,7 +84,14 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
             if not all(isinstance(m, GPTQLinear) for m in mods):
                 return None
             combined = concat_gptq(mods)
-            return None if combined is None else convert(combined)
+            if combined is not None:
+                return convert(combined)
+            # Siblings of different bits (a tuned model) share the int4 kernel's 4-bit codes.
+            same_groups = all(m.in_features == mods[0].in_features and torch.equal(m.g_idx, mods[0].g_idx)
+                              for m in mods)
+            if same_groups and all(m.bits <= 4 for m in mods) and int4_available():
+                return Int4Linear.from_gptq_parts(mods)
+            return None
 
         fuse_projections(model, build_gptq)
     names = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]

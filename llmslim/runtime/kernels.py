@@ -174,12 +174,30 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_gptq(cls, m: GPTQLinear) -> Int4Linear:
-        if m.bits > 4:
-            raise ValueError(f"Int4Linear holds at most 4-bit codes, got {m.bits}")
-        Q, zeros = m.codes()
-        layout = int4_layout(m.g_idx, m.in_features)
-        packed, sz = _int4_params(Q, m.scales, zeros, layout, m.bits)
-        return cls(m.in_features, m.out_features, layout, packed, sz, m.bias, m.bits)
+        return cls.from_gptq_parts([m])
+
+    @classmethod
+    def from_gptq_parts(cls, mods: list[GPTQLinear]) -> Int4Linear:
+        """One kernel over the outputs of ``mods`` side by side (fused q/k/v or gate/up). The kernel's
+        codes are 4-bit whatever the source's 2-4 bits, so siblings of different bits fuse as long as
+        they share their input columns' groups (``g_idx``): a tuned model's mixed units."""
+        first = mods[0]
+        if any(m.bits > 4 for m in mods):
+            raise ValueError(f"Int4Linear holds at most 4-bit codes, got {[m.bits for m in mods]}")
+        if any(m.in_features != first.in_features or not torch.equal(m.g_idx, first.g_idx) for m in mods):
+            raise ValueError("fused parts must share their input size and groups")
+        parts = [m.codes() for m in mods]
+        Q = torch.cat([q for q, _ in parts]) if len(parts) > 1 else parts[0][0]
+        zeros = torch.cat([z for _, z in parts], 1) if len(parts) > 1 else parts[0][1]
+        scales = torch.cat([m.scales for m in mods], 1) if len(mods) > 1 else first.scales
+        bias = None
+        if any(m.bias is not None for m in mods):
+            bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=torch.float16)
+                              for m in mods])
+        layout = int4_layout(first.g_idx, first.in_features)
+        bits = max(m.bits for m in mods)
+        packed, sz = _int4_params(Q, scales, zeros, layout, bits)
+        return cls(first.in_features, Q.shape[0], layout, packed, sz, bias, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, lead = x.dtype, x.shape[:-1]

@@ -221,6 +221,33 @@ def test_fused_projections_compute_each_slice_once():
     assert torch.allclose(attn.k_proj(xb * 2).float(), 2 * got[1].float(), rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_siblings_of_different_bits_fuse_into_one_int4_kernel(desc_act):
+    """A tuned model gives q, k and v (gate and up) their own bits; at 2-4 bits they all run on the
+    int4 kernel's 4-bit codes, so they still fuse into one call, each slice its own layer's product."""
+    from llmslim.config import GPTQConfig
+    from llmslim.pipeline.stages import quantize
+
+    model = make_tiny_model("llama")
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    overrides = ("model.layers.0.self_attn.q_proj=3:32", "model.layers.0.self_attn.k_proj=2:32",
+                 "model.layers.0.mlp.up_proj=2:32", "model.layers.1.self_attn.v_proj=8:32")
+    quantize(model, GPTQConfig(bits=4, group_size=32, desc_act=desc_act, overrides=overrides), calib)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert [attn.q_proj.bits, attn.k_proj.bits, attn.v_proj.bits] == [3, 2, 4]
+    x = torch.randn(1, 5, 64)
+    mods = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+    want = [m(x) for m in mods]
+    accelerate(model)
+    assert isinstance(attn.qkv_proj.inner, Int4Linear) and isinstance(mlp.gate_up_proj.inner, Int4Linear)
+    xb = x.bfloat16()
+    got = [attn.q_proj(xb), attn.k_proj(xb), attn.v_proj(xb), mlp.gate_proj(xb), mlp.up_proj(xb)]
+    for g, w in zip(got, want, strict=True):
+        assert (g.float() - w).abs().max() <= 0.02 * w.abs().max()
+    # 8 bits and 4 bits are different kernels: block 1's q/k/v stay three modules.
+    assert not hasattr(model.model.layers[1].self_attn, "qkv_proj")
+
+
 def test_accelerate_int8_head_and_float_model():
     model = make_tiny_model("llama")
     ids = torch.randint(0, 320, (1, 8))
