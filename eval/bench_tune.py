@@ -491,24 +491,28 @@ def main() -> None:
                     f"tuned {r['ppl']:.3f} (base {r['base_ppl']:.3f}) vs {q['row']} {q['ppl']:.3f} (base "
                     f"{q['base_ppl_llama_cpp']:.3f}, llama.cpp's own f32) at {q['bytes'] / 1e6:.1f} MB")
     gptq = next((u["gptq_seconds"] for u in uniform if u["row"] == "uniform 4:64"), None)
+    # The search proper: the sensitivities (Fisher, the pass, the anchors, the calibration's reference)
+    # and the allocation, as the command that measured them recorded (a cached row carries them too);
+    # then the command quantizes once more with the chosen grids and verifies on held-out text, which
+    # a second budget on the same model repeats (its search is the cache's seconds).
+    measured = next((r for r in rows if r["row"].startswith("tune") and r.get("sensitivity_seconds")
+                     and not r.get("row", "").endswith("space)")), None)
     first = next((r for r in rows if r["row"].startswith("tune") and not r.get("cached") and "seconds" in r), None)
-    if gptq and first:
-        # The search proper: the sensitivities (Fisher, the pass, the calibration's reference) and the
-        # allocation; then the command quantizes once more with the chosen grids and verifies on held-out
-        # text, which a second budget on the same model repeats (its search is the cache's seconds).
-        search = sum(first["sensitivity_seconds"].values())
+    if gptq and measured:
+        search = sum(measured["sensitivity_seconds"].values())
         for r in rows:  # rows measured before the attempts' seconds were kept: read them back
             if r.get("dir") and "attempt_seconds" not in r and (Path(r["dir"]) / "tune.json").exists():
                 r["attempt_seconds"] = [x["seconds"] for x in json.loads((Path(r["dir"]) / "tune.json").read_text())
                                         ["attempts"]]
         cached_rows = [r for r in rows if r.get("cached") and r.get("attempt_seconds")]
         second = statistics.median(r["seconds"] - sum(r["attempt_seconds"]) for r in cached_rows) if cached_rows else None
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in measured["sensitivity_seconds"].items())
         criteria["search time"] = (
-            f"sensitivities (Fisher, pass, reference) {search:.0f} s vs one uniform GPTQ run {gptq:.0f} s = "
-            f"{search / gptq:.1f}x; the whole first command ({first['row']}: search, GPTQ with the chosen grids, "
-            f"held-out verification of {first['attempts']} attempt(s)) {first['seconds']:.0f} s = "
-            f"{first['seconds'] / gptq:.1f}x" + ("" if second is None else
-                                                f"; a later budget's search from the cache: {second:.0f} s"))
+            f"sensitivities ({parts}) {search:.0f} s vs one uniform GPTQ run {gptq:.0f} s = {search / gptq:.1f}x"
+            + ("" if first is None else
+               f"; the whole first command ({first['row']}: search, GPTQ with the chosen grids, held-out verification "
+               f"of {first['attempts']} attempt(s)) {first['seconds']:.0f} s = {first['seconds'] / gptq:.1f}x")
+            + ("" if second is None else f"; a later budget's search from the cache: {second:.0f} s"))
     criteria["rank correlation"] = (f"Spearman {rank['spearman']:.3f} between predicted and measured KL over "
                                     f"{rank['pairs']} (layer, candidate) pairs (uncorrected LDL proxy "
                                     f"{rank['spearman_proxy']:.3f})")
