@@ -64,7 +64,8 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
 
     ``attention`` routes SDPA models through ``decode_attention`` (same results, faster
     single-token steps). ``fuse`` merges q/k/v and gate/up projections that share a layout
-    into one module each (``FusedLinear``; the old names stay as slices of it).
+    into one module each (``FusedLinear``; the old names stay as slices of it): one grid, or
+    (a tuned model's siblings) one group size at 2-4 bits each, which the int4 kernel holds alike.
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
