@@ -88,11 +88,12 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
             if combined is not None:
                 return convert(combined)
             # Siblings of different bits (a tuned model) share the int4 kernel's 4-bit codes.
-            same_groups = all(m.in_features == mods[0].in_features and torch.equal(m.g_idx, mods[0].g_idx)
-                              for m in mods)
-            if same_groups and all(m.bits <= 4 for m in mods) and int4_available():
+            if not int4_available():
+                return None
+            try:
                 return Int4Linear.from_gptq_parts(mods)
-            return None
+            except ValueError:  # 8 bits, or other groups: each keeps its own kernel
+                return None
 
         fuse_projections(model, build_gptq)
     names = [n for n, m in model.named_modules() if isinstance(m, GPTQLinear)]

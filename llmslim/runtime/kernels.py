@@ -187,9 +187,9 @@ class Int4Linear(nn.Module):
         if any(m.in_features != first.in_features or not torch.equal(m.g_idx, first.g_idx) for m in mods):
             raise ValueError("fused parts must share their input size and groups")
         parts = [m.codes() for m in mods]
-        Q = torch.cat([q for q, _ in parts]) if len(parts) > 1 else parts[0][0]
-        zeros = torch.cat([z for _, z in parts], 1) if len(parts) > 1 else parts[0][1]
-        scales = torch.cat([m.scales for m in mods], 1) if len(mods) > 1 else first.scales
+        Q = torch.cat([q for q, _ in parts])
+        zeros = torch.cat([z for _, z in parts], 1)
+        scales = torch.cat([m.scales for m in mods], 1)
         bias = None
         if any(m.bias is not None for m in mods):
             bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=torch.float16)
