@@ -104,6 +104,10 @@ def tune_row(budget: str, args, work: Path, space: Path | None = None) -> dict:
         raise SystemExit(f"tune {budget} failed:\n{p.stderr[-3000:]}")
     t = json.loads((out / "tune.json").read_text())
     a, first = t["attempts"][-1], t["attempts"][0]
+    if not t["sensitivity"]["cached"] and not tag:
+        # The search-time criterion sets the sensitivities' seconds against one GPTQ run: time it now,
+        # right after them, since this machine's speed varies by the day (1.4x between two sessions).
+        row["gptq_seconds_same_run"] = gptq_seconds(args, work)
     return row | {"dir": str(out), "met": t["met"], "attempts": len(t["attempts"]), "predicted_kl": a["predicted_kl"],
                   "kl": a["measured_kl"], "ppl": a["perplexity"], "base_ppl": a["baseline_perplexity"],
                   "bytes": a["measured_bytes"], "bpw": a["bpw"], "cached": t["sensitivity"]["cached"],
@@ -111,6 +115,15 @@ def tune_row(budget: str, args, work: Path, space: Path | None = None) -> dict:
                   "sensitivity_seconds": t["sensitivity"]["seconds"], "calibration": t["sensitivity"]["calibration"],
                   "attempt_seconds": [x["seconds"] for x in t["attempts"]],
                   "uniform_predicted": {u["setting"]: u["predicted_kl"] for u in t["uniform_predicted"]}}
+
+
+def gptq_seconds(args, work: Path, setting: str = "4:64") -> float:
+    """Wall time of one uniform GPTQ ``llmslim quantize`` (the search time's unit)."""
+    bits, group = setting.split(":")
+    t0 = time.perf_counter()
+    sh(llmslim("quantize", MODEL, "--bits", bits, "--group-size", group, *calib_args(args), "--out",
+               work / f"gptq-time-{bits}-{group}", "--force"), check=True)
+    return round(time.perf_counter() - t0, 1)
 
 
 def fast_speed(dirs: list[str], args) -> dict:
@@ -493,6 +506,8 @@ def main() -> None:
     measured = next((r for r in rows if r["row"].startswith("tune") and r.get("sensitivity_seconds")
                      and not r.get("row", "").endswith("space)")), None)
     first = next((r for r in rows if r["row"].startswith("tune") and not r.get("cached") and "seconds" in r), None)
+    if measured and measured.get("gptq_seconds_same_run"):
+        gptq = measured["gptq_seconds_same_run"]  # else: the uniform row's, maybe from another day
     if gptq and measured:
         search = sum(measured["sensitivity_seconds"].values())
         for r in rows:  # rows measured before the attempts' seconds were kept: read them back
