@@ -12,10 +12,11 @@ Rows:
                     (a budget no choice reaches is recorded with the best reachable, as the command says),
                     and sizes 90 / 140 MB (EXTRA_BUDGETS: reachable stand-ins for 60 / 80);
                     the first row measures the sensitivities, the others read them from the cache
-  uniform b:g       GPTQ at every bits x group of the space (bits 2/3/4/8 x groups 32/64: 128 does not
-                    divide SmolLM2's 576), same calibration; its time is "one GPTQ run"; its predicted KL
-                    is the tune's calibrated prediction of that uniform setting (tune.json)
-  tune size=<u>     tune at exactly the size of the uniform 3:32, 3:64, 4:32 and 4:64 checkpoints: KL at equal size
+  uniform b:g       GPTQ at every bits x group of the default space (bits 2/3/4/8 x groups 32/64/128; at 128
+                    SmolLM2's 576-wide layers end in a group of 64, as GPTQ allows, though the tune's
+                    divisible space leaves 128 to the 1536-wide down_proj), same calibration; its time is "one
+                    GPTQ run"; its predicted KL is the tune's calibrated prediction of that uniform setting
+  tune size=<u>     tune at exactly the size of every uniform 3- and 4-bit checkpoint: KL at equal size
   llama.cpp         Q4_K_M and Q3_K_M from llama.cpp's own quantizer, perplexity on the same windows
                     (needs --llama-python, a venv with llama-cpp-python==0.3.36, and llama.cpp's conversion
                     code: make llama-cpp)
@@ -70,7 +71,7 @@ BUDGETS = ["kl=0.02", "kl=0.05", "kl=0.1", "kl=0.2", "kl=0.5", "size=60MB", "siz
 # embedding alone is 56.6 MB (GPTQ leaves embeddings in float). Two reachable sizes stand in for them,
 # so that ten reachable budgets are measured; the sweep's own rows still run (and are refused).
 EXTRA_BUDGETS = ["size=90MB", "size=140MB"]
-UNIFORM = [f"{b}:{g}" for b in (2, 3, 4, 8) for g in (32, 64)]
+UNIFORM = [f"{b}:{g}" for b in (2, 3, 4, 8) for g in (32, 64, 128)]
 LLAMA_TYPES = {"Q4_K_M": 15, "Q3_K_M": 12}  # llama_ftype values
 
 
@@ -81,6 +82,16 @@ def sh(cmd: list, **kw) -> subprocess.CompletedProcess:
 
 def llmslim(*args) -> list:
     return [sys.executable, "-m", "llmslim.cli", *args]
+
+
+def linear_inputs() -> set[int]:
+    """The input sizes of the reference model's linears (hidden and MLP widths)."""
+    from transformers import AutoConfig
+
+    from llmslim.models import resolve
+
+    c = AutoConfig.from_pretrained(resolve(MODEL))
+    return {c.hidden_size, c.intermediate_size}
 
 
 def calib_args(args) -> list:
@@ -430,12 +441,15 @@ def main() -> None:
     uniform = [cached(f"uniform {u}", lambda u=u: uniform_row(u, args, args.work)) for u in args.uniform]
     rows += uniform
     measured_first = next((r for r in rows if r.get("uniform_predicted")), None)
-    for u in uniform:  # the tune's calibrated prediction of this very setting
-        u["predicted_kl"] = (measured_first or {}).get("uniform_predicted", {}).get(u["row"].split()[-1])
+    inputs = linear_inputs()
+    for u in uniform:  # the tune's calibrated prediction of this very setting, where the space has it
+        setting = u["row"].split()[-1]
+        if all(k % int(setting.split(":")[1]) == 0 for k in inputs):  # g128: SmolLM2's 576 is not whole groups
+            u["predicted_kl"] = (measured_first or {}).get("uniform_predicted", {}).get(setting)
     # Equal size: tune to the very size of the uniform ~3 and ~4 bits/weight checkpoints (both group sizes).
     criteria = {}
     for u in uniform:
-        if u["row"] in ("uniform 3:32", "uniform 3:64", "uniform 4:32", "uniform 4:64"):
+        if u["row"].split()[-1].split(":")[0] in ("3", "4"):
             r = cached(f"tune size={u['bytes']}B", lambda u=u: tune_row(f"size={u['bytes']}B", args, args.work))
             rows.append(r)
             if "kl" in r:

@@ -224,19 +224,32 @@ def _plan(us: list[Unit], a: Allocation, budget: Budget, base: GPTQConfig, fixed
 
 
 def uniform_points(s: Sensitivities, fixed_bytes: int) -> list[dict]:
-    """Predicted KL (calibrated, and the layers' sum) and bytes of every uniform setting of the space
-    (layers that cannot take it keep their first candidate), for the Pareto plot."""
+    """Predicted KL (calibrated, and the layers' sum) and bytes of every uniform setting of the space,
+    for the Pareto plot. A layer that cannot take a setting (its group size does not divide the layer
+    in a divisible space) takes the same bits at its largest group size below it, and the point says
+    how many did (``substituted``); a setting with no such stand-in in some layer is left out."""
     params = sum(i * o for i, o, _ in s.shapes.values())
     names = sorted({c for x in s.layers for c in x.candidates}, key=_grid)
     out = []
     for c in names:
+        bits, group = _grid(c)
         size = kl = 0.0
+        substituted = 0
         for x in s.layers:
-            j = x.candidates.index(c) if c in x.candidates else 0
+            if c in x.candidates:
+                j = x.candidates.index(c)
+            else:
+                finer = [k for k, (b, g) in enumerate(map(_grid, x.candidates))
+                         if b == bits and g != -1 and (group == -1 or g < group)]
+                if not finer:
+                    break
+                j = max(finer, key=lambda k: _grid(x.candidates[k])[1])
+                substituted += 1
             size += layer_bytes(*s.shapes[x.name][:2], *_grid(x.candidates[j]), s.shapes[x.name][2])
             kl += x.kl[j]
-        out.append({"setting": c, "predicted_kl": s.calibration.kl(kl), "predicted_sum": kl,
-                    "bytes": int(size + fixed_bytes), "bpw": size * 8 / params})
+        else:
+            out.append({"setting": c, "predicted_kl": s.calibration.kl(kl), "predicted_sum": kl,
+                        "bytes": int(size + fixed_bytes), "bpw": size * 8 / params, "substituted": substituted})
     return out
 
 

@@ -22,8 +22,11 @@ def markdown(t: dict) -> str:
                      f"{a['measured_bytes'] / 1e6:.2f} | {a['bpw']:.3f} | {'yes' if a['met'] else 'no'} |")
     lines += ["", "## Uniform settings (predicted)", "", "| setting | predicted KL | MB | bits/weight |",
               "|---|---:|---:|---:|"]
-    lines += [f"| {u['setting']} | {u['predicted_kl']:.4f} | {u['bytes'] / 1e6:.2f} | {u['bpw']:.3f} |"
-              for u in t["uniform_predicted"]]
+    lines += [f"| {u['setting']}{' *' if u.get('substituted') else ''} | {u['predicted_kl']:.4f} | "
+              f"{u['bytes'] / 1e6:.2f} | {u['bpw']:.3f} |" for u in t["uniform_predicted"]]
+    if any(u.get("substituted") for u in t["uniform_predicted"]):
+        lines += ["", "\\* some layers cannot take the group size (it does not divide them): they are priced at "
+                  "the same bits and their largest smaller group."]
     kl = {x["name"]: dict(zip(x["candidates"], x["kl"], strict=True)) for x in t["layers"]}
     lines += ["", "## Per layer", "", "| layer | bits:group | predicted KL of this layer |", "|---|---|---:|"]
     lines += [f"| {n} | {c} | {kl[n][c]:.3g} |" for n, c in t["choice"].items()]

@@ -3,6 +3,8 @@ still fuse (one group size at 2-4 bits each, or one grid), without dominated com
 
 from __future__ import annotations
 
+import pytest
+
 from llmslim.pipeline.tune import fusable, uniform_points, units
 from llmslim.quant.sensitivity import Sensitivities, SensitivityLog, layer_bytes
 
@@ -50,3 +52,20 @@ def test_uniform_points_price_every_layer_at_the_setting():
     u = {p["setting"]: p for p in uniform_points(s, 0)}
     assert set(u) == set(CANDS)
     assert u["4:64"]["predicted_sum"] == sum(x.kl[2] for x in s.layers)
+
+
+def test_uniform_points_stand_in_for_a_group_a_layer_cannot_take():
+    # o_proj's input is not a multiple of 64 (a divisible space): its candidates lack 4:64 and 8:64.
+    s = _table()
+    o = next(x for x in s.layers if x.name.endswith("o_proj"))
+    o.candidates, o.kl = ["2:32", "4:32", "8:32"], [0.4, 0.4, 0.001]
+    s.layers.append(SensitivityLog("model.layers.0.mlp.down_proj", 64, 64, False, ["4:64", "8:64"], [0.05, 0.002],
+                                   [0.05, 0.002], {}, 0.0))
+    s.shapes["model.layers.0.mlp.down_proj"] = (64, 64, False)
+    u = {p["setting"]: p for p in uniform_points(s, 0)}
+    assert u["4:64"]["substituted"] == 1  # o_proj at 4:32, the same bits' largest smaller group
+    assert sum(x.kl[x.candidates.index("4:64")] for x in s.layers if x is not o) + 0.4 == pytest.approx(
+        u["4:64"]["predicted_sum"])
+    assert u["8:64"]["substituted"] == 4  # q, k, v and o at 8:32
+    # down_proj has no 2-bit candidate, nor a 4-bit group at or below 32: no uniform point for those.
+    assert "2:32" not in u and "4:32" not in u
