@@ -79,7 +79,7 @@ def plot(t: dict, path: Path) -> bool:
             label="mixed, predicted front")
     for u in t["uniform_predicted"]:
         ax.plot(u["bytes"] / 1e6, max(u["predicted_kl"], 1e-6), "s", color="tab:gray")
-        ax.annotate(u["setting"], (u["bytes"] / 1e6, max(u["predicted_kl"], 1e-6)), fontsize=7,
+        ax.annotate(u["setting"] + (" *" if u.get("substituted") else ""), (u["bytes"] / 1e6, max(u["predicted_kl"], 1e-6)), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
     ax.plot([], [], "s", color="tab:gray", label="uniform bits:group, predicted")
     for i, a in enumerate(t["attempts"], 1):
