@@ -38,7 +38,7 @@ _SOLVER_FIELDS = ("sym", "mse", "desc_act", "static_groups", "true_sequential", 
                   "act_group_aware", "forward_dtype", "importance")
 
 
-MEASUREMENT = 3  # what the pass measures (3: units anchored at the lowest bits); cached tables of others are stale
+MEASUREMENT = 4  # what the pass measures (4: a grouped calibration reference); cached tables of others are stale
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,35 @@ def check_bits(folder: str | Path, types: Grids | None) -> None:
     )
 
 
+def check_fused(folder: str | Path) -> None:
+    """Raise ``UserError`` when siblings vLLM loads as one layer (q/k/v as ``qkv_proj``, gate/up as
+    ``gate_up_proj``) would not get one grid there: vLLM looks the fused layer's grid up under its fused
+    name, so its parts must share a grid and that name must resolve to it (llmslim writes the rule; a
+    checkpoint from before did not), else vLLM fails while loading the weights."""
+    from ..runtime.fusion import FUSE_GROUPS
+
+    qc = _gptq_config(Path(folder))
+    if not qc:
+        return
+    names = set(quantized_input_sizes(folder))
+    for parent in sorted({n.rpartition(".")[0] for n in names}):
+        for fused, members in FUSE_GROUPS.items():
+            full = [f"{parent}.{m}" for m in members]
+            if not all(n in names for n in full):
+                continue
+            grids = {n: _grid(qc, n) for n in full}
+            one = len(set(grids.values())) == 1
+            if one and _grid(qc, f"{parent}.{fused}") == grids[full[0]]:
+                continue
+            found = ", ".join(f"{n.rpartition('.')[2]} {b}-bit group {g}" for n, (b, g) in grids.items())
+            why = ("their grids differ" if not one else
+                   f"the checkpoint gives {parent}.{fused} no rule of its own (written before llmslim added one)")
+            raise UserError(
+                f"{folder}: vLLM loads {', '.join(members)} of {parent} as one layer, {fused}, with one grid; "
+                f"{why} ({found}). Serve it with --engine embedded, or make it again with this llmslim (llmslim "
+                f"tune --space calibration/spaces/vllm-cpu.yaml; vllm.yaml on GPU).")
+
+
 # Layers whose input vLLM splits across tensor-parallel ranks (RowParallelLinear); every other
 # quantized linear is split along its output (ColumnParallelLinear / QKV / merged gate-up). The
 # one per-architecture table: the leaf names vLLM's model files give their row-parallel layers.
@@ -315,6 +344,7 @@ def launch(args, extra: list[str]) -> int:
     if not vllm_installed(python):
         raise UserError(INSTALL_HINT.format(python=python))
     check_bits(folder, vllm_gptq_types(python))
+    check_fused(folder)
     print(f"starting vLLM: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     os.execvpe(python, cmd, env)
     return 0  # not reached

@@ -53,7 +53,9 @@ def test_every_layer_gets_its_own_grid_and_the_checkpoint_round_trips(mixed, tmp
     assert qc["dynamic"] == {r"+:^model[.]layers[.]0[.]mlp[.]down_proj$": {"bits": 2, "group_size": 64},
                              r"+:^model[.]layers[.]1[.]self_attn[.]q_proj$": {"bits": 8, "group_size": -1},
                              r"+:^model[.]layers[.]1[.]mlp[.]gate_proj$": {"bits": 3, "group_size": 32},
-                             r"+:^model[.]layers[.]1[.]mlp[.]up_proj$": {"bits": 3, "group_size": 32}}
+                             r"+:^model[.]layers[.]1[.]mlp[.]up_proj$": {"bits": 3, "group_size": 32},
+                             # the name vLLM loads gate/up under, one layer: the same rule (their grids agree)
+                             r"+:^model[.]layers[.]1[.]mlp[.]gate_up_proj$": {"bits": 3, "group_size": 32}}
     model, _ = llmslim.load(str(out))
     want = {"model.layers.0.mlp.down_proj": (2, 64), "model.layers.1.self_attn.q_proj": (8, -1),
             "model.layers.1.mlp.gate_proj": (3, 32), "model.layers.0.self_attn.q_proj": (4, 32)}

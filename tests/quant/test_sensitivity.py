@@ -166,3 +166,12 @@ def test_spearman():
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
+
+
+def test_the_calibration_reference_takes_a_group_over_per_channel():
+    from llmslim.quant.sensitivity import reference_setting
+
+    label, choice = reference_setting({"a": [(4, -1), (4, 32), (4, 64)], "b": [(4, -1)], "c": [(2, 64), (3, 64)],
+                                       "d": [(4, 32), (4, 64), (4, 128), (8, 128)]})
+    assert label == "uniform 4-bit (GPTQ per layer)"
+    assert choice == {"a": "4:64", "b": "4:-1", "d": "4:128"}  # c has no 4 bits: it stays in float

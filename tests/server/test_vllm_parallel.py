@@ -163,6 +163,34 @@ def test_layers_at_grids_vllm_does_not_load_are_refused(tmp_path):
     check_bits(mixed_checkpoint(tmp_path, "g32", 32, ()), cpu)
 
 
+def test_siblings_vllm_fuses_get_a_rule_under_the_fused_name(tmp_path):
+    """vLLM loads q/k/v as one qkv_proj and gate/up as one gate_up_proj and looks their grid up under that
+    name: the checkpoint says it where the siblings share a grid, and a checkpoint where they do not (or
+    one written without the rule) is refused before vLLM fails while loading its weights."""
+    import json
+
+    from llmslim.formats.gptq import layer_grid
+    from llmslim.server.vllm import check_fused
+
+    qkv = tuple(f"model.layers.0.self_attn.{c}_proj=4:32" for c in "qkv")
+    folder = mixed_checkpoint(tmp_path, "qkv", 16, (*qkv, "model.layers.1.mlp.gate_proj=4:32"))
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert layer_grid(qc, "model.layers.0.self_attn.qkv_proj") == (4, 32)
+    assert layer_grid(qc, "model.layers.1.self_attn.qkv_proj") == (4, 16)  # the base grid, as its parts
+    assert layer_grid(qc, "model.layers.1.mlp.gate_up_proj") == (4, 16)  # gate and up differ: no rule
+    with pytest.raises(UserError, match=r"gate_proj, up_proj of model.layers.1.mlp as one layer, gate_up_proj.*"
+                       r"their grids differ \(gate_proj 4-bit group 32, up_proj 4-bit group 16\)"):
+        check_fused(folder)
+    same = mixed_checkpoint(tmp_path, "same", 16, qkv)
+    check_fused(same)
+    config = json.loads((same / "config.json").read_text())
+    config["quantization_config"]["dynamic"] = {k: v for k, v in config["quantization_config"]["dynamic"].items()
+                                                if "qkv_proj" not in k}  # as written before the rule existed
+    (same / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="no rule of its own"):
+        check_fused(same)
+
+
 def test_the_grids_vllm_loads_are_asked_of_its_python(tmp_path):
     from llmslim.server.vllm import vllm_gptq_types
 
