@@ -517,8 +517,10 @@ def main() -> None:
     # and the allocation, as the command that measured them recorded (a cached row carries them too);
     # then the command quantizes once more with the chosen grids and verifies on held-out text, which
     # a second budget on the same model repeats (its search is the cache's seconds).
-    measured = next((r for r in rows if r["row"].startswith("tune") and r.get("sensitivity_seconds")
-                     and not r.get("row", "").endswith("space)")), None)
+    default_space = [r for r in rows if r["row"].startswith("tune") and r.get("sensitivity_seconds")
+                     and not r.get("row", "").endswith("space)")]
+    # The row that measured the sensitivities (a cached row carries the same seconds, from the cache).
+    measured = next((r for r in default_space if not r.get("cached")), default_space[0] if default_space else None)
     first = next((r for r in rows if r["row"].startswith("tune") and not r.get("cached") and "seconds" in r), None)
     if measured and measured.get("gptq_seconds_same_run"):
         gptq = measured["gptq_seconds_same_run"]  # else: the uniform row's, maybe from another day
