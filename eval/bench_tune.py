@@ -521,7 +521,8 @@ def main() -> None:
                      and not r.get("row", "").endswith("space)")]
     # The row that measured the sensitivities (a cached row carries the same seconds, from the cache).
     measured = next((r for r in default_space if not r.get("cached")), default_space[0] if default_space else None)
-    first = next((r for r in rows if r["row"].startswith("tune") and not r.get("cached") and "seconds" in r), None)
+    first = next((r for r in rows if r["row"].startswith("tune") and not r.get("cached") and "attempts" in r
+                  and not r["row"].endswith("space)")), None)
     if measured and measured.get("gptq_seconds_same_run"):
         gptq = measured["gptq_seconds_same_run"]  # else: the uniform row's, maybe from another day
     if gptq and measured:
