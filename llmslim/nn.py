@@ -17,6 +17,11 @@ from torch import nn
 
 from .pack import pack, packed_len, unpack
 
+# Children of one parent that read the very same input in every transformers model that has them, and
+# the name of the one layer they make: llmslim's kernels fuse
+# them (runtime.fusion), vLLM loads them as one layer under that name (formats.gptq's rules for it).
+FUSE_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
 
 def can_pack(in_features: int, out_features: int, bits: int) -> bool:
     """Whether a layer's shape fits the format (3 bits needs multiples of 32 on both sides)."""

@@ -18,7 +18,7 @@ from torch import nn
 from .. import __version__
 from ..config import IntConfig
 from ..errors import UserError
-from ..nn import GPTQLinear
+from ..nn import FUSE_GROUPS, GPTQLinear
 from ..pack import pack, unpack
 from ..quant.walk import linear_shape, set_module
 from .stream import WeightSource, empty_model
@@ -74,8 +74,6 @@ def fused_rules(dynamic: dict, names: set[str]) -> dict:
     as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` and looks the rules up under that name,
     so an exact-name rule of each sibling alone would leave the fused layer on the base grid (and its
     weights fail to load). Siblings that differ have no fused rule: vLLM cannot load them as one."""
-    from ..runtime.fusion import FUSE_GROUPS
-
     out = {}
     parents = {n.rpartition(".")[0] for n in names}
     for parent in sorted(parents):

@@ -28,9 +28,9 @@ from .. import __version__
 from ..config import Budget, CalibConfig, GPTQConfig, TuneConfig
 from ..errors import UserError
 from ..models import cache_root
+from ..nn import FUSE_GROUPS
 from ..quant.allocate import Allocation, Unreachable, allocate, pareto_front
 from ..quant.sensitivity import Calibration, Sensitivities, layer_bytes, measure
-from ..runtime.fusion import FUSE_GROUPS
 from ..util import atomic_write_text
 
 # The GPTQ options that change what a candidate costs (the cache key); bits/group are the candidates.

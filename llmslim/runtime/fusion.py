@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import GPTQLinear
-
-# Children of one parent that read the very same input in every transformers model that has them.
-FUSE_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+from ..nn import FUSE_GROUPS, GPTQLinear
 
 
 class FusedLinear(nn.Module):

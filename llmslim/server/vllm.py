@@ -179,7 +179,7 @@ def check_fused(folder: str | Path) -> None:
     ``gate_up_proj``) would not get one grid there: vLLM looks the fused layer's grid up under its fused
     name, so its parts must share a grid and that name must resolve to it (llmslim writes the rule; a
     checkpoint from before did not), else vLLM fails while loading the weights."""
-    from ..runtime.fusion import FUSE_GROUPS
+    from ..nn import FUSE_GROUPS
 
     qc = _gptq_config(Path(folder))
     if not qc:
