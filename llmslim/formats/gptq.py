@@ -69,23 +69,27 @@ def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool,
     return qc
 
 
+def fused_units(names: set[str]):
+    """(parent, fused name, sibling names) for every q/k/v or gate/up set whose siblings are all in ``names``."""
+    for parent in sorted({n.rpartition(".")[0] for n in names}):
+        for fused, members in FUSE_GROUPS.items():
+            full = [f"{parent}.{m}" for m in members]
+            if all(n in names for n in full):
+                yield parent, fused, full
+
+
 def fused_rules(dynamic: dict, names: set[str]) -> dict:
     """The same rule for the fused module vLLM makes of siblings that all have it: vLLM loads q/k/v
     as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` and looks the rules up under that name,
     so an exact-name rule of each sibling alone would leave the fused layer on the base grid (and its
     weights fail to load). Siblings that differ have no fused rule: vLLM cannot load them as one."""
+    by_pattern = {k[2:]: (k[0], v) for k, v in dynamic.items()}  # "^name$" -> (sign, values)
     out = {}
-    parents = {n.rpartition(".")[0] for n in names}
-    for parent in sorted(parents):
-        for fused, members in FUSE_GROUPS.items():
-            full = [f"{parent}.{m}" for m in members]
-            if not all(n in names for n in full):
-                continue
-            rules = [next(((k[0], v) for k, v in dynamic.items() if k[2:] == module_pattern(n)[2:]), None)
-                     for n in full]
-            if rules[0] is not None and all(r == rules[0] for r in rules):
-                sign, values = rules[0]
-                out[module_pattern(f"{parent}.{fused}", sign)] = dict(values)
+    for parent, fused, full in fused_units(names):
+        rules = [by_pattern.get(module_pattern(n)[2:]) for n in full]
+        if rules[0] is not None and all(r == rules[0] for r in rules):
+            sign, values = rules[0]
+            out[module_pattern(f"{parent}.{fused}", sign)] = dict(values)
     return out
 
 

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..formats.gptq import largest_dividing_group, layer_grid
+from ..formats.gptq import fused_units, largest_dividing_group, layer_grid
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 INSTALL_HINT = (
@@ -179,28 +179,22 @@ def check_fused(folder: str | Path) -> None:
     ``gate_up_proj``) would not get one grid there: vLLM looks the fused layer's grid up under its fused
     name, so its parts must share a grid and that name must resolve to it (llmslim writes the rule; a
     checkpoint from before did not), else vLLM fails while loading the weights."""
-    from ..nn import FUSE_GROUPS
-
     qc = _gptq_config(Path(folder))
     if not qc:
         return
-    names = set(quantized_input_sizes(folder))
-    for parent in sorted({n.rpartition(".")[0] for n in names}):
-        for fused, members in FUSE_GROUPS.items():
-            full = [f"{parent}.{m}" for m in members]
-            if not all(n in names for n in full):
-                continue
-            grids = {n: _grid(qc, n) for n in full}
-            one = len(set(grids.values())) == 1
-            if one and _grid(qc, f"{parent}.{fused}") == grids[full[0]]:
-                continue
-            found = ", ".join(f"{n.rpartition('.')[2]} {b}-bit group {g}" for n, (b, g) in grids.items())
-            why = ("their grids differ" if not one else
-                   f"the checkpoint gives {parent}.{fused} no rule of its own (written before llmslim added one)")
-            raise UserError(
-                f"{folder}: vLLM loads {', '.join(members)} of {parent} as one layer, {fused}, with one grid; "
-                f"{why} ({found}). Serve it with --engine embedded, or make it again with this llmslim (llmslim "
-                f"tune --space calibration/spaces/vllm-cpu.yaml; vllm.yaml on GPU).")
+    for parent, fused, full in fused_units(set(quantized_input_sizes(folder))):
+        grids = {n: _grid(qc, n) for n in full}
+        one = len(set(grids.values())) == 1
+        if one and _grid(qc, f"{parent}.{fused}") == grids[full[0]]:
+            continue
+        members = [n.rpartition(".")[2] for n in full]
+        found = ", ".join(f"{m} {b}-bit group {g}" for m, (b, g) in zip(members, grids.values(), strict=True))
+        why = ("their grids differ" if not one else
+               f"the checkpoint gives {parent}.{fused} no rule of its own (written before llmslim added one)")
+        raise UserError(
+            f"{folder}: vLLM loads {', '.join(members)} of {parent} as one layer, {fused}, with one grid; "
+            f"{why} ({found}). Serve it with --engine embedded, or make it again with this llmslim (llmslim "
+            f"tune --space calibration/spaces/vllm-cpu.yaml; vllm.yaml on GPU).")
 
 
 # Layers whose input vLLM splits across tensor-parallel ranks (RowParallelLinear); every other
