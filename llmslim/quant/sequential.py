@@ -701,8 +701,8 @@ def _swap_quantized(block: nn.Module, config: GPTQConfig, tensors: dict[str, tor
 # One forward at a time (no lanes): each batch's forward makes and frees the same temporaries,
 # which glibc's heap serves again without a page fault, where pages of their own (the driver's
 # default, ``map_large_allocations``) are faulted in afresh each time. Wanda 50% on SmolLM2-135M,
-# 32 x 512 tokens: 24-28 s from the heap, 39-44 s mapped, the same bytes (eval/pruning.md). The
-# heap is trimmed when the forwards end. 32 MiB is glibc's largest mmap threshold; a batch's
+# 32 x 512 tokens: 22.5-23.3 s from the heap, 38.8-44.6 s mapped, the same bytes (eval/pruning.md,
+# session 14). The heap is trimmed when the forwards end. 32 MiB is glibc's largest mmap threshold; a batch's
 # tensors are within it by the batch size's choice (``BATCH_BYTES``: ~8 of the widest).
 FORWARD_HEAP_BYTES = 32 * 2**20
 
