@@ -97,9 +97,9 @@ def compress_to_folder(
     device = resolve_device(device)
     # Tensors of MBs are made and freed thousands of times here (a block's weights, the solvers'
     # temporaries). From glibc's heap, where a freed hole fits, how many holes stay resident depends
-    # on what the heap held before: the same streamed RTN of 40 blocks peaked at 490 or 600 MB, and
-    # 40 blocks over 10 grew 140 MB in one CI run. Pages of their own, from before anything loads,
-    # make every run peak at 490 MB.
+    # on what the heap held before: the same streamed RTN of 40 blocks peaked at 553-627 MB, and 40
+    # blocks over 10 grew 140 MB in one CI run. Pages of their own, from before anything loads, make
+    # every run peak at 490 MB (eval/scale.md, session 14).
     map_large_allocations()
     if recipe.calibrated:  # a bad dataset fails before minutes of loading
         load_documents(recipe.calibration.dataset, "calib", recipe.calibration.text_field)
