@@ -12,7 +12,8 @@ and its pruned model is scored by llmslim like every other row.
     python eval/bench_prune.py --rows sparsegpt-2of4 lc-sparsegpt-2of4 --nsamples 8 --windows 4   # a smoke run
     python eval/bench_prune.py --report              # the tables of everything measured so far
 
-Rows: METHOD-PATTERN[-ts] (magnitude|wanda|sparsegpt x 50|2of4; -ts: --true-sequential), joint-2of4-gptq4g64 (one sweep),
+Rows: METHOD-PATTERN[-ts][-refitN] (magnitude|wanda|sparsegpt x 50|2of4; -ts: --true-sequential; -refitN:
+--refit-iters N, e.g. sparsegpt-50-refit0 is the reference sweep alone), joint-2of4-gptq4g64 (one sweep),
 sparsegpt-2of4+gptq4g64 (two stages), depth-bi|kl-N, width-mlpNN[-headsNN], lc-sparsegpt|wanda-50|2of4,
 lc-sparsegpt-2of4+gptq4g64 (llm-compressor's two-modifier recipe). Structured rows also report
 parameters, checkpoint size and batch-1 decode speed with plain transformers.
@@ -50,10 +51,17 @@ def stages(row: str) -> list:
     out = []
     for part in parts:
         kind, *rest = part.split("-")
-        if kind in ("magnitude", "wanda", "sparsegpt"):  # METHOD-PATTERN[-ts]
-            pattern, ts = rest[0], {"true_sequential": True} if rest[1:] == ["ts"] else {}
-            out.append(PruneConfig(kind, nm="2:4", **ts) if pattern == "2of4" else
-                       PruneConfig(kind, int(pattern) / 100, **ts))
+        if kind in ("magnitude", "wanda", "sparsegpt"):  # METHOD-PATTERN[-ts][-refitN]
+            pattern, kw = rest[0], {}
+            for flag in rest[1:]:
+                if flag == "ts":
+                    kw["true_sequential"] = True
+                elif flag.startswith("refit"):
+                    kw["refit_iters"] = int(flag.removeprefix("refit"))
+                else:
+                    raise SystemExit(f"unknown row {row!r}")
+            out.append(PruneConfig(kind, nm="2:4", **kw) if pattern == "2of4" else
+                       PruneConfig(kind, int(pattern) / 100, **kw))
         elif kind == "joint":  # joint-2of4-gptq4g64
             out.append(GPTQConfig(bits=4, group_size=64, nm="2:4"))
         elif kind == "gptq4g64":

@@ -306,6 +306,10 @@ def add_prune(sub) -> None:
                    "order of their largest Hessian diagonal entry, GPTQ's act-order)")
     u.add_argument("--forward-dtype", default="auto", metavar="auto|fp32|bf16",
                    help="sparsegpt/wanda, depth/width importance: " + FORWARD_DTYPE_HELP)
+    u.add_argument("--refit-iters", type=int, default=None, metavar="N",
+                   help="sparsegpt/wanda: once the mask is chosen, refit the kept weights to the exact least-squares "
+                   "solution of the layer objective by N conjugate-gradient iterations (default: 20 for sparsegpt, 0 "
+                   "for wanda; 0 = the reference algorithm: SparseGPT's sweep alone, Wanda with no weight update)")
     u.add_argument("--include", action="append", default=[], metavar="GLOB", help="only prune these linears (repeatable)")
     u.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune these (repeatable)")
     d = p.add_argument_group("depth (drop decoder blocks)")
@@ -338,7 +342,7 @@ def cmd_prune(args) -> int:
     config = PruneConfig(args.method, args.sparsity, args.nm, args.drop_blocks, args.importance, args.mlp_keep,
                          args.heads_keep, args.damp_percent, args.block_size,
                          LayerFilter(tuple(args.include), tuple(args.exclude)), args.true_sequential, args.act_order,
-                         args.forward_dtype)
+                         args.forward_dtype, args.refit_iters)
     if not config.calibrated:
         given = [k for k, v in _CALIB_OPTIONS.items() if getattr(args, k) != v]
         if given:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import (
     GGUF_MIX_TARGETS,
+    REFIT_DEFAULT,
     UNSTRUCTURED_METHODS,
     BnbConfig,
     ExportConfig,
@@ -205,6 +206,7 @@ def run_prune(model: nn.Module, config: PruneConfig, ctx: Context) -> tuple[nn.M
     measured = sparsity_report(model)
     own = [k for k in _PRUNE_OWN[config.method] if k != "act_order" or config.n_m]  # act-order: N:M sweeps only
     record = {"method": config.method, **{k: v for k, v in asdict(config).items() if k in own},
+              **({"refit_iters": config.refit} if config.method in REFIT_DEFAULT else {}),
               "sparsity_measured": measured["sparsity"], "nm_measured": measured["nm"],
               "parameters": [before, measured["parameters"]],
               **{k: v for k, v in extra.items() if k not in ("kept", "scores")}}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from ..config import PruneConfig
 from ..errors import UserError
 from .gptq import layer_loss
+from .refit import refit_kept
 from .sequential import LayerSolver, run_blocks
 from .sparsegpt import PruneResult, sparsegpt_prune
 from .walk import is_conv1d, linear_weight, select_layers
@@ -57,6 +58,8 @@ class SparseGPTSolver(LayerSolver):
         c = self.config
         r = sparsegpt_prune(W, H, c.sparsity, c.n_m, c.block_size, c.damp_percent,
                             act_order=c.act_order and c.n_m is not None)
+        if c.refit and r.fallback is None:  # damped as the sweep needed it
+            r = replace(r, W=refit_kept(W, r.W, H, r.mask, c.refit, r.damp_percent or c.damp_percent))
         return r.W, None, _log(name, W, r, t0, H)
 
     def postfix(self, log) -> str:
@@ -66,21 +69,26 @@ class SparseGPTSolver(LayerSolver):
 
 
 class WandaSolver(LayerSolver):
-    """Needs only ||X_j||^2: a vector per layer instead of SparseGPT's d x d Hessian."""
+    """Needs only ||X_j||^2: a vector per layer instead of SparseGPT's d x d Hessian, unless the
+    kept weights are refit, which needs the whole Hessian (whose diagonal is the same statistic)."""
 
     label = "Wanda blocks"
     log_type = PruneLog
 
     def statistic(self, columns: int) -> torch.Tensor:
-        return torch.zeros(columns)
+        return super().statistic(columns) if self.config.refit else torch.zeros(columns)
 
     def accumulate(self, stat, count, X):
-        return accumulate_sq_norms(stat, count, X)
+        return super().accumulate(stat, count, X) if self.config.refit else accumulate_sq_norms(stat, count, X)
 
-    def solve(self, name, layer, W, sq_norms):
+    def solve(self, name, layer, W, stat):
         t0 = time.perf_counter()
-        r = wanda_prune(W, sq_norms, self.config.sparsity, self.config.n_m)
-        return r.W, None, _log(name, W, r, t0)
+        c = self.config
+        H = stat if c.refit else None
+        r = wanda_prune(W, stat if H is None else H.diagonal(), c.sparsity, c.n_m)
+        if H is not None:
+            r = replace(r, W=refit_kept(W, r.W, H, r.mask, c.refit, c.damp_percent))
+        return r.W, None, _log(name, W, r, t0, H)
 
 
 def prune_targets(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:

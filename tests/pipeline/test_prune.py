@@ -71,6 +71,31 @@ def test_nm_act_order_is_the_default_and_recorded(tiny_folder, tmp_path, calib_f
     assert "act_order" not in json.loads((out / "config.json").read_text())["pruning"][0]
 
 
+@pytest.mark.parametrize("method,default", [("sparsegpt", 20), ("wanda", 0)])
+def test_refit_default_is_recorded_and_lowers_every_layer_loss(tiny_folder, tmp_path, calib_file, method, default):
+    """SparseGPT refits its kept weights by default, Wanda only when asked; a refit keeps the mask
+    (same zeros) and lowers every layer's objective against the same run without it."""
+    src, outs, logs = tiny_folder("llama"), {}, {}
+    for iters in (0, 10):
+        out = tmp_path / f"r{iters}"
+        flags = ["--refit-iters", str(iters)] if iters or method == "sparsegpt" else []
+        assert main(["prune", str(src), "--method", method, "--sparsity", "0.5", *flags, *calib(calib_file),
+                     "--out", str(out)]) == 0
+        (record,) = json.loads((out / "config.json").read_text())["pruning"]
+        assert record["refit_iters"] == iters
+        outs[iters] = load_file(out / "model.safetensors")
+        logs[iters] = {x["name"]: x["layer_loss"] for x in json.loads((out / "quant_log.json").read_text())["layers"]}
+    out = tmp_path / "default"
+    assert main(["prune", str(src), "--method", method, "--sparsity", "0.5", *calib(calib_file), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["pruning"][0]["refit_iters"] == default
+    first = "model.layers.0.self_attn.q_proj.weight"  # the same inputs either way: the same mask
+    assert torch.equal(outs[0][first] == 0, outs[10][first] == 0)
+    assert not torch.equal(outs[0][first], outs[10][first])
+    if method == "sparsegpt":  # Wanda without refit logs no layer loss (it never forms the Hessian)
+        assert all(logs[10][k] < logs[0][k] for k in logs[0]), (logs[0], logs[10])
+    assert all(v is not None for v in logs[10].values())
+
+
 def test_prune_then_gptq_keeps_the_pattern(tiny_folder, tmp_path, calib_file):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"calibration: {{dataset: {calib_file}, nsamples: 8, seqlen: 32}}\n"
@@ -190,6 +215,9 @@ def test_true_sequential_reads_the_pruned_groups(tiny_folder, tmp_path, calib_fi
     (["--method", "depth", "--drop-blocks", "1", "--exclude", "*.mlp.*"], "do not apply"),
     (["--method", "sparsegpt", "--sparsity", "0.5", "--no-act-order"], "applies to N:M pruning (--nm) only"),
     (["--method", "wanda", "--nm", "2:4", "--no-act-order"], "does not use --act-order"),
+    (["--sparsity", "0.5", "--refit-iters", "-1"], "--refit-iters must be a whole number >= 0"),
+    (["--method", "magnitude", "--sparsity", "0.5", "--refit-iters", "5"], "does not use --refit-iters"),
+    (["--method", "wanda", "--sparsity", "0.5", "--damp-percent", "0.1"], "--damp-percent applies to wanda only"),
 ])
 def test_bad_input_one_line_exit_2(tiny_folder, tmp_path, calib_file, capsys, flags, needle):
     src, out = tiny_folder("llama"), tmp_path / "o"
