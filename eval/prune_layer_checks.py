@@ -13,6 +13,11 @@ forwards of the unpruned model; H = 2XX^T/n per linear, as the block driver accu
 
     python eval/prune_layer_checks.py --blocks 2 15 27 --out eval/results/prune/layer_checks.json \\
         --llmcompressor-python .venvs/llmcompressor/bin/python
+    python eval/prune_layer_checks.py --refit --blocks 2 15 27 --out eval/results/prune/refit_layer_checks.json
+
+3. ``--refit``: SparseGPT's and Wanda's 50% masks with the kept weights refit exactly
+   (``quant.refit.refit_kept``, 0-100 CG iterations), the layer objective on the calibration H and
+   on a held-out H (the next ``--nsamples`` windows), as ratios to SparseGPT's sweep alone.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ torch.save(out, sys.argv[2])
 """
 
 
-def hessians(blocks: list[int], nsamples: int) -> dict:
+def hessians(blocks: list[int], nsamples: int, start: int = 0) -> dict:
     import torch
 
     from llmslim.data import calibration_tokens
@@ -53,7 +58,7 @@ def hessians(blocks: list[int], nsamples: int) -> dict:
 
     folder = resolve("smollm2-135m")
     model, tok = load_hf(folder, torch.float32).eval(), load_tokenizer(folder)
-    calib = calibration_tokens("wiki", tok, 128, 512, seed=0)[:nsamples]
+    calib = calibration_tokens("wiki", tok, 128, 512, seed=0)[start:start + nsamples]
     _, found = find_blocks(model)
     lins = {f"{b}.{n}": lin for b in blocks for n, lin in find_linears(found[b]).items()}
     H = {k: [torch.zeros(lin.in_features, lin.in_features), 0] for k, lin in lins.items()}
@@ -115,17 +120,55 @@ def peer_rows(layers: dict, python: str) -> list[dict]:
     return rows
 
 
+def refit_rows(layers: dict, held: dict) -> list[dict]:
+    """SparseGPT's and Wanda's masks with the kept weights refit (``refit_kept``) by 0-100 CG
+    iterations: the layer objective on the calibration H and on a held-out H from other windows,
+    each as a ratio to SparseGPT's sweep alone."""
+    from llmslim.quant.gptq import layer_loss
+    from llmslim.quant.refit import refit_kept
+    from llmslim.quant.sparsegpt import sparsegpt_prune
+    from llmslim.quant.wanda import wanda_prune
+
+    rows = []
+    for name, (W, H) in layers.items():
+        H2 = held[name][1]
+        base = {"sparsegpt": sparsegpt_prune(W, H, 0.5), "wanda": wanda_prune(W, H.diagonal(), 0.5)}
+        ref_cal, ref_held = layer_loss(W, base["sparsegpt"].W, H), layer_loss(W, base["sparsegpt"].W, H2)
+        row = {"layer": name}
+        for method, r in base.items():
+            for iters in (0, 10, 20, 30, 100):
+                Q = refit_kept(W, r.W, H, r.mask, iters)
+                row[f"{method}_refit{iters}"] = {"calibration": layer_loss(W, Q, H) / ref_cal,
+                                                 "held_out": layer_loss(W, Q, H2) / ref_held}
+        rows.append(row)
+        print(name, {k: round(v["held_out"], 4) for k, v in row.items() if k != "layer"}, flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", nargs="+", type=int, default=[2, 15, 27])
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--llmcompressor-python", help="python of llm-compressor's venv (for the peer check)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "prune" / "layer_checks.json")
+    p.add_argument("--refit", action="store_true", help="the refit check only (held-out H from the next --nsamples windows)")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(1)
     layers = hessians(args.blocks, args.nsamples)
+    if args.refit:
+        rows = refit_rows(layers, hessians(args.blocks, args.nsamples, start=args.nsamples))
+        keys = [k for k in rows[0] if k != "layer"]
+        summary = {k: {part: statistics.mean(r[k][part] for r in rows) for part in ("calibration", "held_out")}
+                   for k in keys}
+        for k, v in summary.items():
+            print(f"{k}: layer objective / SparseGPT's sweep, mean: calibration {v['calibration']:.4f}, "
+                  f"held-out {v['held_out']:.4f}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"blocks": args.blocks, "nsamples": args.nsamples, "seqlen": 512,
+                                        "mean": summary, "layers": rows}, indent=1))
+        return
     rows = order_rows(layers)
     result = {"blocks": args.blocks, "nsamples": args.nsamples, "seqlen": 512, "order": rows,
               "nm_ratio_mean": statistics.mean(r["nm_ratio"] for r in rows),
