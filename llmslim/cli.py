@@ -94,6 +94,9 @@ def add_quantize(sub) -> None:
                     help="also prune to this fraction of zeros in the same sweep (SparseGPT's joint mode)")
     sp.add_argument("--nm", default="", metavar="N:M",
                     help="also prune to N:M (e.g. 2:4: at most 2 nonzeros in every 4 inputs) in the same sweep")
+    sp.add_argument("--refit-iters", type=int, default=None, metavar="N",
+                    help="with --sparsity/--nm: SparseGPT's mask, the kept weights refit exactly by N conjugate-"
+                    "gradient iterations, then GPTQ with the mask fixed (default 20; 0 = the paper's single sweep)")
     q.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: auto)")
     q.add_argument("--forward-dtype", default="auto", metavar="auto|fp32|bf16", help=FORWARD_DTYPE_HELP)
     q.add_argument("--importance", default="auto", metavar="|".join(IMPORTANCES), help=IMPORTANCE_HELP)
@@ -134,7 +137,7 @@ def cmd_quantize(args) -> int:
                                 true_sequential=args.true_sequential, damp_percent=args.damp_percent,
                                 block_size=args.block_size, act_group_aware=args.act_group_aware is not False,
                                 sparsity=args.sparsity, nm=args.nm, forward_dtype=args.forward_dtype,
-                                importance=args.importance)
+                                importance=args.importance, refit_iters=args.refit_iters)
         else:
             config = RTNConfig(**common)
     calib = CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.text_field)
@@ -251,7 +254,7 @@ def cmd_compress(args) -> int:
 _GRID_OPTIONS = {"bits": 4, "group_size": 128, "sym": True, "mse": None, "target": ""}
 _GPTQ_OPTIONS = {"desc_act": False, "static_groups": False, "act_group_aware": None, "true_sequential": True,
                  "damp_percent": 0.01, "block_size": 128, "sparsity": 0.0, "nm": "", "forward_dtype": "auto",
-                 "importance": "auto"}
+                 "importance": "auto", "refit_iters": None}
 _CALIB_OPTIONS = {"batch_size": None, "resume": False, "calib": "wiki", "nsamples": 128, "seqlen": 2048,
                   "seed": 0, "text_field": "text", "device": "cpu"}
 _BNB_OPTIONS = {"double_quant": False, "compute_dtype": "bf16", "int8_threshold": 6.0}

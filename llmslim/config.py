@@ -159,6 +159,10 @@ class GPTQConfig(IntConfig):
     # Sec. 3.5): 0 / "" = off; at most one of them.
     sparsity: float = 0.0
     nm: str = ""
+    # Joint mode only: CG iterations of the exact refit of the kept weights (quant.refit) between
+    # SparseGPT's mask and the GPTQ sweep, which then quantizes the refit weights with the mask fixed;
+    # None: 20. 0: the paper's single sweep that masks and quantizes together.
+    refit_iters: int | None = None
     # Per-layer grids (``llmslim tune``'s result): "FULL.LAYER.NAME=BITS:GROUP_SIZE" entries; every
     # other layer takes ``bits``/``group_size``. Written to the checkpoint as GPTQModel's ``dynamic``.
     overrides: tuple[str, ...] = ()
@@ -189,6 +193,11 @@ class GPTQConfig(IntConfig):
         if self.joint and self.desc_act:
             raise UserError("--desc-act does not combine with --sparsity/--nm: the joint sweep runs in the natural "
                             "column order, as SparseGPT's does (reordered, it pruned worse); drop --desc-act")
+        if self.refit_iters is not None:
+            if not self.joint:
+                raise UserError("--refit-iters applies to the joint sweep only: add --sparsity or --nm")
+            if not isinstance(self.refit_iters, int) or self.refit_iters < 0:
+                raise UserError(f"--refit-iters must be a whole number >= 0, got {self.refit_iters}")
         n_m = parse_nm(self.nm)
         if n_m:
             m = n_m[1]
@@ -229,6 +238,13 @@ class GPTQConfig(IntConfig):
     def joint(self) -> bool:
         """Pruning in the same sweep (SparseGPT's joint sparse + quantized mode)."""
         return bool(self.sparsity) or bool(self.nm)
+
+    @property
+    def refit(self) -> int:
+        """Refit iterations of the joint mode in effect (0 when not joint)."""
+        if not self.joint:
+            return 0
+        return REFIT_DEFAULT["sparsegpt"] if self.refit_iters is None else self.refit_iters
 
 
 TUNE_BITS = (2, 3, 4, 8)

@@ -57,6 +57,7 @@ def quantization_config(config: IntConfig, skipped: list[str], lm_head: bool,
         # Joint pruning (SparseGPT's sparse + quantized mode): the zeros are stored as zero points.
         qc["meta"]["sparsity"] = float(config.sparsity) if config.sparsity else None
         qc["meta"]["nm"] = config.nm or None
+        qc["meta"]["refit_iters"] = config.refit  # 0: the paper's single sweep (quant.sequential.prune_refit_quantize)
     # GPTQModel/vLLM "dynamic" rules: a "-:" regex excludes a module from quantization, a "+:" one
     # gives it its own bits/group size.
     dynamic = {module_pattern(name, "-"): {} for name in skipped}

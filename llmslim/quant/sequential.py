@@ -63,6 +63,8 @@ from ..util import (
     release_free_memory,
 )
 from .gptq import GPTQResult, accumulate_hessian, gptq_quantize, layer_loss
+from .refit import refit_kept
+from .sparsegpt import sparsegpt_prune
 from .walk import (
     StopForward,
     capture_block_inputs,
@@ -97,6 +99,18 @@ def solver_options(config: GPTQConfig) -> dict:
                 block_size=config.block_size, act_group_aware=config.act_group_aware and not config.desc_act,
                 grid=config.gguf_grid, sparsity=config.sparsity, nm=config.n_m,
                 importance=config.scale_importance if config.mse else None)
+
+
+def prune_refit_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> GPTQResult:
+    """The joint mode with a refit: SparseGPT's mask (its N:M act-order included), the kept weights
+    refit exactly (``refit.refit_kept``), then the GPTQ sweep on them with the mask fixed. The errors
+    add up exactly: the refit leaves a residual W - Wr whose gradient vanishes on the kept weights,
+    so it is H-orthogonal to anything GPTQ changes there, and ||(W - Q)X||^2 = ||(W - Wr)X||^2 +
+    ||(Wr - Q)X||^2. One set of statistics serves both, so it stays one pass over the model."""
+    p = sparsegpt_prune(W, H, config.sparsity, config.n_m, config.block_size, config.damp_percent,
+                        act_order=config.n_m is not None)
+    Wr = p.W if p.fallback else refit_kept(W, p.W, H, p.mask, config.refit, p.damp_percent or config.damp_percent)
+    return gptq_quantize(Wr, H, **(solver_options(config) | {"sparsity": 0.0, "nm": None}), keep_zeros=p.mask)
 
 
 def native_bf16(device: str) -> bool:
@@ -174,7 +188,10 @@ class GPTQSolver(LayerSolver):
         t0 = time.perf_counter()
         keep = (W == 0) if self.keep_zeros else None
         config = self.config.for_layer(name)  # a tuned model's layers each have their own grid
-        r = gptq_quantize(W, H, **solver_options(config), keep_zeros=keep)
+        if config.refit and keep is None:
+            r = prune_refit_quantize(W, H, config)
+        else:
+            r = gptq_quantize(W, H, **solver_options(config), keep_zeros=keep)
         Wq = r.dequantize()
         log = LayerLog(name, W.shape[0], W.shape[1], r.loss, layer_loss(W, Wq, H), r.damp_percent,
                        time.perf_counter() - t0, r.fallback)

@@ -120,6 +120,7 @@ def test_joint_sparse_gptq_in_one_pass(tiny_folder, tmp_path, calib_file, flags,
     assert "sparse: 14 layers quantized" in capsys.readouterr().out
     meta = json.loads((out / "config.json").read_text())["quantization_config"]["meta"]
     assert meta["nm"] == nm and meta["act_group_aware"] is True  # GPTQModel's GAR, N:M runs kept whole
+    assert meta["refit_iters"] == 20  # SparseGPT's mask, the exact refit, then GPTQ with the mask fixed
     model, _ = load(str(out))
     report = sparsity_report(model)
     # kept weights that round to their zero point are zeros too: a little above the target
@@ -243,6 +244,9 @@ def test_bad_input_one_line_exit_2(tiny_folder, tmp_path, calib_file, capsys, fl
     (["--nm", "2:4", "--desc-act"], "--desc-act does not combine"),
     (["--method", "rtn", "--nm", "2:4"], "does not use --nm"),
     (["--sparsity", "1"], "--sparsity must be in (0, 1)"),
+    (["--refit-iters", "5"], "--refit-iters applies to the joint sweep only"),
+    (["--nm", "2:4", "--refit-iters", "-2"], "--refit-iters must be a whole number >= 0"),
+    (["--method", "rtn", "--refit-iters", "5"], "does not use --refit-iters"),
 ])
 def test_bad_joint_input(tiny_folder, tmp_path, capsys, flags, needle):
     src = tiny_folder("llama")
