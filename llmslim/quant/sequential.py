@@ -974,7 +974,8 @@ def gptq_lm_head(model: nn.Module, config: GPTQConfig, calib: torch.Tensor, batc
 
     feed_until(model, head, hook, tqdm(calib.split(batch_size or 8), desc="lm_head inputs"))
     W = head.weight.detach().float()
-    r = gptq_quantize(W, H, **solver_options(config))
+    # quantized only: pruning (a joint --sparsity/--nm) never touches lm_head, as the prune stage never does
+    r = gptq_quantize(W, H, **(solver_options(config) | {"sparsity": 0.0, "nm": None}))
     set_module(model, name, _to_module(head, r, config))
     return {"name": name, "rows": W.shape[0], "columns": W.shape[1], "gptq_loss": r.loss,
             "layer_loss": layer_loss(W, r.dequantize(), H), "damp_percent": r.damp_percent, "fallback": r.fallback}

@@ -239,6 +239,15 @@ def test_bad_input_one_line_exit_2(tiny_folder, tmp_path, calib_file, capsys, fl
     assert not out.exists() and not (tmp_path / ".o.partial").exists()
 
 
+def test_joint_with_a_quantized_head_never_prunes_the_head(tiny_folder, tmp_path, calib_file):
+    out = tmp_path / "joint-head"
+    assert main(["quantize", str(tiny_folder("llama")), "--group-size", "32", "--nm", "2:4", "--quantize-lm-head",
+                 *calib(calib_file), "--out", str(out)]) == 0
+    model, _ = load(str(out))
+    head = model.get_output_embeddings()
+    assert head.dequantized_weight().eq(0).float().mean() < 0.2  # 4-bit zero points only, not half the weights
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--nm", "2:4", "--sparsity", "0.5"], "--nm and --sparsity exclude each other"),
     (["--nm", "2:4", "--desc-act"], "--desc-act does not combine"),
