@@ -61,9 +61,9 @@ def main() -> None:
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(i, rows[-1], flush=True)
     if args.json:
-        data = json.loads(args.json.read_text()) if args.json.exists() else {}
-        data[args.label] = rows
-        args.json.write_text(json.dumps(data, indent=1) + "\n")
+        from llmslim.util import update_json
+
+        update_json(args.json, args.label, rows)
 
 
 if __name__ == "__main__":

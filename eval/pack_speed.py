@@ -8,7 +8,6 @@ Llama of eval/scale.py), with large allocations mapped as a compress sets them
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,9 +40,9 @@ def main() -> None:
         row[f"{bits}bit_ms"] = round(1000 * statistics.median(times), 2)
     print(args.label, row)
     if args.json:
-        data = json.loads(args.json.read_text()) if args.json.exists() else {}
-        data[args.label] = row
-        args.json.write_text(json.dumps(data, indent=1) + "\n")
+        from llmslim.util import update_json
+
+        update_json(args.json, args.label, row)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,17 @@ def atomic_write_text(path: Path | str, text: str) -> None:
         f.write(text)
 
 
+def update_json(path: Path | str, key: str, value: object) -> None:
+    """Set ``key`` in the JSON object stored at ``path`` (created if missing), written atomically:
+    how benchmark scripts add a labelled run to their raw result file."""
+    import json
+
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (the kernel's pick), for a server a script or test starts."""
     with socket.socket() as s:

@@ -88,3 +88,16 @@ def test_heap_allocations_stop_the_page_faults_of_repeated_large_temporaries():
     assert heap < mapped / 10, counts
     assert heap_large > 20 * large * 4 // 4096 // 2, counts
     assert after > 20 * large * 4 // 4096 // 2, counts
+
+
+def test_update_json_adds_a_key_and_keeps_the_others(tmp_path):
+    import json
+
+    from llmslim.util import update_json
+
+    path = tmp_path / "raw.json"
+    update_json(path, "before", [1, 2])
+    update_json(path, "after", {"ms": 8.5})
+    update_json(path, "before", [3])
+    assert json.loads(path.read_text()) == {"before": [3], "after": {"ms": 8.5}}
+    assert [p.name for p in tmp_path.iterdir()] == ["raw.json"]  # no temporary left behind

@@ -84,10 +84,12 @@ class WandaSolver(LayerSolver):
     def solve(self, name, layer, W, stat):
         t0 = time.perf_counter()
         c = self.config
-        H = stat if c.refit else None
-        r = wanda_prune(W, stat if H is None else H.diagonal(), c.sparsity, c.n_m)
-        if H is not None:
-            r = replace(r, W=refit_kept(W, r.W, H, r.mask, c.refit, c.damp_percent))
+        if not c.refit:  # stat: ||X_j||^2 (scaled)
+            r = wanda_prune(W, stat, c.sparsity, c.n_m)
+            return r.W, None, _log(name, W, r, t0)
+        H = stat  # the whole Hessian; its diagonal is Wanda's statistic
+        r = wanda_prune(W, H.diagonal(), c.sparsity, c.n_m)
+        r = replace(r, W=refit_kept(W, r.W, H, r.mask, c.refit, c.damp_percent))
         return r.W, None, _log(name, W, r, t0, H)
 
 
