@@ -612,7 +612,9 @@ class RecoverConfig:
     temperature: float = 1.0  # e2e
     lora_rank: int = 0  # e2e, float students: 0 = train all weights
     checkpoint_every: int = 20  # e2e: optimizer steps between checkpoints (resume)
-    amp: bool = True  # bf16 autocast for the training steps (losses compared in float32)
+    # bf16 autocast for the training steps (losses compared in float32); None: where the CPU multiplies
+    # bf16 in hardware (AMX, AVX512-BF16), float32 elsewhere, where emulated bf16 is several times slower
+    amp: bool | None = None
 
     def __post_init__(self):
         if self.mode not in RECOVER_MODES:
@@ -634,6 +636,8 @@ class RecoverConfig:
             raise UserError(f"--lora-rank must be >= 0 (0 = train all weights), got {self.lora_rank!r}")
         if not self.data:
             raise UserError("--data must name the training text (e.g. wiki, or a file)")
+        if self.amp not in (None, True, False):
+            raise UserError(f"amp must be true, false or null (automatic), got {self.amp!r}")
         own = {"block": ("iters",), "e2e": ("data", "text_field", "tokens", "seqlen", "temperature", "lora_rank",
                                              "checkpoint_every")}
         defaults = {f.name: f.default for f in fields(RecoverConfig)}

@@ -55,7 +55,9 @@ def add_recover(sub) -> None:
     t.add_argument("--lora-rank", type=int, default=0, help="e2e, float students: LoRA rank (0 = all weights)")
     t.add_argument("--checkpoint-every", type=int, default=20, metavar="STEPS",
                    help="e2e: steps between checkpoints (default 20)")
-    t.add_argument("--no-amp", dest="amp", action="store_false", help="train in float32 instead of bf16 autocast")
+    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for training (default: only where the CPU has native bf16, AMX or "
+                   "AVX512-BF16; emulated bf16 is several times slower than float32)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) weights you trust")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")

@@ -60,6 +60,7 @@ from ..util import (
     available_memory_bytes,
     heap_allocations,
     map_large_allocations,
+    native_bf16,
     release_free_memory,
 )
 from .gptq import GPTQResult, accumulate_hessian, gptq_quantize, layer_loss
@@ -111,18 +112,6 @@ def prune_refit_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -
                         act_order=config.n_m is not None)
     Wr = p.W if p.fallback else refit_kept(W, p.W, H, p.mask, config.refit, p.damp_percent or config.damp_percent)
     return gptq_quantize(Wr, H, **(solver_options(config) | {"sparsity": 0.0, "nm": None}), keep_zeros=p.mask)
-
-
-def native_bf16(device: str) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware: AMX or AVX512-BF16 on a CPU (elsewhere
-    oneDNN emulates bf16, slower than float32), bf16 support on a CUDA GPU."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if kind != "cpu":
-        return False
-    cpu = torch.cpu
-    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def resolve_forward_dtype(name: str, device: str) -> torch.dtype | None:

@@ -353,6 +353,32 @@ def test_e2e_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_by_default_only_where_the_cpu_has_native_bf16(monkeypatch, native):
+    """amp None (the default): bf16 autocast where the CPU reports AMX or AVX512-BF16, float32 elsewhere
+    (emulated bf16 is several times slower there); the result is then that of the explicit setting,
+    byte for byte, in both modes."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda native=native: native, raising=False)
+    assert RecoverConfig().amp is None
+    teacher = make_tiny_model("llama")
+    results = {}
+    for amp in (None, native):
+        student = make_tiny_model("llama", seed=1)
+        distill(student, teacher, tokens(4, 32), tokens(2, 32, seed=9), e2e(lr=1e-3, amp=amp), progress=False)
+        results[amp] = state(student)
+    assert results[None].keys() == results[native].keys()
+    assert all(torch.equal(results[None][k], results[native][k]) for k in results[None])
+    blocks = {}
+    for amp in (None, native, not native):
+        student, teacher = gptq_pair()
+        reconstruct.recover_blocks(student, teacher, tokens(8, 16), RecoverConfig(iters=3, batch_size=4, amp=amp),
+                                   progress=False)
+        blocks[amp] = state(student)
+    assert all(torch.equal(blocks[None][k], blocks[native][k]) for k in blocks[None])
+    assert any(not torch.equal(blocks[None][k], blocks[not native][k]) for k in blocks[None])
+
+
 def test_e2e_refuses_bad_inputs():
     student, teacher = gptq_pair()
     with pytest.raises(UserError, match="vocabularies"):
