@@ -188,7 +188,11 @@ def run_autoround(row, spec, args, tok, ppl, load_hf) -> dict:
         if r.returncode:
             raise SystemExit(f"{row}: AutoRound failed:\n{r.stderr[-3000:]}")
         facts = json.loads(r.stdout.strip().splitlines()[-1])
-        model = load_hf(str(out), __import__("torch").float32).eval()
+        # AutoRound 0.16 saves under a folder of its own naming inside the one given (model name + scheme)
+        saved = sorted(p.parent for p in out.rglob("config.json"))
+        if not saved:
+            raise SystemExit(f"{row}: AutoRound wrote no model folder under {out}")
+        model = load_hf(str(saved[0]), __import__("torch").float32).eval()
         value = ppl(model, args.windows)
     return {"row": row, "ppl": value, "seconds": facts["seconds"], "peak_rss": facts["peak_rss"],
             "autoround": facts["version"], "load": os.getloadavg()[0]}
