@@ -616,6 +616,12 @@ class RecoverConfig:
     # bf16 in hardware (AMX, AVX512-BF16), float32 elsewhere, where emulated bf16 is several times slower
     amp: bool | None = None
 
+    def autocast(self) -> bool:
+        """Whether the training steps autocast to bf16: ``amp``, or by the CPU when it is None."""
+        from .util import native_bf16
+
+        return native_bf16() if self.amp is None else self.amp
+
     def __post_init__(self):
         if self.mode not in RECOVER_MODES:
             raise UserError(f"recover --mode must be one of {', '.join(RECOVER_MODES)}, got {self.mode!r}")

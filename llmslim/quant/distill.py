@@ -13,7 +13,8 @@ tokens. What the student trains depends on what it is:
 
 AdamW at a constant learning rate; the forward and backward passes under bf16 autocast (``amp``; by
 default only where the CPU multiplies bf16 natively, float32 elsewhere); sequences processed in
-micro-batches that bound the logits' memory, with gradient checkpointing of the decoder blocks when their activations would not fit. The model stays in eval mode (no dropout).
+micro-batches that bound the logits' memory, with gradient checkpointing of the decoder blocks when
+their activations would not fit. The model stays in eval mode (no dropout).
 
 A few validation windows (drawn from the training text, never from held-out text) are scored at
 the start and at every checkpoint; the student returned is the best one seen, so it is never worse
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from ..config import RecoverConfig
 from ..errors import UserError
 from ..nn import GPTQLinear
-from ..util import atomic_path, available_memory_bytes, native_bf16
+from ..util import atomic_path, available_memory_bytes
 from .learn import LearnedGrid, LoRALinear, keep_zeros
 from .walk import find_blocks, find_linears, linear_weight, set_module
 
@@ -275,7 +276,7 @@ def _train(student, teacher, blocks, train, val, config: RecoverConfig, trainabl
     n, seqlen = train.shape
     bs = min(config.batch_size, n)
     planned = math.ceil(n / bs)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16() if config.amp is None else config.amp)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast())
 
     def kl_on(ids: torch.Tensor, grad: bool) -> float:
         """Mean KL over ``ids`` (micro-batch by micro-batch); with ``grad``, gradients accumulate."""

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..config import RecoverConfig
 from ..errors import UserError
 from ..nn import GPTQLinear
-from ..util import atomic_path, atomic_write_text, native_bf16
+from ..util import atomic_path, atomic_write_text
 from .gptq import torch_threads
 from .learn import LearnedGrid, keep_zeros, sign_sgd_
 from .walk import (
@@ -355,7 +355,7 @@ def _iterate(block, X, target, initial, s_in: _Inputs, bs: int, gen, planned: in
     the input weights) are kept. Returns (steps, best relative loss, best parameters)."""
     n = X.shape[0]
     best, best_state, k = float("inf"), None, 0
-    amp = native_bf16() if config.amp is None else config.amp
+    amp = config.autocast()
     while k < planned:
         idx = torch.randperm(n, generator=gen)[:bs]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
