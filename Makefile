@@ -6,7 +6,7 @@ OUT ?= out
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup test test-slow lint demo clean llama-cpp llama browser
+.PHONY: setup test test-slow peers lint demo clean llama-cpp llama browser
 
 setup: $(VENV)/.installed $(VENV)/llama.cpp/.installed
 
@@ -40,7 +40,7 @@ lint: setup
 	$(VENV)/bin/ruff check llmslim tests eval serve calibration
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # lm-evaluation-harness in a venv of its own (its pins clash with ours) for the server test that
 # scores a task through `local-completions`; same torch and transformers as .venv.
@@ -110,13 +110,22 @@ $(VENV)/.browser: $(VENV)/.installed
 	$(PY) -c 'import playwright.sync_api' && chromium --version
 	touch $@
 
+# The peers the slow suite runs against. About 15 min on 2 cores (llama.cpp's build ~9 of them), most of
+# it compiling on one core or waiting on the registry: .ci/run builds them beside `make test`.
+PEERS := $(LMEVAL_VENV)/.installed $(GPTQMODEL_VENV)/.installed $(VENV)/.browser $(LLAMA_VENV)/.installed
+peers: setup $(PEERS)
+
 # Every peer is installed here, so a skipped slow test is a test that silently did not run:
-# LLMSLIM_FAIL_ON_SKIP=1 turns any skip into a failure (tests/conftest.py).
-test-slow: setup $(LMEVAL_VENV)/.installed $(GPTQMODEL_VENV)/.installed $(VENV)/.browser $(LLAMA_VENV)/.installed
+# LLMSLIM_FAIL_ON_SKIP=1 turns any skip into a failure (tests/conftest.py). Most slow tests keep about
+# one core busy (a server on one thread, a peer in a subprocess), so two xdist workers take whole files
+# each, the `longest` ones first (tests/conftest.py); SLOW_WORKERS=1 runs them one after another.
+SLOW_WORKERS ?= 2
+test-slow: setup $(PEERS)
 	LMEVAL_PYTHON=$(CURDIR)/$(LMEVAL_VENV)/bin/python \
 	LLMSLIM_GPTQMODEL_PYTHON=$(CURDIR)/$(GPTQMODEL_VENV)/bin/python GPTQMODEL_CPU_WORKERS=2 \
 	LLMSLIM_LLAMA_VENV=$(CURDIR)/$(LLAMA_VENV) \
-	LLMSLIM_FAIL_ON_SKIP=1 $(PY) -m pytest -q -rs -m slow
+	LLMSLIM_FAIL_ON_SKIP=1 $(PY) -m pytest -q -rs -m slow -n $(SLOW_WORKERS) --dist loadfile \
+		--no-loadscope-reorder --durations=20
 
 demo: setup
 	$(VENV)/bin/llmslim quantize smollm2-135m --method gptq --bits 4 --group-size 64 \

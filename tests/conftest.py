@@ -114,3 +114,11 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped under LLMSLIM_FAIL_ON_SKIP=1 (every test must run here): {reason}"
+
+
+# `make test-slow` runs on two xdist workers, whole files to a worker, in collection order
+# (--dist loadfile --no-loadscope-reorder). The soak test alone takes about as long as the rest
+# together on a 2-core CPU, so files marked `longest` are collected first: each starts on a worker
+# of its own at once instead of last, and the other files fill the other worker meanwhile.
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # stable: order kept otherwise

@@ -43,7 +43,7 @@ import pytest
 
 from llmslim.util import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.slow, pytest.mark.longest, pytest.mark.timeout(3600)]
 
 CLIENTS = 16
 PER_CLIENT = int(os.environ.get("LLMSLIM_SOAK_REQUESTS", "200"))
