@@ -146,6 +146,7 @@ def run_one(row: str, args) -> dict:
         config = RecoverConfig(iters=iters, batch_size=min(8, calib.shape[0]), max_time=args.block_max_time)
         logs = timed("recover", lambda: recover_blocks(model, teacher, calib, config, progress=not args.quiet))
         result["blocks_recovered"] = sum(x.kept == "recovered" for x in logs)
+        result["block_iters"] = [x.iters for x in logs]  # fewer than @N where --block-max-time binds
         result["block_loss"] = [sum(x.loss_before for x in logs if x.trained),
                                 sum(min(x.loss_before, x.loss_after) for x in logs if x.trained)]
     elif spec["recover"] == "+e2e":
