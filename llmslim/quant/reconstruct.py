@@ -244,6 +244,7 @@ def recover_blocks(
                 logs.append(state.load(i, s_blocks[i]))
                 X, Y = s_in.forward(s_blocks[i], X), t_in.forward(t_blocks[i], Y)
         deadline = t_start + config.max_time if config.max_time else None
+        short = False  # said once that --max-time cannot cover the calibration forwards
         bar = tqdm(range(start, len(s_blocks)), desc="recover blocks", unit="block", initial=start,
                    total=len(s_blocks), disable=not progress)
         for i in bar:
@@ -257,6 +258,12 @@ def recover_blocks(
             entry, X, Y = _recover_block(i, s_blocks[i], t_blocks[i], X, Y, s_in, t_in, kind, pruned, config,
                                          block_deadline, progress)
             logs.append(entry)
+            if block_deadline is not None and entry.iters == 0 and time.perf_counter() >= block_deadline and not short:
+                short = True
+                log(f"--max-time {config.max_time:g} s: block {i}'s calibration forwards alone took its share of the "
+                    f"budget ({entry.seconds:.1f} s of {block_deadline - now:.1f} s); blocks left no time to train keep "
+                    f"their input weights (the forwards alone need ~{1.5 * entry.seconds * len(s_blocks):.0f} s for "
+                    f"{len(s_blocks)} blocks: give more, or fewer calibration samples)")
             bar.set_postfix_str(f"loss {entry.loss_before:.3g} -> {min(entry.loss_after, entry.loss_before):.3g}")
             if state:
                 state.save(i, s_blocks[i], entry)
@@ -275,6 +282,12 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
     t_eval = time.perf_counter() - t0
     if deadline is not None:
         deadline -= t_eval  # the closing evaluation costs about as much
+        if time.perf_counter() >= deadline:
+            # The forwards above took this block's share of --max-time. One step could only return the
+            # input weights (the best state is the one before a step), so train nothing and skip the
+            # closing evaluation: the time saved passes to the blocks after this one.
+            entry = BlockLog(i, "", loss_before, loss_before, "input", 0, 0.0, time.perf_counter() - t0)
+            return entry, before, target
 
     t_linears = find_linears(t_block)
     if kind == "quantized":

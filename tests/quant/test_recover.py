@@ -222,6 +222,27 @@ def test_block_mode_max_time(monkeypatch):
     assert report.extra["recover"]["blocks"] == 2
 
 
+def test_block_mode_max_time_below_the_forwards_trains_nothing_and_says_so(monkeypatch):
+    """A budget the calibration forwards alone use up: no block runs a (useless) single step, every
+    block keeps its input weights, and one line says why and what the forwards need."""
+    student, teacher = gptq_pair()
+    before = state(student)
+    forward = reconstruct._Inputs.forward
+
+    def slow(self, block, hidden):
+        time.sleep(0.4)  # the forwards of a big model: far above this tiny block's training steps
+        return forward(self, block, hidden)
+
+    monkeypatch.setattr(reconstruct._Inputs, "forward", slow)
+    said = []
+    logs = reconstruct.recover_blocks(student, teacher, tokens(8, 32), RecoverConfig(iters=100000, max_time=1.2),
+                                      log=said.append, progress=False)
+    assert [x.iters for x in logs] == [0, 0] and all(x.kept == "input" for x in logs)
+    after = state(student)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len([m for m in said if "forwards alone" in m]) == 1
+
+
 def test_block_mode_refuses_what_it_cannot_recover():
     student, teacher = gptq_pair()
     with pytest.raises(UserError, match="not a compressed version"):
