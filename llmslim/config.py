@@ -593,7 +593,7 @@ class RecoverConfig:
     through estimator, or all weights (or LoRA adapters of ``lora_rank``, merged back) of a float one.
 
     ``lr`` None means the default of what is trained (block: 5e-3 for the signed gradient, 1e-5
-    for float weights; e2e: 1e-3 for scales, 1e-4 for LoRA, 1e-5 for all weights). ``max_time``
+    for float weights; e2e: 1e-3 for scales, 1e-4 for LoRA and for all weights). ``max_time``
     (seconds, 0 = none) stops cleanly with the best student so far.
     """
 

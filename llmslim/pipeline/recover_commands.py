@@ -48,7 +48,7 @@ def add_recover(sub) -> None:
     t.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
     t.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: block 5e-3, AutoRound's, or 1e-5 for sparse float weights; e2e 1e-3 scales, "
-                   "1e-4 LoRA, 1e-5 all weights)")
+                   "1e-4 LoRA and all weights)")
     t.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS",
                    help="stop cleanly after this long with the best student so far (default: no limit)")
     t.add_argument("--temperature", type=float, default=1.0, help="e2e: distillation temperature (default 1)")
