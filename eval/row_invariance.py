@@ -3,8 +3,9 @@
 For the reference model's projection shapes (SmolLM2-135M: q/k/v 576->960, o 576->576, gate/up
 576->3072, down 1536->576, head 576->49152) and each kernel the fast path uses -- bf16 and fp32
 ``F.linear``, the int4 and int8 weight-only kernels -- prints the row counts M at which one call
-over M rows differs, bit for bit, from M one-row calls (``runtime.invariant.RowInvariant.agrees``),
-and the chunks ``RowInvariant`` then runs them in. What it prints depends on the CPU, torch and the
+over M rows differs, bit for bit, from M one-row calls (``runtime.invariant.RowInvariant.agrees``,
+with the fast path's probe rows: cancelling rows for the float kernels, random rows for the
+weight-only ones, whose weights are not plain), and the chunks ``RowInvariant`` then runs them in. What it prints depends on the CPU, torch and the
 thread count; eval/inference.md has this machine's.
 
     python eval/row_invariance.py [--threads 1] [--max-rows 64]
@@ -17,7 +18,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from llmslim.runtime.invariant import RowInvariant
+from llmslim.runtime.invariant import RowInvariant, cancelling_rows
 
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576), "head": (576, 49152)}
 
@@ -26,18 +27,18 @@ def kernels(K: int, N: int) -> dict:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(N, K, generator=g)
     wb = w.to(torch.bfloat16)
-    out = {"bf16 F.linear": (lambda x: F.linear(x, wb), torch.bfloat16),
-           "fp32 F.linear": (lambda x: F.linear(x, w), torch.float32)}
+    out = {"bf16 F.linear": (lambda x: F.linear(x, wb), torch.bfloat16, cancelling_rows([wb])),
+           "fp32 F.linear": (lambda x: F.linear(x, w), torch.float32, cancelling_rows([w]))}
     if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g), 1)
         sz = (torch.rand(K // 64, N, 2, generator=g) * 0.01).to(torch.bfloat16)
         out["int4 kernel (g64)"] = (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, sz),
-                                    torch.bfloat16)
+                                    torch.bfloat16, None)
     if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         w8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
         s = torch.rand(N, generator=g).to(torch.bfloat16)
-        out["int8 kernel"] = (lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, s), torch.bfloat16)
+        out["int8 kernel"] = (lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, s), torch.bfloat16, None)
     return out
 
 
@@ -51,10 +52,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, M = 2..{args.max_rows}")
     rows = RowInvariant()
     for name, (K, N) in SHAPES.items():
-        for kind, (fn, dtype) in kernels(K, N).items():
+        for kind, (fn, dtype, probe) in kernels(K, N).items():
             key = (name, kind)
-            differ = [m for m in range(2, args.max_rows + 1) if not rows.agrees(fn, key, m, K, dtype)]
-            plan = rows.plan(fn, key, args.max_rows, K, dtype)
+            differ = [m for m in range(2, args.max_rows + 1) if not rows.agrees(fn, key, m, K, dtype, probe)]
+            plan = rows.plan(fn, key, args.max_rows, K, dtype, probe)
             chunks = " + ".join(f"{plan.count(c)} x {c}" for c in sorted(set(plan), reverse=True))
             note = f"differs at M = {compact(differ)}; M = {args.max_rows} runs as {chunks}" if differ \
                 else "every M agrees"

@@ -18,7 +18,7 @@ from torch import nn
 
 from .cache import AppendLayer
 from .families import FAMILIES, activation, layer_windows, lean_ready, projection
-from .invariant import RowInvariant
+from .invariant import RowInvariant, Rows, cancelling_rows
 from .kernels import Int4Linear
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -68,6 +68,11 @@ class Linear:
         fns = [_direct(m, dtype) for m in modules]
         self.fn: Fn = fns[0] if len(fns) == 1 else (lambda x: torch.cat([f(x) for f in fns], -1))
         self.key = tuple(_signature(m) for m in modules)
+        # Dense weights are known, so the batch-invariance probe can use rows that expose the
+        # summation order (see invariant.py); other kernels are probed with random rows.
+        dense = all(isinstance(m, nn.Linear) and m.weight.is_floating_point()
+                    and m.weight.shape == (m.out_features, m.in_features) for m in modules)
+        self.probe: Rows | None = cancelling_rows([m.weight for m in modules]) if dense else None
 
 
 def _rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -301,7 +306,7 @@ class LeanDecoder:
         rows = self.rows
 
         def linear(proj, h):
-            return rows(proj.fn, proj.key, h)
+            return rows(proj.fn, proj.key, h, proj.probe)
 
         return self._logits(self._blocks(x, rope, attend, linear), linear)
 

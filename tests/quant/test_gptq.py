@@ -59,7 +59,9 @@ def test_hessian_of_bf16_inputs_is_float32_and_exact(columns):
         return float((A.double() - exact).norm() / exact.norm())
 
     H32, _ = accumulate_hessian(torch.zeros(columns, columns), 0, X.float())  # the float32 path, same values
-    assert error(H) < 1e-6 and error(H) < 4 * error(H32) + 1e-7
+    # float32 summation of 3000 products: ~1e-7..1e-6. A Zen 4's native bf16 dot products sum pairs
+    # in their own way: 3-7x the float32 path's error there (0.5-0.9e-6), still float32-level.
+    assert error(H) < 2e-6 and error(H) < 10 * error(H32) + 1e-7
     assert error(2 * (X.T @ X) / 3000) > 100 * error(H)  # what summing bf16 GEMM outputs would cost
 
 

@@ -13,7 +13,7 @@ import torch
 from llmslim.runtime.families import describe, lean_support
 from llmslim.runtime.fast import accelerate
 from llmslim.runtime.generate import Stepper
-from llmslim.runtime.invariant import RowInvariant
+from llmslim.runtime.invariant import RowInvariant, cancelling_rows
 from llmslim.runtime.kernels import int4_available
 from llmslim.runtime.sampling import SamplingParams
 from llmslim.server.engine import Done, Engine, Output
@@ -275,6 +275,36 @@ def test_row_invariant_cuts_where_the_kernel_varies():
     assert sorted(calls) == [3, 4, 4]  # probed once: later calls only run the plan
     same = RowInvariant()
     assert same.plan(lambda x: x + 1, "k", 11, 3, x.dtype) == [11]
+
+
+def sequential(x: torch.Tensor, W: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """``x @ W.T`` summed in float32 one product at a time, forwards or backwards, rounded to x's dtype."""
+    p = x.float()[:, None, :] * W.float()[None]  # [M, N, K]
+    acc = torch.zeros(p.shape[:2])
+    for k in (reversed(range(p.shape[-1])) if reverse else range(p.shape[-1])):
+        acc = acc + p[..., k]  # float32, rounded at every step (cumsum would accumulate in double)
+    return acc.to(x.dtype)
+
+
+def test_cancelling_probe_sees_a_bf16_kernel_that_only_changes_the_summation_order():
+    """A "kernel" that sums in another order when it gets more than one row: its bf16 outputs differ
+    from the one-row calls' only near rounding boundaries, which the cancelling rows create."""
+    W = (torch.randn(64, 64, generator=torch.Generator().manual_seed(3)) / 8).bfloat16()
+
+    def reordered(x):
+        return sequential(x, W, reverse=x.shape[0] > 1)
+
+    rows = RowInvariant()
+    assert not rows.agrees(reordered, "k", 5, 64, torch.bfloat16, cancelling_rows([W]))
+    assert rows.plan(reordered, "k", 5, 64, torch.bfloat16, cancelling_rows([W])) == [1] * 5
+    # The same kernel summing in one order at every M agrees; so does a split weight (fused q/k/v).
+    same = RowInvariant()
+    assert same.agrees(lambda x: sequential(x, W, False), "k", 5, 64, torch.bfloat16,
+                       cancelling_rows([W[:40], W[40:]]))
+    # Each probe row cancels exactly: its largest products are ~2^20 times its result.
+    x = cancelling_rows([W])(torch.Generator().manual_seed(0), 4)
+    exact = x.double() @ W.double().T
+    assert (exact.abs().min(-1).values < 2.0 ** -6).all() and (x.abs().max(-1).values > 2.0 ** 4).all()
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gpt_neox"])
