@@ -9,6 +9,7 @@ weight-only ones, whose weights are not plain), and the chunks ``RowInvariant`` 
 thread count; eval/inference.md has this machine's.
 
     python eval/row_invariance.py [--threads 1] [--max-rows 64]
+    python eval/row_invariance.py --compare-probes   # how often each kind of probe row shows a difference
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from llmslim.runtime.invariant import RowInvariant, cancelling_rows
+from llmslim.runtime.invariant import RowInvariant, cancelling_rows, random_rows
 
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576), "head": (576, 49152)}
 
@@ -42,13 +43,38 @@ def kernels(K: int, N: int) -> dict:
     return out
 
 
+def compare_probes(batches: int) -> None:
+    """Outputs that differ between one call over M rows and M one-row calls of a bf16 ``F.linear``,
+    over ``batches`` probe batches of random rows and of cancelling rows (``invariant.cancelling_rows``)."""
+    for K, N in [(64, 64), (1536, 576), (576, 576)]:
+        w = (torch.randn(N, K, generator=torch.Generator().manual_seed(0)) / K**0.5).to(torch.bfloat16)
+        for m in (2, 5, 16):
+            counts = {}
+            for name, make in (("random", random_rows(K)), ("cancelling", cancelling_rows([w]))):
+                gen, differ = torch.Generator().manual_seed(1), 0
+                for _ in range(batches):
+                    x = make(gen, m).to(torch.bfloat16)
+                    together = F.linear(x, w)
+                    alone = torch.cat([F.linear(x[i:i + 1], w) for i in range(m)])
+                    differ += int((together != alone).sum())
+                counts[name] = differ
+            print(f"bf16 {K:5d}->{N:<5d} M={m:<3d} outputs {batches * m * N:>8d}  differing: random rows "
+                  f"{counts['random']:>5d}, cancelling rows {counts['cancelling']:>5d}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-rows", type=int, default=64)
+    p.add_argument("--compare-probes", type=int, nargs="?", const=100, default=None, metavar="BATCHES",
+                   help="count differing outputs with random vs cancelling probe rows (default 100 batches)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_probes:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.compare_probes} probe batches")
+        compare_probes(args.compare_probes)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, M = 2..{args.max_rows}")
     rows = RowInvariant()
     for name, (K, N) in SHAPES.items():
