@@ -219,7 +219,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true",
                    help="tiny settings that only check the plumbing (calib 8x128, 2 eval windows of 256, 2 iters, "
                    "60 s of e2e); the numbers mean nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bars in the row processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars in the row processes (TQDM_DISABLE)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "recover.json")
     p.add_argument("--report", action="store_true", help="run nothing: print the table of --out, write .md and plot")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -270,7 +270,9 @@ def main() -> None:
         print(f"running {row} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--one", row, "--calib-file", str(calib_file), "--cache-dir", str(cache), *passthrough,
                *(["--quiet"] if args.quiet else [])]
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        # --quiet: every bar of the row's process (GPTQ's, transformers' loading, AutoRound's) off, not only ours
+        quiet = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"} if args.quiet else {}
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **quiet})
         if r.returncode:
             raise SystemExit(f"{row} failed (exit {r.returncode})")
         results[row] = json.loads(r.stdout.strip().splitlines()[-1])
