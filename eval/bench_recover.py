@@ -143,7 +143,8 @@ def run_one(row: str, args) -> dict:
         model = timed("prune", lambda: handler_for(prune).run(model, prune, Context(calib))[0])
     if spec["recover"] == "+block":
         iters = int(spec["iters"] or args.iters)
-        config = RecoverConfig(iters=iters, batch_size=min(8, calib.shape[0]), max_time=args.block_max_time)
+        config = RecoverConfig(iters=iters, batch_size=min(8, calib.shape[0]), max_time=args.block_max_time,
+                               lr=args.block_lr)
         logs = timed("recover", lambda: recover_blocks(model, teacher, calib, config, progress=not args.quiet))
         result["blocks_recovered"] = sum(x.kept == "recovered" for x in logs)
         result["block_iters"] = [x.iters for x in logs]  # fewer than @N where --block-max-time binds
@@ -208,6 +209,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--iters", type=int, default=200, help="block rows without @N")
     p.add_argument("--block-max-time", type=float, default=0.0, help="block rows: --max-time (default none)")
+    p.add_argument("--block-lr", type=float, default=None, help="block rows: --lr (default: recover's own)")
     p.add_argument("--e2e-max-time", type=float, default=1800.0, help="e2e rows: training budget in seconds")
     p.add_argument("--e2e-tokens", type=int, default=50_000_000, help="e2e rows: token budget (default: time binds)")
     p.add_argument("--e2e-seqlen", type=int, default=512)
@@ -258,7 +260,7 @@ def main() -> None:
     # GPTQ rows leave their checkpoint here; "+block" rows after them recover that very checkpoint.
     cache = args.out.with_suffix(".cache")
     passthrough = []
-    for flag in ("windows", "seqlen", "iters", "block_max_time", "e2e_max_time", "e2e_tokens", "e2e_seqlen", "e2e_lr",
+    for flag in ("windows", "seqlen", "iters", "block_max_time", "block_lr", "e2e_max_time", "e2e_tokens", "e2e_seqlen", "e2e_lr",
                  "e2e_lora_rank", "e2e_every", "probe_windows", "autoround_python"):
         value = getattr(args, flag)
         if value is not None:
