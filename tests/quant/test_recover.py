@@ -103,38 +103,47 @@ def test_learned_grid_keeps_pruned_weights_zero():
 # --- block mode ---------------------------------------------------------------------------------------
 
 
-def block_losses(student, teacher, calib, swap: dict[int, torch.nn.Module] | None = None) -> list[float]:
+def block_losses(student, teacher, calib, swap: dict[int, torch.nn.Module] | None = None, batch_size: int = 4,
+                 amp: bool = False) -> list[float]:
     """Independent measurement: each student block (or a replacement) on the student's own inputs vs
-    the teacher's block on the teacher's inputs, block by block."""
+    the teacher's block on the teacher's inputs, block by block, computed as recovery computes them
+    (batches of ``batch_size``, bf16 autocast with ``amp``) so that its judgement can be checked exactly."""
     _, s_blocks = find_blocks(student)
     _, t_blocks = find_blocks(teacher)
-    s_in, t_in = capture_block_inputs(student, s_blocks, [calib]), capture_block_inputs(teacher, t_blocks, [calib])
-    X, Y = s_in.hidden[0], t_in.hidden[0]
+    batches = list(calib.split(batch_size))
+    s_in, t_in = capture_block_inputs(student, s_blocks, batches), capture_block_inputs(teacher, t_blocks, batches)
+
+    def run(block, hidden, inputs) -> list[torch.Tensor]:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return [run_block(block, h, a, kw).float()
+                    for h, a, kw in zip(hidden, inputs.args, inputs.kwargs, strict=True)]
+
+    X, Y = s_in.hidden, t_in.hidden
     losses = []
-    with torch.no_grad():
-        for i in range(len(s_blocks)):
-            target = run_block(t_blocks[i], Y, t_in.args[0], t_in.kwargs[0])
-            block = (swap or {}).get(i, s_blocks[i])
-            losses.append(float(torch.nn.functional.mse_loss(run_block(block, X, s_in.args[0], s_in.kwargs[0]),
-                                                            target)))
-            X, Y = run_block(s_blocks[i], X, s_in.args[0], s_in.kwargs[0]), target
+    for i in range(len(s_blocks)):
+        target = run(t_blocks[i], Y, t_in)
+        out = run((swap or {}).get(i, s_blocks[i]), X, s_in)
+        losses.append(float(torch.nn.functional.mse_loss(torch.cat(out), torch.cat(target))))
+        X, Y = run(s_blocks[i], X, s_in), target
     return losses
 
 
-@pytest.mark.parametrize("arch,lr,target", [("llama", None, ""), ("gpt2", None, ""), ("llama", 50.0, ""),
-                                            ("llama", None, "gguf-q4_0")])
-def test_block_mode_never_increases_a_blocks_calibration_loss(arch, lr, target):
-    """Against the input (GPTQ) block on the same inputs, measured independently; an absurd learning
-    rate must fall back to the input block rather than make it worse. The GGUF Q4_0 grid (signed
-    scales) must be improved too, not only survive by falling back."""
+@pytest.mark.parametrize("arch,lr,target,amp", [("llama", None, "", False), ("llama", None, "", True),
+                                                ("gpt2", None, "", False), ("llama", 50.0, "", False),
+                                                ("llama", 50.0, "", True), ("llama", None, "gguf-q4_0", False)])
+def test_block_mode_never_increases_a_blocks_calibration_loss(arch, lr, target, amp):
+    """Against the input (GPTQ) block on the same inputs, measured independently, in the precision the
+    recovery computes in (float32, or bf16 autocast); an absurd learning rate must fall back to the
+    input block rather than make it worse. The GGUF Q4_0 grid (signed scales) must be improved too,
+    not only survive by falling back."""
     student, teacher = gptq_pair(arch, target=target) if target else gptq_pair(arch)
     gptq_blocks = copy.deepcopy(find_blocks(student)[1])
     calib = tokens(8, 32)
-    logs = reconstruct.recover_blocks(student, teacher, calib, RecoverConfig(iters=6, batch_size=4, lr=lr),
+    logs = reconstruct.recover_blocks(student, teacher, calib, RecoverConfig(iters=6, batch_size=4, lr=lr, amp=amp),
                                       progress=False)
     assert [x.block for x in logs] == [0, 1] and all(x.trained == "grid" for x in logs)
-    after = block_losses(student, teacher, calib)
-    before = block_losses(student, teacher, calib, swap=dict(enumerate(gptq_blocks)))
+    after = block_losses(student, teacher, calib, amp=amp)
+    before = block_losses(student, teacher, calib, swap=dict(enumerate(gptq_blocks)), amp=amp)
     for a, b, x in zip(after, before, logs, strict=True):
         assert a <= b * (1 + 1e-6), (a, b, x)
     if lr is None:
@@ -157,7 +166,7 @@ def test_block_mode_sparse_float_student_keeps_its_mask():
             masks[n] = m.weight == 0
     calib = tokens(8, 32)
     before = block_losses(student, teacher, calib)
-    logs = reconstruct.recover_blocks(student, teacher, calib, RecoverConfig(iters=6, batch_size=4, lr=1e-3),
+    logs = reconstruct.recover_blocks(student, teacher, calib, RecoverConfig(iters=6, batch_size=4, lr=1e-3, amp=False),
                                       progress=False)
     assert all(x.trained == "weights" for x in logs)
     for n, m in find_linears(find_blocks(student)[1]).items():
