@@ -44,6 +44,12 @@ def whole_set(block, inputs, amp: bool) -> torch.Tensor:
                           for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)])
 
 
+def clone(v):
+    if torch.is_tensor(v):
+        return v.clone()
+    return type(v)(clone(x) for x in v) if isinstance(v, tuple | list) else v
+
+
 def timed(name: str, fn, runs: int = 2):
     seconds = []
     for _ in range(runs):
@@ -93,13 +99,16 @@ def main() -> None:
         set_module(s_block, n, m)
     params = [p for m in learned.values() for p in m.parameters()]
     timed("learned grid, whole set, bf16 autocast", lambda: whole_set(s_block, s_in, True), 1)
-    X = torch.cat(s_in.hidden)
+    # Captured under inference_mode: plain copies, which autograd may save for the backward pass.
+    X = torch.cat(s_in.hidden).clone()
+    args0 = tuple(clone(a) for a in s_in.args[0])
+    kwargs0 = {k: clone(v) for k, v in s_in.kwargs[0].items()}
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:
         idx = torch.randperm(X.shape[0], generator=gen)[:args.batch_size]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = run_block(s_block, X[idx], s_in.args[0], s_in.kwargs[0])
+            out = run_block(s_block, X[idx], args0, kwargs0)
         F.mse_loss(out.float(), target[idx]).backward()
         sign_sgd_(params, 1e-3)
         for m in learned.values():
