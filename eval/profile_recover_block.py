@@ -33,6 +33,7 @@ from llmslim.quant.walk import (  # noqa: E402
     find_blocks,
     find_linears,
     linear_weight,
+    plain_copy,
     run_block,
     set_module,
 )
@@ -42,12 +43,6 @@ def whole_set(block, inputs, amp: bool) -> torch.Tensor:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         return torch.cat([run_block(block, h, a, kw).float()
                           for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)])
-
-
-def clone(v):
-    if torch.is_tensor(v):
-        return v.clone()
-    return type(v)(clone(x) for x in v) if isinstance(v, tuple | list) else v
 
 
 def timed(name: str, fn, runs: int = 2):
@@ -99,10 +94,9 @@ def main() -> None:
         set_module(s_block, n, m)
     params = [p for m in learned.values() for p in m.parameters()]
     timed("learned grid, whole set, bf16 autocast", lambda: whole_set(s_block, s_in, True), 1)
-    # Captured under inference_mode: plain copies, which autograd may save for the backward pass.
-    X = torch.cat(s_in.hidden).clone()
-    args0 = tuple(clone(a) for a in s_in.args[0])
-    kwargs0 = {k: clone(v) for k, v in s_in.kwargs[0].items()}
+    X = plain_copy(torch.cat(s_in.hidden))
+    args0 = plain_copy(s_in.args[0])
+    kwargs0 = {k: plain_copy(v) for k, v in s_in.kwargs[0].items()}
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:

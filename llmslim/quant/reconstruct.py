@@ -51,6 +51,7 @@ from .walk import (
     find_linears,
     linear_shape,
     linear_weight,
+    plain_copy,
     run_block,
     set_module,
 )
@@ -184,8 +185,8 @@ class _Inputs:
         captured = capture_block_inputs(model, blocks, batches)
         # Captured under inference_mode: plain copies, which autograd may save for the backward pass.
         self.hidden = torch.cat([h.clone() for h in captured.hidden])
-        self.args = [tuple(_plain(a) for a in args) for args in captured.args]
-        self.kwargs = [{k: _plain(v) for k, v in kw.items()} for kw in captured.kwargs]
+        self.args = [tuple(plain_copy(a) for a in args) for args in captured.args]
+        self.kwargs = [{k: plain_copy(v) for k, v in kw.items()} for kw in captured.kwargs]
         self.sizes = [len(b) for b in batches]
 
     def rows(self, j: int) -> slice:
@@ -200,14 +201,6 @@ class _Inputs:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp):
             return torch.cat([run_block(block, hidden[self.rows(j)], self.args[j], self.kwargs[j]).float()
                               for j in range(len(self.sizes))])
-
-
-def _plain(v):
-    if torch.is_tensor(v):
-        return v.clone()
-    if isinstance(v, tuple | list):
-        return type(v)(_plain(x) for x in v)
-    return v
 
 
 def recover_blocks(
@@ -377,7 +370,7 @@ def _iterate(block, X, target, initial, s_in: _Inputs, bs: int, gen, planned: in
     the input weights) are kept. Returns (steps, best relative loss, best parameters)."""
     n = X.shape[0]
     best, best_state, k = float("inf"), None, 0
-    amp = config.autocast()
+    amp = s_in.amp
     while k < planned:
         idx = torch.randperm(n, generator=gen)[:bs]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):

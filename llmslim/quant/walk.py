@@ -178,6 +178,16 @@ def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict)
     return out[0] if isinstance(out, tuple | list) else out
 
 
+def plain_copy(v):
+    """A copy of ``v`` (a tensor, or tuples/lists of them; anything else as is) that autograd may save:
+    what ``capture_block_inputs`` returns are inference tensors, which a backward pass refuses."""
+    if torch.is_tensor(v):
+        return v.clone()
+    if isinstance(v, tuple | list):
+        return type(v)(plain_copy(x) for x in v)
+    return v
+
+
 def sequential_groups(block: nn.Module, names: list[str], probe: Callable[[], object]) -> list[list[str]]:
     """Group ``names`` (linears of ``block``) by shared input, in execution order.
 
