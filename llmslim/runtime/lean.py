@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ext
 from .cache import AppendLayer
 from .families import FAMILIES, activation, layer_windows, lean_ready, projection
 from .invariant import RowInvariant, Rows, cancelling_rows
@@ -174,6 +175,8 @@ class LeanDecoder:
                        for i, layer in enumerate(inner.layers)]
         self.head = Linear([model.lm_head], dtype)
         self.rows = RowInvariant()
+        # One call per layer over every row's own keys (llmslim's C++ kernel), else SDPA row by row.
+        self.kernel = ext.decode_attention()
 
     @classmethod
     def for_model(cls, model: nn.Module, cache) -> LeanDecoder | None:
@@ -214,6 +217,20 @@ class LeanDecoder:
         else:
             a = self.sdpa(q, keys, values, scale=self.scaling)
         return a.reshape(1, self.n_heads * d)
+
+    def _attend_rows(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                     window: int | None) -> torch.Tensor:
+        """One new token per row: ``q [B, nh, d]``; row ``b`` attends to the last ``lengths[b]`` columns
+        of ``keys``/``values [B, kv, C, d]`` (its own; the rest is padding). -> ``[B, nh * d]``.
+
+        Each row is computed alone, in an order that depends on nothing but that row, by either path:
+        the C++ kernel (one call for all rows) or SDPA called per row.
+        """
+        if self.kernel is not None:
+            a = self.kernel(q, keys, values, lengths, window or 0, self.scaling, self.attn_cap or 0.0)
+            return a.view(q.shape[0], self.n_heads * self.head_dim)
+        return torch.cat([self._attend_one(q[r], keys[r:r + 1, :, -n:], values[r:r + 1, :, -n:], window)
+                          for r, n in enumerate(lengths.tolist())])
 
     def _attend_chunk(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int,
                       window: int | None) -> torch.Tensor:
@@ -274,12 +291,13 @@ class LeanDecoder:
         x = self.embed(input_ids)
         rope = self._rope(x, torch.arange(pos, pos + T))
         layers = cache.layers
+        length = torch.tensor([pos + 1])
 
         def attend(i, b, q, k, v):
             layer = layers[i]
             if T == 1 and layer.is_initialized:
                 keys, values = layer.append(k, v)
-                return self._attend_one(q[0], keys, values, b.window)
+                return self._attend_rows(q, keys, values, length, b.window)
             keys, values = layer.update(k.transpose(0, 1)[None], v.transpose(0, 1)[None])
             return self._attend_chunk(q, keys, values, pos, b.window)
 
@@ -295,13 +313,12 @@ class LeanDecoder:
         """
         x = self.embed(input_ids)
         rope = self._rope(x, positions)
-        lengths = (positions + 1).tolist()
+        lengths = positions + 1
         layers = cache.layers
 
         def attend(i, b, q, k, v):
             keys, values = layers[i].update(k[:, :, None, :], v[:, :, None, :])
-            return torch.cat([self._attend_one(q[r], keys[r:r + 1, :, -n:], values[r:r + 1, :, -n:], b.window)
-                              for r, n in enumerate(lengths)])
+            return self._attend_rows(q, keys, values, lengths, b.window)
 
         rows = self.rows
 

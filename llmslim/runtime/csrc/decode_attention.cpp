@@ -1,0 +1,142 @@
+// One new token per row attending to that row's own cached keys: the decode step's attention
+// over ragged rows, in one call per layer, batch-invariant by construction.
+//
+// Row b's keys/values are the last lengths[b] columns of k/v [B, KV, C, D] (the server's
+// left-padded batch keeps each row's columns right-aligned; a batch-1 cache is one row whose
+// length is C), further cut to the last `window` of them for a sliding-window layer. Every
+// (row, kv head) is computed by one thread, start to end, in a fixed order that depends only on
+// that row's own length: its result is the same bits whatever else is in the batch, however
+// long the other rows are and however many threads run (what vLLM's batch-invariant mode asks of
+// its kernels). Nothing reads a padding column, so no mask is needed.
+//
+// Arithmetic: scores q.k in float32 over D in 16 fixed lanes then a fixed sum of the lanes,
+// optional soft-capping tanh(s / cap) * cap (Gemma 2), a softmax in float32 (max subtracted),
+// and the weighted sum of values in float32; the output is rounded once to the input dtype.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t D) {
+  float part[kLanes] = {0.f};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int l = 0; l < kLanes; ++l) part[l] += q[d + l] * static_cast<float>(k[d + l]);
+  }
+  for (int l = 0; d < D; ++d, ++l) part[l] += q[d] * static_cast<float>(k[d]);
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+
+// exp(x) for x <= 0 (scores minus their max), as Cephes' expf: x = n ln2 + r, a degree-6
+// polynomial for exp(r), 2^n by the exponent bits. Within ~2 ulp of expf, and plain arithmetic,
+// so the loop over columns vectorizes (a libm call would not).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: still a normal float; anything smaller is ~0 anyway
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+template <typename T>
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* lengths,
+            int64_t window, float scale, float cap, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KV = k.size(1), C = k.size(2), group = H / KV;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * D), acc(group * D), p;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KV, g = task % KV;
+      int64_t n = std::min(lengths[b], C);
+      if (window > 0) n = std::min(n, window);
+      const int64_t start = C - n;
+      for (int64_t j = 0; j < group; ++j) {
+        const T* src = qp + b * qs0 + (g * group + j) * qs1;
+        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = static_cast<float>(src[d]) * scale;
+      }
+      p.assign(group * n, 0.f);
+      const T* kb = kp + b * ks0 + g * ks1 + start * ks2;
+      for (int64_t c = 0; c < n; ++c) {  // each key read once for the whole group of query heads
+        for (int64_t j = 0; j < group; ++j) p[j * n + c] = dot(qf.data() + j * D, kb + c * ks2, D);
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const T* vb = vp + b * vs0 + g * vs1 + start * vs2;
+      for (int64_t j = 0; j < group; ++j) {
+        float* s = p.data() + j * n;
+        if (cap > 0.f) {
+          for (int64_t c = 0; c < n; ++c) s[c] = std::tanh(s[c] / cap) * cap;
+        }
+        float m = s[0];
+        for (int64_t c = 1; c < n; ++c) m = std::max(m, s[c]);
+        for (int64_t c = 0; c < n; ++c) s[c] = exp_nonpositive(s[c] - m);
+        float total = 0.f;
+        for (int64_t c = 0; c < n; ++c) total += s[c];
+        float* a = acc.data() + j * D;
+        for (int64_t c = 0; c < n; ++c) {
+          const T* vr = vb + c * vs2;
+          const float w = s[c];
+          for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<float>(vr[d]);
+        }
+        const float inv = 1.f / total;
+        T* dst = op + (b * H + g * group + j) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(a[d] * inv);
+      }
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
+                            int64_t window, double scale, double softcap) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "q [B, H, D], k/v [B, KV, C, D]");
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v differ in shape");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(3), "q and k disagree on rows or head size");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "q, k, v differ in dtype");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "the head dimension must be contiguous");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == q.size(0) && lengths.is_contiguous(),
+              "lengths: int64 [B]");
+  TORCH_CHECK(k.size(2) > 0, "no cached keys");
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b) TORCH_CHECK(len[b] >= 1, "every row attends to at least one key");
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    attend<scalar_t>(q, k, v, len, window, static_cast<float>(scale), static_cast<float>(softcap), out);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "one query per row against that row's own last keys (batch-invariant)");
+}
