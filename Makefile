@@ -10,10 +10,11 @@ export HF_DATASETS_OFFLINE ?= 1
 
 setup: $(VENV)/.installed $(VENV)/llama.cpp/.installed $(VENV)/.ext
 
-# llmslim's C++ decode attention, built for this CPU with torch's cpp_extension (gcc + ninja) into
-# ~/.cache/llmslim/ext; where it cannot be built the lean forward uses SDPA (same results, slower).
-$(VENV)/.ext: $(VENV)/.installed llmslim/runtime/csrc/decode_attention.cpp
-	$(PY) -m llmslim.runtime.ext || echo "llmslim: C++ kernel not built; serving falls back to SDPA"
+# llmslim's C++ kernels (decode attention; int4/bf16 products on AVX512-BF16 CPUs), built for this
+# CPU with torch's cpp_extension (gcc + ninja) into ~/.cache/llmslim/ext; where they cannot be built
+# the lean forward uses SDPA and torch's own kernels (same results to rounding, slower).
+$(VENV)/.ext: $(VENV)/.installed $(wildcard llmslim/runtime/csrc/*.cpp)
+	$(PY) -m llmslim.runtime.ext || echo "llmslim: C++ kernels not built; serving falls back to torch's"
 	touch $@
 
 # GGUF export runs llama.cpp's own HF -> GGUF conversion code (convert_hf_to_gguf.py, conversion/,

@@ -1,5 +1,10 @@
-"""llmslim's C++ kernel (``csrc/decode_attention.cpp``): built with torch's own ``cpp_extension``
-(gcc + ninja) by ``make setup`` or on first use, then loaded from the build cache.
+"""llmslim's C++ kernels (``csrc/``): built with torch's own ``cpp_extension`` (gcc + ninja) by
+``make setup`` or on first use, then loaded from the build cache.
+
+- ``decode_attention``: the decode step's attention over ragged rows (``csrc/decode_attention.cpp``).
+- ``int4_matmul`` / ``bf16_matmul``: small-M products with int4 (GPTQ) and bf16 weights on CPUs
+  with AVX512-BF16 (``csrc/int4_matmul.cpp``); elsewhere ``matmuls()`` is None and torch's own
+  kernels run.
 
     python -m llmslim.runtime.ext        # build now (``make setup`` runs this); prints where
 
@@ -8,7 +13,8 @@ by torch's version and the CPU's feature flags: a home directory shared between 
 loads a binary built for another CPU. Where it cannot be built (no compiler, no ninja) or
 ``LLMSLIM_NO_EXT=1`` is set, ``decode_attention()`` is None and the lean forward attends with
 torch's SDPA instead, one row at a time (same results to rounding, slower under load); ``why_not``
-says why.
+says why. ``LLMSLIM_NO_EXT_MATMUL=1`` turns off the matrix products alone (to compare them with
+torch's).
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ import platform
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
-NAME = "llmslim_decode_attention"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "module.cpp", CSRC / "decode_attention.cpp", CSRC / "int4_matmul.cpp"]
+NAME = "llmslim_kernels"
 why_not: str | None = None
 
 
@@ -73,15 +80,20 @@ def _module(verbose: bool = False):
         out = build_dir()
         out.mkdir(parents=True, exist_ok=True)
         if not any(out.glob(f"{NAME}*.so")):
-            print(f"llmslim: building its C++ attention kernel once for this CPU (~1 min) in {out}",
+            print(f"llmslim: building its C++ kernels once for this CPU (~1 min) in {out}",
                   file=sys.stderr, flush=True)
         # -fopenmp: at::parallel_for runs on torch's own OpenMP pool (torch ships libgomp.so.1,
         # already loaded, so the extension binds to the same runtime).
-        return load(NAME, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        return load(NAME, [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], build_directory=str(out), verbose=verbose)
     except Exception as e:  # any build or load failure: the SDPA path is still correct
         why_not = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
         return None
+
+
+def module():
+    """The compiled module, or None where it is unavailable (``why_not``)."""
+    return _module()
 
 
 def decode_attention():
@@ -91,11 +103,22 @@ def decode_attention():
     return None if module is None else module.decode_attention
 
 
+def matmuls():
+    """The compiled module if its ``int4_matmul(x [M, K] bf16, w [N/16, K/2, 16] uint8, scale_zeros
+    [K/group, N, 2] bf16, group)`` and ``bf16_matmul(x, weight [N, K])`` were built for this CPU
+    (AVX512-BF16), else None. ``runtime.kernels`` packs weights for them."""
+    module = _module()
+    if module is None or os.environ.get("LLMSLIM_NO_EXT_MATMUL") or not module.int4_matmul_available():
+        return None
+    return module
+
+
 def main() -> None:
     module = _module(verbose=True)
     if module is None:
-        raise SystemExit(f"llmslim: the C++ kernel was not built ({why_not}); the SDPA path will be used")
-    print(f"llmslim: C++ kernel ready in {build_dir()}")
+        raise SystemExit(f"llmslim: the C++ kernels were not built ({why_not}); the SDPA path will be used")
+    fast = "with" if module.int4_matmul_available() else "without (this CPU has no AVX512-BF16)"
+    print(f"llmslim: C++ kernels ready in {build_dir()}, {fast} the int4/bf16 matrix products")
 
 
 if __name__ == "__main__":

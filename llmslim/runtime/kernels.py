@@ -4,7 +4,9 @@
 At load time ``accelerate`` replaces each one, once, by the fastest module here that computes
 the same product:
 
-- 2/3/4 bits -> ``Int4Linear``: torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``).
+- 2/3/4 bits -> ``Int4Linear``: torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``), or
+  on CPUs with AVX512-BF16 llmslim's own (``ext.matmuls()``, ``csrc/int4_matmul.cpp``: same
+  weights, decoded once for up to 8 rows instead of per row; batch-invariant by construction).
   2- and 3-bit codes are valid 4-bit codes, so they run there too, exactly (at 4-bit size).
 - 8 bits per channel -> ``Int8Linear``: torch's ``_weight_int8pack_mm`` (per-channel scales).
 - 8 bits with groups -> ``Int8x2Linear``: the 8-bit code split into two 4-bit halves, two
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import GPTQLinear
+from . import ext
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 HEAD_CHUNK = 4096  # rows of a float lm_head quantized at a time (a multiple of 64: packs concatenate)
@@ -152,25 +155,50 @@ def _int4_params(
         q4 = torch.cat([q4, torch.full((n_pad, kp), 8, dtype=q4.dtype)])
         s = torch.cat([s, torch.zeros(ng, n_pad)], 1)
         zf = torch.cat([zf, torch.zeros(ng, n_pad)], 1)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32).contiguous(), 1)
+    packed = pack_int4(q4)
     sz = torch.stack([s, zf], dim=-1).to(torch.bfloat16).contiguous()
     return packed, sz
 
 
+def pack_int4(q4: torch.Tensor) -> torch.Tensor:
+    """Codes ``q4 [N, K]`` in [0, 15] (N a multiple of 16, K of 2) -> the layout of the kernel that
+    will run them: llmslim's ``[N/16, K/2, 16]`` bytes (``q[n, k] | q[n, k+1] << 4`` at
+    ``[n/16, k/2, n%16]``) where ``ext.matmuls()`` is built, else torch's ``[N, K/2]``."""
+    if ext.matmuls() is None:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32).contiguous(), 1)
+    N, K = q4.shape
+    q = q4.to(torch.uint8).view(N // 16, 16, K // 2, 2)
+    return (q[..., 0] | (q[..., 1] << 4)).transpose(1, 2).contiguous()
+
+
+def int4_product(packed: torch.Tensor, kg: int, scale_zeros: torch.Tensor):
+    """``x [M, Kp] bf16 -> x W^T [M, Np] bf16`` for a weight packed by ``pack_int4``: the kernel that
+    layout belongs to, as one plain function."""
+    if packed.dim() == 3:
+        op = ext.module().int4_matmul  # the layout was made for it, whatever LLMSLIM_NO_EXT_MATMUL says now
+        return lambda x: op(x, packed, scale_zeros, kg)
+    op = torch.ops.aten._weight_int4pack_mm_for_cpu
+    return lambda x: op(x, packed, kg, scale_zeros)
+
+
 class Int4Linear(nn.Module):
-    """``y = x W^T + b`` with W in torch's CPU int4 layout; computes in bf16."""
+    """``y = x W^T + b`` with int4 W packed for the kernel that runs it (``pack_int4``); computes in bf16."""
 
     def __init__(self, in_features: int, out_features: int, layout: Int4Layout, packed: torch.Tensor,
                  scale_zeros: torch.Tensor, bias: torch.Tensor | None, bits: int):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.kg, self.mode, self.pad = layout.kg, layout.mode, layout.pad
-        self.n_pad = packed.shape[0] - out_features
+        self.n_pad = scale_zeros.shape[1] - out_features  # rows padded to a multiple of 16
         self.register_buffer("weight_packed", packed)
         self.register_buffer("scale_zeros", scale_zeros)
         index = layout.src if layout.mode in ("perm", "gather") else None
         self.register_buffer("index", index)
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    def product(self):
+        """The kernel call on an input already in kernel column order (``_prepare_input``), as a function."""
+        return int4_product(self.weight_packed, self.kg, self.scale_zeros)
 
     @classmethod
     def from_gptq(cls, m: GPTQLinear) -> Int4Linear:
@@ -202,8 +230,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, lead = x.dtype, x.shape[:-1]
         x = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        x = _prepare_input(x, self.mode, self.index, self.pad)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_packed, self.kg, self.scale_zeros)
+        x = _prepare_input(x, self.mode, self.index, self.pad).contiguous()
+        y = self.product()(x)
         if self.n_pad:
             y = y[:, : self.out_features]
         if self.bias is not None:
@@ -344,10 +372,8 @@ class Int8x2Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, lead = x.dtype, x.shape[:-1]
         x = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        x = _prepare_input(x, self.hi.mode, self.hi.index, self.hi.pad)
-        op = torch.ops.aten._weight_int4pack_mm_for_cpu
-        y = op(x, self.hi.weight_packed, self.hi.kg, self.hi.scale_zeros)
-        y = y + op(x, self.lo.weight_packed, self.lo.kg, self.lo.scale_zeros)
+        x = _prepare_input(x, self.hi.mode, self.hi.index, self.hi.pad).contiguous()
+        y = self.hi.product()(x) + self.lo.product()(x)
         if self.hi.n_pad:
             y = y[:, : self.out_features]
         if self.hi.bias is not None:

@@ -44,13 +44,19 @@ def _norm(weight: torch.Tensor, eps: float, gemma: bool) -> Fn:
 def _direct(module: nn.Module, dtype: torch.dtype) -> Fn:
     """A plain function for a linear module whose forward is one kernel call, else the module.
 
-    Calling ``_weight_int4pack_mm_for_cpu`` directly skips the module's reshapes, casts and
-    ``nn.Module.__call__``: four calls per layer per token add up at this size.
+    Calling the int4 kernel directly skips the module's reshapes, casts and ``nn.Module.__call__``:
+    four calls per layer per token add up at this size. A bf16 ``nn.Linear`` without bias (a float
+    model's projections, the output head) runs on llmslim's bf16 kernel where it is built.
     """
-    if isinstance(module, Int4Linear) and module.mode == "none" and not module.n_pad and module.bias is None \
-            and dtype == torch.bfloat16:
-        op, w, kg, sz = torch.ops.aten._weight_int4pack_mm_for_cpu, module.weight_packed, module.kg, module.scale_zeros
-        return lambda x: op(x, w, kg, sz)
+    if dtype != torch.bfloat16:
+        return module
+    if isinstance(module, Int4Linear) and module.mode == "none" and not module.n_pad and module.bias is None:
+        return module.product()
+    matmuls = ext.matmuls()
+    if matmuls is not None and type(module) is nn.Linear and module.bias is None \
+            and module.weight.dtype == torch.bfloat16 and module.weight.is_contiguous():
+        op, w = matmuls.bf16_matmul, module.weight
+        return lambda x: op(x, w)
     return module
 
 

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+namespace llmslim {
 namespace {
 
 constexpr int kLanes = 16;
@@ -115,6 +116,8 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   });
 }
 
+}  // namespace
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
                             int64_t window, double scale, double softcap) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "q [B, H, D], k/v [B, KV, C, D]");
@@ -135,8 +138,4 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "one query per row against that row's own last keys (batch-invariant)");
-}
+}  // namespace llmslim
