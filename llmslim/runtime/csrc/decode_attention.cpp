@@ -12,6 +12,9 @@
 // Arithmetic: scores q.k in float32 over D in 16 fixed lanes then a fixed sum of the lanes,
 // optional soft-capping tanh(s / cap) * cap (Gemma 2), a softmax in float32 (max subtracted),
 // and the weighted sum of values in float32; the output is rounded once to the input dtype.
+// On CPUs with AVX512-BF16, bf16 inputs with D a multiple of 32 take the same steps in vector
+// instructions: q.k by VDPBF16PS (bf16 products are exact in float32) then the scale, values
+// widened to float32 16 at a time.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -20,7 +23,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define LLMSLIM_AVX512BF16 1
+#endif
 
 namespace llmslim {
 namespace {
@@ -61,6 +70,27 @@ inline float exp_nonpositive(float x) {
   return y * scale;
 }
 
+#ifdef LLMSLIM_AVX512BF16
+// q.k of one bf16 query and one bf16 key, D a multiple of 32: exact products summed in float32
+// over 16 lanes (pairs), then one fixed horizontal sum.
+inline float dot_bf16(const at::BFloat16* q, const at::BFloat16* k, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
+  return _mm512_reduce_add_ps(acc);
+}
+
+// a[0:D] += w * v[0:D] with v bf16 widened to float32, D a multiple of 16.
+inline void axpy_bf16(float* a, float w, const at::BFloat16* v, int64_t D) {
+  const __m512 wv = _mm512_set1_ps(w);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + d)));
+    const __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+    _mm512_storeu_ps(a + d, _mm512_fmadd_ps(wv, vf, _mm512_loadu_ps(a + d)));
+  }
+}
+#endif
+
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* lengths,
             int64_t window, float scale, float cap, at::Tensor& out) {
@@ -74,6 +104,11 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
 
+#ifdef LLMSLIM_AVX512BF16
+  const bool vector_path = std::is_same_v<T, at::BFloat16> && D % 32 == 0;
+#else
+  const bool vector_path = false;
+#endif
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * D), acc(group * D), p;
     for (int64_t task = begin; task < end; ++task) {
@@ -81,14 +116,27 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       int64_t n = std::min(lengths[b], C);
       if (window > 0) n = std::min(n, window);
       const int64_t start = C - n;
-      for (int64_t j = 0; j < group; ++j) {
-        const T* src = qp + b * qs0 + (g * group + j) * qs1;
-        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = static_cast<float>(src[d]) * scale;
-      }
       p.assign(group * n, 0.f);
       const T* kb = kp + b * ks0 + g * ks1 + start * ks2;
-      for (int64_t c = 0; c < n; ++c) {  // each key read once for the whole group of query heads
-        for (int64_t j = 0; j < group; ++j) p[j * n + c] = dot(qf.data() + j * D, kb + c * ks2, D);
+      const T* qb = qp + b * qs0 + g * group * qs1;
+      bool done = false;
+#ifdef LLMSLIM_AVX512BF16
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (vector_path) {
+          for (int64_t c = 0; c < n; ++c) {
+            for (int64_t j = 0; j < group; ++j) p[j * n + c] = dot_bf16(qb + j * qs1, kb + c * ks2, D) * scale;
+          }
+          done = true;
+        }
+      }
+#endif
+      if (!done) {
+        for (int64_t j = 0; j < group; ++j) {
+          for (int64_t d = 0; d < D; ++d) qf[j * D + d] = static_cast<float>(qb[j * qs1 + d]) * scale;
+        }
+        for (int64_t c = 0; c < n; ++c) {  // each key read once for the whole group of query heads
+          for (int64_t j = 0; j < group; ++j) p[j * n + c] = dot(qf.data() + j * D, kb + c * ks2, D);
+        }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       const T* vb = vp + b * vs0 + g * vs1 + start * vs2;
@@ -103,10 +151,21 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
         float total = 0.f;
         for (int64_t c = 0; c < n; ++c) total += s[c];
         float* a = acc.data() + j * D;
-        for (int64_t c = 0; c < n; ++c) {
-          const T* vr = vb + c * vs2;
-          const float w = s[c];
-          for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<float>(vr[d]);
+        bool summed = false;
+#ifdef LLMSLIM_AVX512BF16
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (vector_path) {
+            for (int64_t c = 0; c < n; ++c) axpy_bf16(a, s[c], vb + c * vs2, D);
+            summed = true;
+          }
+        }
+#endif
+        if (!summed) {
+          for (int64_t c = 0; c < n; ++c) {
+            const T* vr = vb + c * vs2;
+            const float w = s[c];
+            for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<float>(vr[d]);
+          }
         }
         const float inv = 1.f / total;
         T* dst = op + (b * H + g * group + j) * D;
