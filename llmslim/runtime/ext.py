@@ -2,6 +2,8 @@
 ``make setup`` or on first use, then loaded from the build cache.
 
 - ``decode_attention``: the decode step's attention over ragged rows (``csrc/decode_attention.cpp``).
+- ``rms_norm`` (with an optional residual add), ``rope``, ``silu_mul``: the lean forward's small
+  steps, one call each instead of several torch ops (``csrc/fused.cpp``).
 - ``int4_matmul`` / ``bf16_matmul``: small-M products with int4 (GPTQ) and bf16 weights on CPUs
   with AVX512-BF16 (``csrc/int4_matmul.cpp``); elsewhere ``matmuls()`` is None and torch's own
   kernels run.
@@ -27,7 +29,7 @@ import sys
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "module.cpp", CSRC / "decode_attention.cpp", CSRC / "int4_matmul.cpp"]
+SOURCES = [CSRC / "module.cpp", CSRC / "decode_attention.cpp", CSRC / "int4_matmul.cpp", CSRC / "fused.cpp"]
 NAME = "llmslim_kernels"
 why_not: str | None = None
 

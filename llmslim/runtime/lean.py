@@ -41,6 +41,30 @@ def _norm(weight: torch.Tensor, eps: float, gemma: bool) -> Fn:
     return lambda x: weight * F.rms_norm(x.float(), (n,), eps=eps).to(x.dtype)
 
 
+def _add_norm(weight: torch.Tensor, eps: float, gemma: bool):
+    """``(x, r) -> (norm(x + r), x + r)``: a residual add and the norm after it (``r`` None: no add).
+
+    One call of the C++ ``rms_norm`` where it is built (a 1-D weight), else torch's ops.
+    """
+    module = ext.module()
+    if module is not None and weight.dim() == 1:
+        op = module.rms_norm
+        w = weight.contiguous()
+
+        def fused(x, r):
+            return tuple(op(x, w, eps, gemma, r))
+
+        return fused
+    norm = _norm(weight, eps, gemma)
+
+    def plain(x, r):
+        if r is not None:
+            x = x + r
+        return norm(x), x
+
+    return plain
+
+
 def _direct(module: nn.Module, dtype: torch.dtype) -> Fn:
     """A plain function for a linear module whose forward is one kernel call, else the module.
 
@@ -82,7 +106,7 @@ class Linear:
         self.probe: Rows | None = cancelling_rows([m.weight for m in modules]) if dense else None
 
 
-def _rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate_torch(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of ``qk [M, heads, d]`` by ``cos``/``sin [M, 1, r]`` (r < d: the first r dims only).
 
     ``sin`` comes with its first half negated: ``rotate_half(x) * sin == roll(x, r/2) * sin'``, one
@@ -93,6 +117,15 @@ def _rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
         return torch.addcmul(qk * cos, torch.roll(qk, r // 2, -1), sin)
     rot = qk[..., :r]
     return torch.cat((torch.addcmul(rot * cos, torch.roll(rot, r // 2, -1), sin), qk[..., r:]), -1)
+
+
+def _rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``_rotate_torch`` in one C++ call where it is built (same roundings)."""
+    module = ext.module()
+    if module is None:
+        return _rotate_torch(qk, cos, sin)
+    M, r = cos.shape[0], cos.shape[-1]
+    return module.rope(qk, cos.reshape(M, r), sin.reshape(M, r))
 
 
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float,
@@ -117,22 +150,29 @@ class Block:
     def __init__(self, layer: nn.Module, family, window: int | None, dtype: torch.dtype, n_heads: int, n_kv: int):
         attn, mlp = layer.self_attn, layer.mlp
         gemma = family.gemma_norm
-        self.norm_in = _norm(layer.input_layernorm.weight, _eps(layer.input_layernorm), gemma)
+        self.norm_in = _add_norm(layer.input_layernorm.weight, _eps(layer.input_layernorm), gemma)
         self.qkv = Linear(projection(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), dtype)
         self.o = Linear([attn.o_proj], dtype)
         self.gate_up = Linear(projection(mlp, "gate_up_proj", ("gate_proj", "up_proj")), dtype)
         self.down = Linear([mlp.down_proj], dtype)
         self.inter = mlp.down_proj.in_features
         act = activation(mlp)
-        self.act: Fn = F.silu if type(act).__name__ in ("SiLUActivation", "SiLU") else act
+        module = ext.module()
+        if type(act).__name__ in ("SiLUActivation", "SiLU"):
+            self.gate: Callable = (lambda gu: module.silu_mul(gu, self.inter)) if module is not None \
+                else (lambda gu: F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
+        else:
+            self.gate = lambda gu: act(gu[:, :self.inter]) * gu[:, self.inter:]
         if family.sandwich:  # Gemma 2/3: the attention output and the MLP are normed before the residual
             self.post_attn = _norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm), gemma)
-            self.norm_mlp = _norm(layer.pre_feedforward_layernorm.weight, _eps(layer.pre_feedforward_layernorm), gemma)
+            self.norm_mlp = _add_norm(layer.pre_feedforward_layernorm.weight, _eps(layer.pre_feedforward_layernorm),
+                                      gemma)
             self.post_mlp = _norm(layer.post_feedforward_layernorm.weight, _eps(layer.post_feedforward_layernorm),
                                   gemma)
         else:
             self.post_attn = self.post_mlp = None
-            self.norm_mlp = _norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm), gemma)
+            self.norm_mlp = _add_norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
+                                      gemma)
         self.qk_norm = None
         if family.qk_norm:  # q's and k's weights stacked per head: one norm over [M, heads + kv_heads, d]
             d = attn.head_dim
@@ -265,19 +305,21 @@ class LeanDecoder:
         M = x.shape[0]
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         nqk = (nh + nkv) * d
+        m = None  # the last MLP's output, added to the residual stream together with the next norm
         for i, b in enumerate(self.layers):
-            qkv = linear(b.qkv, b.norm_in(x))
+            h, x = b.norm_in(x, m)
+            qkv = linear(b.qkv, h)
             qk = qkv[:, :nqk].view(M, nh + nkv, d)
             if b.qk_norm is not None:
                 qk = b.qk_norm(qk)
             cos, sin = rope[b.rope_key]
             qk = _rotate(qk, cos, sin)
             a = linear(b.o, attend(i, b, qk[:, :nh], qk[:, nh:], qkv[:, nqk:].view(M, nkv, d)))
-            x = x + (a if b.post_attn is None else b.post_attn(a))
-            gu = linear(b.gate_up, b.norm_mlp(x))
-            m = linear(b.down, b.act(gu[:, :b.inter]) * gu[:, b.inter:])
-            x = x + (m if b.post_mlp is None else b.post_mlp(m))
-        return x
+            h, x = b.norm_mlp(x, a if b.post_attn is None else b.post_attn(a))
+            m = linear(b.down, b.gate(linear(b.gate_up, h)))
+            if b.post_mlp is not None:
+                m = b.post_mlp(m)
+        return x + m
 
     def _logits(self, x: torch.Tensor, linear) -> torch.Tensor:
         logits = linear(self.head, self.norm(x))

@@ -7,6 +7,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 bool int4_matmul_available();
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_zeros, int64_t kg);
 at::Tensor bf16_matmul(const at::Tensor& x, const at::Tensor& weight);
+std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma,
+                                 const c10::optional<at::Tensor>& residual);
+at::Tensor rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor silu_mul(const at::Tensor& gu, int64_t inter);
 }  // namespace llmslim
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,4 +20,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether int4_matmul and bf16_matmul were built (AVX512-BF16)");
   m.def("int4_matmul", &llmslim::int4_matmul, "x [M, K] bf16 @ int4 weight (pack_int4 layout) -> [M, N] bf16");
   m.def("bf16_matmul", &llmslim::bf16_matmul, "x [M, K] bf16 @ weight [N, K] bf16 ^T -> [M, N] bf16");
+  m.def("rms_norm", &llmslim::rms_norm, "transformers' RMSNorm (Llama or Gemma), after an optional residual add",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"), pybind11::arg("gemma"),
+        pybind11::arg("residual") = pybind11::none());
+  m.def("rope", &llmslim::rope, "rotary embedding of [M, heads, d] by cos / sign-folded sin [M, r]");
+  m.def("silu_mul", &llmslim::silu_mul, "silu(g) * u of [M, 2 * inter] -> [M, inter]");
 }
