@@ -13,16 +13,20 @@ at::Tensor rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& s
 at::Tensor silu_mul(const at::Tensor& gu, int64_t inter);
 }  // namespace llmslim
 
+// Every kernel runs without the GIL, as torch's own ops do: the server's HTTP thread keeps
+// streaming while the engine thread computes (they only touch tensors, never Python objects).
+using NoGil = pybind11::call_guard<pybind11::gil_scoped_release>;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &llmslim::decode_attention,
-        "one query per row against that row's own last keys (batch-invariant)");
+        "one query per row against that row's own last keys (batch-invariant)", NoGil());
   m.def("int4_matmul_available", &llmslim::int4_matmul_available,
         "whether int4_matmul and bf16_matmul were built (AVX512-BF16)");
-  m.def("int4_matmul", &llmslim::int4_matmul, "x [M, K] bf16 @ int4 weight (pack_int4 layout) -> [M, N] bf16");
-  m.def("bf16_matmul", &llmslim::bf16_matmul, "x [M, K] bf16 @ weight [N, K] bf16 ^T -> [M, N] bf16");
+  m.def("int4_matmul", &llmslim::int4_matmul, "x [M, K] bf16 @ int4 weight (pack_int4 layout) -> [M, N] bf16", NoGil());
+  m.def("bf16_matmul", &llmslim::bf16_matmul, "x [M, K] bf16 @ weight [N, K] bf16 ^T -> [M, N] bf16", NoGil());
   m.def("rms_norm", &llmslim::rms_norm, "transformers' RMSNorm (Llama or Gemma), after an optional residual add",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"), pybind11::arg("gemma"),
-        pybind11::arg("residual") = pybind11::none());
-  m.def("rope", &llmslim::rope, "rotary embedding of [M, heads, d] by cos / sign-folded sin [M, r]");
-  m.def("silu_mul", &llmslim::silu_mul, "silu(g) * u of [M, 2 * inter] -> [M, inter]");
+        pybind11::arg("residual") = pybind11::none(), NoGil());
+  m.def("rope", &llmslim::rope, "rotary embedding of [M, heads, d] by cos / sign-folded sin [M, r]", NoGil());
+  m.def("silu_mul", &llmslim::silu_mul, "silu(g) * u of [M, 2 * inter] -> [M, inter]", NoGil());
 }
