@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import ext
+
 # vLLM's _SAMPLING_EPS: a temperature below it is greedy (dividing by it would overflow anyway).
 GREEDY_TEMPERATURE = 1e-5
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
@@ -120,10 +122,19 @@ class LogitsProcessor:
         return logits
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of ``[vocab]`` or ``[rows, vocab]``, the same ids, by llmslim's C++ op where
+    it is built (torch's reads a 49152-wide bf16 row in ~0.19 ms: 2% of a 135M model's batch-1 token)."""
+    module = ext.module()
+    if module is None or logits.dim() not in (1, 2) or not logits.is_contiguous():
+        return logits.argmax(-1)
+    return module.argmax_rows(logits.view(-1, logits.shape[-1])).view(logits.shape[:-1])
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from processed ``logits [vocab]``; always an id in ``[0, vocab)``."""
     if params.greedy:
-        return int(logits.argmax())
+        return int(argmax_rows(logits))
     raw = logits
     logits = logits.float() / params.temperature
     if params.top_k > 0:

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..runtime.cache import mergeable
 from ..runtime.model_info import eos_ids, model_context
-from ..runtime.sampling import LogitsProcessor, Sampler, SamplingParams
+from ..runtime.sampling import LogitsProcessor, Sampler, SamplingParams, argmax_rows
 from ..runtime.stops import StopStrings
 from ..util import release_free_memory
 from .kvbatch import PaddedBatch, Prefill, prefill
@@ -523,7 +523,7 @@ class Engine:
         finished = False
         for g in self._groups:
             logits = g.batch.step([s.out[-1] for s in g.seqs])
-            best = logits.argmax(-1).tolist()  # one call for every greedy row instead of one per row
+            best = argmax_rows(logits).tolist()  # one call for every greedy row instead of one per row
             for s, row, token in zip(g.seqs, logits.unbind(0), best, strict=True):
                 self._advance(s, row, token)
             rows += len(g.seqs)

@@ -84,3 +84,21 @@ def test_bad_input_is_refused():
         mod.rope(torch.randn(2, 3, 8), torch.randn(2, 10), torch.randn(2, 10))
     with pytest.raises(RuntimeError, match="inter"):
         mod.silu_mul(torch.randn(2, 10), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_argmax_rows_is_torchs(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 1000, generator=g).to(dtype)
+    x[1, 10] = x[1, 500] = 100.0  # a tie: the first one
+    x[2, :] = float("-inf")  # all -inf: index 0
+    x[3, 7] = float("nan")  # a NaN beats everything
+    x[4, 3] = x[4, 9] = float("nan")  # the first NaN
+    x[5, 999] = float("inf")
+    got = mod.argmax_rows(x)
+    assert torch.equal(got, x.argmax(-1))
+    assert got.tolist()[1:5] == [10, 0, 7, 3]
+    from llmslim.runtime.sampling import argmax_rows
+
+    assert torch.equal(argmax_rows(x[0]), x[0].argmax())  # 1-D, through the helper
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
