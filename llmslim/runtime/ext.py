@@ -3,7 +3,7 @@
 
 - ``decode_attention``: the decode step's attention over ragged rows (``csrc/decode_attention.cpp``).
 - ``rms_norm`` (with an optional residual add), ``rope``, ``silu_mul``: the lean forward's small
-  steps, one call each instead of several torch ops (``csrc/fused.cpp``).
+  steps, one call each instead of several torch ops; ``argmax_rows``: greedy picks (``csrc/fused.cpp``).
 - ``int4_matmul`` / ``bf16_matmul``: small-M products with int4 (GPTQ) and bf16 weights on CPUs
   with AVX512-BF16 (``csrc/int4_matmul.cpp``); elsewhere ``matmuls()`` is None and torch's own
   kernels run.
