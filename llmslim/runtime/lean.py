@@ -41,13 +41,13 @@ def _norm(weight: torch.Tensor, eps: float, gemma: bool) -> Fn:
     return lambda x: weight * F.rms_norm(x.float(), (n,), eps=eps).to(x.dtype)
 
 
-def _add_norm(weight: torch.Tensor, eps: float, gemma: bool):
+def _add_norm(weight: torch.Tensor, eps: float, gemma: bool, dtype: torch.dtype):
     """``(x, r) -> (norm(x + r), x + r)``: a residual add and the norm after it (``r`` None: no add).
 
-    One call of the C++ ``rms_norm`` where it is built (a 1-D weight), else torch's ops.
+    One call of the C++ ``rms_norm`` where it is built (a 1-D weight in the compute dtype), else torch's ops.
     """
     module = ext.module()
-    if module is not None and weight.dim() == 1:
+    if module is not None and weight.dim() == 1 and weight.dtype == dtype:
         op = module.rms_norm
         w = weight.contiguous()
 
@@ -122,7 +122,7 @@ def _rotate_torch(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 def _rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``_rotate_torch`` in one C++ call where it is built (same roundings)."""
     module = ext.module()
-    if module is None:
+    if module is None or not (qk.dtype == cos.dtype == sin.dtype):
         return _rotate_torch(qk, cos, sin)
     M, r = cos.shape[0], cos.shape[-1]
     return module.rope(qk, cos.reshape(M, r), sin.reshape(M, r))
@@ -150,7 +150,7 @@ class Block:
     def __init__(self, layer: nn.Module, family, window: int | None, dtype: torch.dtype, n_heads: int, n_kv: int):
         attn, mlp = layer.self_attn, layer.mlp
         gemma = family.gemma_norm
-        self.norm_in = _add_norm(layer.input_layernorm.weight, _eps(layer.input_layernorm), gemma)
+        self.norm_in = _add_norm(layer.input_layernorm.weight, _eps(layer.input_layernorm), gemma, dtype)
         self.qkv = Linear(projection(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), dtype)
         self.o = Linear([attn.o_proj], dtype)
         self.gate_up = Linear(projection(mlp, "gate_up_proj", ("gate_proj", "up_proj")), dtype)
@@ -166,13 +166,13 @@ class Block:
         if family.sandwich:  # Gemma 2/3: the attention output and the MLP are normed before the residual
             self.post_attn = _norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm), gemma)
             self.norm_mlp = _add_norm(layer.pre_feedforward_layernorm.weight, _eps(layer.pre_feedforward_layernorm),
-                                      gemma)
+                                      gemma, dtype)
             self.post_mlp = _norm(layer.post_feedforward_layernorm.weight, _eps(layer.post_feedforward_layernorm),
                                   gemma)
         else:
             self.post_attn = self.post_mlp = None
             self.norm_mlp = _add_norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
-                                      gemma)
+                                      gemma, dtype)
         self.qk_norm = None
         if family.qk_norm:  # q's and k's weights stacked per head: one norm over [M, heads + kv_heads, d]
             d = attn.head_dim
