@@ -106,8 +106,6 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
 
 #ifdef LLMSLIM_AVX512BF16
   const bool vector_path = std::is_same_v<T, at::BFloat16> && D % 32 == 0;
-#else
-  const bool vector_path = false;
 #endif
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * D), acc(group * D), p;

@@ -191,7 +191,8 @@ at::Tensor bf16_matmul(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
                   weight.size(1) == x.size(1),
               "weight: contiguous bf16 [N, K] with K = x's columns");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int64_t M = x.size(0), N = weight.size(0);
+  [[maybe_unused]] const int64_t K = x.size(1);
   auto y = at::empty({M, N}, x.options());
 #ifdef LLMSLIM_AVX512BF16
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
