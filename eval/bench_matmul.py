@@ -16,33 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from cpu_bf16 import median_us  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from llmslim.runtime import ext  # noqa: E402
 from llmslim.runtime.kernels import pack_int4  # noqa: E402
 
 SHAPES = {"q/k/v": (576, 960), "o": (576, 576), "gate/up": (576, 3072), "down": (1536, 576)}
 HEAD = (576, 49152)
-
-
-def timed(fn, calls: int, repeats: int) -> float:
-    for _ in range(max(3, calls // 10)):
-        fn()
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        runs.append((time.perf_counter() - t) / calls)
-    return statistics.median(runs) * 1e6
 
 
 def main() -> None:
@@ -73,17 +60,17 @@ def main() -> None:
         layer_t = layer_o = 0.0
         for name, (K, wt, wo, sz) in weights.items():
             a = x[K]
-            t = timed(lambda a=a, wt=wt, sz=sz: torch.ops.aten._weight_int4pack_mm_for_cpu(a, wt, 64, sz),
-                      args.calls, args.repeats)
-            o = timed(lambda a=a, wo=wo, sz=sz: mm.int4_matmul(a, wo, sz, 64), args.calls, args.repeats)
+            t = median_us(lambda a=a, wt=wt, sz=sz: torch.ops.aten._weight_int4pack_mm_for_cpu(a, wt, 64, sz),
+                          args.repeats, args.calls)
+            o = median_us(lambda a=a, wo=wo, sz=sz: mm.int4_matmul(a, wo, sz, 64), args.repeats, args.calls)
             layer_t, layer_o = layer_t + t, layer_o + o
             results["rows"].append({"M": M, "product": name, "torch_us": t, "llmslim_us": o})
             print(f"{M:>3} {name:8} {t:9.1f} {o:9.1f} {t / o:6.2f}")
         print(f"{M:>3} {'layer':8} {layer_t:9.1f} {layer_o:9.1f} {layer_t / layer_o:6.2f}")
         calls = max(5, args.calls // 10)
         a = x[576]
-        t = timed(lambda a=a: F.linear(a, head), calls, args.repeats)
-        o = timed(lambda a=a: mm.bf16_matmul(a, head), calls, args.repeats)
+        t = median_us(lambda a=a: F.linear(a, head), args.repeats, calls)
+        o = median_us(lambda a=a: mm.bf16_matmul(a, head), args.repeats, calls)
         results["rows"].append({"M": M, "product": "head bf16", "torch_us": t, "llmslim_us": o})
         print(f"{M:>3} {'head':8} {t:9.1f} {o:9.1f} {t / o:6.2f}")
     results["load_after"] = os.getloadavg()[0]
