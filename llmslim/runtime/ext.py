@@ -5,8 +5,8 @@
 - ``rms_norm`` (with an optional residual add), ``rope``, ``silu_mul``: the lean forward's small
   steps, one call each instead of several torch ops; ``argmax_rows``: greedy picks (``csrc/fused.cpp``).
 - ``int4_matmul`` / ``bf16_matmul``: small-M products with int4 (GPTQ) and bf16 weights on CPUs
-  with AVX512-BF16 (``csrc/int4_matmul.cpp``); elsewhere ``matmuls()`` is None and torch's own
-  kernels run.
+  with AVX512-BF16 (``csrc/int4_matmul.cpp``), and ``q8_matmul``, the output head in 8-bit blocks
+  of 32 (``csrc/q8_matmul.cpp``); elsewhere ``matmuls()`` is None and torch's own kernels run.
 
     python -m llmslim.runtime.ext        # build now (``make setup`` runs this); prints where
 
@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "module.cpp", CSRC / "decode_attention.cpp", CSRC / "int4_matmul.cpp", CSRC / "fused.cpp"]
+SOURCES = [CSRC / "module.cpp", CSRC / "decode_attention.cpp", CSRC / "int4_matmul.cpp", CSRC / "q8_matmul.cpp",
+           CSRC / "fused.cpp"]
 NAME = "llmslim_kernels"
 why_not: str | None = None
 
@@ -107,8 +108,8 @@ def decode_attention():
 
 def matmuls():
     """The compiled module if its ``int4_matmul(x [M, K] bf16, w [N/16, K/2, 16] uint8, scale_zeros
-    [K/group, N, 2] bf16, group)`` and ``bf16_matmul(x, weight [N, K])`` were built for this CPU
-    (AVX512-BF16), else None. ``runtime.kernels`` packs weights for them."""
+    [K/group, N, 2] bf16, group)``, ``bf16_matmul(x, weight [N, K])`` and ``q8_matmul(x, w [N/16,
+    K/2, 16, 2] int8, scales [N/16, K/32, 16] fp32)`` were built for this CPU (AVX512-BF16), else None. ``runtime.kernels`` packs weights for them."""
     module = _module()
     if module is None or os.environ.get("LLMSLIM_NO_EXT_MATMUL") or not module.int4_matmul_available():
         return None
@@ -120,7 +121,7 @@ def main() -> None:
     if module is None:
         raise SystemExit(f"llmslim: the C++ kernels were not built ({why_not}); the SDPA path will be used")
     fast = "with" if module.int4_matmul_available() else "without (this CPU has no AVX512-BF16)"
-    print(f"llmslim: C++ kernels ready in {build_dir()}, {fast} the int4/bf16 matrix products")
+    print(f"llmslim: C++ kernels ready in {build_dir()}, {fast} the int4/bf16/q8 matrix products")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from ..quant.walk import set_module
 from ..util import release_free_memory
 from .attention import use_decode_attention
 from .fusion import concat_float, concat_gptq, fuse_projections
-from .kernels import Int4Linear, Int8Embedding, Int8Linear, Int8x2Linear, int4_available, int8_available
+from .head import Q8Embedding, Q8Linear, fits, q8_kernel
+from .kernels import Int4Linear, Int8Linear, Int8x2Linear, int4_available, int8_available
 
-HEADS = ("keep", "int8")
+HEADS = ("auto", "keep", "int8")
 # Attributes that ``runtime.cache`` (the preallocated KV cache) and ``runtime.lean`` (the lean
 # forward) keep on a model; both were built for the modules ``accelerate`` replaces.
 DERIVED_STATE = ("_llmslim_kv_cache", "_llmslim_lean")
@@ -47,7 +48,7 @@ def fast_module(m: GPTQLinear, dtype: torch.dtype = torch.bfloat16) -> nn.Module
     return dense_linear(m, dtype)
 
 
-def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str = "keep",
+def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str = "auto",
                attention: bool = True, fuse: bool = True) -> nn.Module:
     """Swap every ``GPTQLinear`` of ``model`` for a fast kernel module and cast the rest to ``dtype``.
 
@@ -56,11 +57,11 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
     parameters (embeddings, norms, float linears) become ``dtype``; computed buffers such as
     rotary frequencies stay as they are (the model computes them in fp32 on purpose).
 
-    ``head="int8"`` also quantizes a float ``lm_head`` per channel to int8 (lossy, like
-    llama.cpp, which keeps its output matrix at 6-8 bits): it is the largest matrix of a small
-    model, a fifth of SmolLM2-135M, and in bf16 it dominates the decode time. (A 4-bit head,
-    RTN in groups of 32, was measured too: 0 of 20 greedy continuations survived it on
-    SmolLM2-135M, so it is not offered.)
+    ``head="int8"`` also quantizes a float ``lm_head`` to 8 bits in blocks of 32 inputs (``runtime.head``:
+    llama.cpp's Q8_0 idea, half bf16's bytes, within bf16's own error); ``"auto"`` (the default) does
+    so where it pays: bf16 compute on a CPU where llmslim's ``q8_matmul`` is built, and an input size
+    that splits into blocks. ``"keep"`` leaves the head as it is. (A 4-bit head, RTN in groups of 32,
+    was measured too: 0 of 20 greedy continuations survived it on SmolLM2-135M, so it is not offered.)
 
     ``attention`` routes SDPA models through ``decode_attention`` (same results, faster
     single-token steps). ``fuse`` merges q/k/v and gate/up projections that share a layout
@@ -106,7 +107,7 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
             p.data = p.data.to(dtype)
     if fuse:
         fuse_projections(model, concat_float)  # float models (and layers left in float) too
-    if head != "keep":
+    if head == "int8" or (head == "auto" and dtype == torch.bfloat16 and q8_kernel() is not None):
         quantize_head(model, dtype)
     if hasattr(model, "config"):
         model.config.dtype = dtype
@@ -119,23 +120,24 @@ def accelerate(model: nn.Module, dtype: torch.dtype = torch.bfloat16, head: str 
 
 
 def quantize_head(model: nn.Module, dtype: torch.dtype) -> None:
-    """A float ``lm_head`` -> ``Int8Linear``; when it is tied to the input embedding, the embedding
-    becomes an ``Int8Embedding`` over the same int8 rows, so no float copy of the matrix stays."""
+    """A float ``lm_head`` -> ``Q8Linear``; when it is tied to the input embedding, the embedding
+    becomes a ``Q8Embedding`` over the same codes, so no float copy of the matrix stays. A head
+    whose input size does not split into blocks of 32 is left as it is."""
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(lm_head, nn.Linear):
+    if type(lm_head) is not nn.Linear or not fits(lm_head.weight):
         return
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = isinstance(embed, nn.Embedding) and embed.weight is lm_head.weight
     names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
-    q = Int8Linear.from_float(lm_head.weight, lm_head.bias)
+    q = Q8Linear(lm_head.weight, lm_head.bias)
     set_module(model, names[lm_head], q)
     if tied:
-        set_module(model, names[embed], Int8Embedding(q, dtype, embed.padding_idx, getattr(embed, "embed_scale", None)))
+        set_module(model, names[embed], Q8Embedding(q, dtype, embed.padding_idx, getattr(embed, "embed_scale", None)))
 
 
 def module_summary(model: nn.Module) -> dict[str, int]:
     """How many linear modules of each kind the model holds (for logs and tests)."""
-    kinds = (GPTQLinear, Int4Linear, Int8Linear, Int8x2Linear, nn.Linear)
+    kinds = (GPTQLinear, Int4Linear, Int8Linear, Int8x2Linear, Q8Linear, nn.Linear)
     counts: dict[str, int] = {}
     for m in model.modules():
         for k in kinds:

@@ -35,7 +35,6 @@ from ..nn import GPTQLinear
 from . import ext
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
-HEAD_CHUNK = 4096  # rows of a float lm_head quantized at a time (a multiple of 64: packs concatenate)
 N_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu wants N % 16 == 0
 
 
@@ -277,21 +276,6 @@ class Int8Linear(nn.Module):
         offset = None if bool((z == 128).all()) else (128 - z) * s
         return cls(w8, s, offset, m.bias)
 
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
-        """Symmetric per-channel RTN of a float weight (for a float lm_head; lossy, ~0.4% of the row max).
-
-        Row chunks at a time, so that a large vocabulary never needs a full fp32 copy.
-        """
-        codes, scales = [], []
-        for rows in weight.detach().split(HEAD_CHUNK):
-            w = rows.float()
-            # Round the scale to bf16 first so the codes are chosen for the scale the kernel uses.
-            s = (w.abs().amax(1).clamp(min=1e-12) / 127).to(torch.bfloat16)
-            codes.append(torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8))
-            scales.append(s)
-        return cls(torch.cat(codes), torch.cat(scales), None, bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, lead = x.dtype, x.shape[:-1]
         x = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -304,38 +288,6 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits=8, per_channel"
-
-
-class Int8Embedding(nn.Module):
-    """Token embeddings read from the int8 rows of an ``Int8Linear`` head: a tied model's one matrix.
-
-    A model whose head is its embedding holds one float matrix for both. Quantizing the head alone
-    (``accelerate(head="int8")``) would leave that float matrix resident for lookups beside its
-    int8 copy: more memory, not less. This module looks the rows up in the head's own buffers and
-    dequantizes only the rows asked for, ``w8[ids] * s[ids]`` (exact in fp32, then rounded to the
-    compute dtype): the very weights the head multiplies by. ``embed_scale`` carries Gemma's
-    scaled embeddings (``sqrt(hidden)``), applied as its module does: cast to the compute dtype,
-    then multiplied.
-    """
-
-    def __init__(self, head: Int8Linear, dtype: torch.dtype, padding_idx: int | None = None,
-                 embed_scale: torch.Tensor | None = None):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
-        self.padding_idx, self.dtype = padding_idx, dtype
-        self.register_buffer("weight_int8", head.weight)  # the head's tensors, not copies
-        self.register_buffer("scales", head.scales)
-        self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.clone(), persistent=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight_int8[ids].to(torch.float32) * self.scales[ids].to(torch.float32).unsqueeze(-1)
-        out = rows.to(self.dtype)
-        if self.embed_scale is not None:
-            out = out * self.embed_scale.to(self.dtype)
-        return out
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows of the head"
 
 
 # ---------------------------------------------------------------------------------------------

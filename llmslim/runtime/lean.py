@@ -20,6 +20,7 @@ from . import ext
 from .cache import AppendLayer
 from .families import FAMILIES, activation, layer_windows, lean_ready, projection
 from .invariant import RowInvariant, Rows, cancelling_rows
+from .head import Q8Linear
 from .kernels import Int4Linear
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -72,6 +73,8 @@ def _direct(module: nn.Module, dtype: torch.dtype) -> Fn:
     four calls per layer per token add up at this size. A bf16 ``nn.Linear`` without bias (a float
     model's projections, the output head) runs on llmslim's bf16 kernel where it is built.
     """
+    if isinstance(module, Q8Linear) and module.bias is None and module.codes.shape[0] * 16 == module.out_features:
+        return module.product()  # any dtype: it casts x to bf16 only for its kernel
     if dtype != torch.bfloat16:
         return module
     if isinstance(module, Int4Linear) and module.mode == "none" and not module.n_pad and module.bias is None:
@@ -215,7 +218,7 @@ class LeanDecoder:
         self.attn_cap = getattr(config, "attn_logit_softcapping", None)
         self.final_cap = getattr(config, "final_logit_softcapping", None)
         self.rope_keyed = "layer_type" in inspect.signature(self.rotary.forward).parameters
-        dtype = inner.norm.weight.dtype  # the compute dtype (the embedding may be int8 rows: Int8Embedding)
+        dtype = inner.norm.weight.dtype  # the compute dtype (the embedding may be 8-bit rows: Q8Embedding)
         windows = layer_windows(config)
         self.layers = [Block(layer, self.family, windows[i], dtype, self.n_heads, self.n_kv)
                        for i, layer in enumerate(inner.layers)]

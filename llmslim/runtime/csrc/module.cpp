@@ -7,6 +7,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 bool int4_matmul_available();
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_zeros, int64_t kg);
 at::Tensor bf16_matmul(const at::Tensor& x, const at::Tensor& weight);
+at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales);
 std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma,
                                  const c10::optional<at::Tensor>& residual);
 at::Tensor rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin);
@@ -22,9 +23,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &llmslim::decode_attention,
         "one query per row against that row's own last keys (batch-invariant)", NoGil());
   m.def("int4_matmul_available", &llmslim::int4_matmul_available,
-        "whether int4_matmul and bf16_matmul were built (AVX512-BF16)");
+        "whether int4_matmul, bf16_matmul and q8_matmul were built (AVX512-BF16)");
   m.def("int4_matmul", &llmslim::int4_matmul, "x [M, K] bf16 @ int4 weight (pack_int4 layout) -> [M, N] bf16", NoGil());
   m.def("bf16_matmul", &llmslim::bf16_matmul, "x [M, K] bf16 @ weight [N, K] bf16 ^T -> [M, N] bf16", NoGil());
+  m.def("q8_matmul", &llmslim::q8_matmul,
+        "x [M, K] bf16 @ 8-bit weight in blocks of 32 (pack_q8 layout) -> [M, N] fp32", NoGil());
   m.def("rms_norm", &llmslim::rms_norm, "transformers' RMSNorm (Llama or Gemma), after an optional residual add",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"), pybind11::arg("gemma"),
         pybind11::arg("residual") = pybind11::none(), NoGil());
