@@ -14,10 +14,11 @@ Rows (``--rows``):
   bnb-nf4                bitsandbytes NF4 through transformers (compute bf16), ``model.generate``
   bnb-fp4, bnb-nf4-dq, bnb-int8   (opt-in) the other bitsandbytes variants the same way
   llmslim-bf16           the float model through ``accelerate`` (bf16) and llmslim's decode loop
-  llmslim-4bit           GPTQ 4-bit g128 checkpoint, ``accelerate`` (int4 kernel), llmslim loop
-  llmslim-4bit-int8head  the same with the float lm_head quantized to int8 at load time
+  llmslim-4bit           GPTQ 4-bit g128 checkpoint, ``accelerate`` (int4 kernel; its default head:
+                         8-bit blocks of 32 where llmslim's kernels are built, runtime/head.py), llmslim loop
+  llmslim-4bit-bf16head  the same with the float lm_head kept in bf16 (``head="keep"``)
   llmslim-4bit-fp32      accelerate(dtype=float32): the kernels still take bf16 inputs, everything
-                         else (residual stream, norms, attention) stays fp32; int8 head
+                         else (residual stream, norms, attention) stays fp32; 8-bit head
   llmslim-8bit           GPTQ 8-bit per-channel checkpoint, ``accelerate`` (int8 kernel)
   llamacpp-q4_0          llama.cpp Q4_0 through llama-cpp-python (skipped if unavailable)
 
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT))  # the llama.cpp worker runs in a venv without llm
 
 from llmslim.util import rss_bytes  # noqa: E402  (stdlib only: every worker venv can import it)
 
-ROWS = ["hf-fp32", "hf-bf16", "bnb-nf4", "llmslim-bf16", "llmslim-4bit", "llmslim-4bit-int8head",
+ROWS = ["hf-fp32", "hf-bf16", "bnb-nf4", "llmslim-bf16", "llmslim-4bit", "llmslim-4bit-bf16head",
         "llmslim-4bit-fp32", "llmslim-8bit", "llamacpp-q4_0"]
 BNB_ROWS = {"bnb-nf4": ("nf4", False), "bnb-fp4": ("fp4", False), "bnb-nf4-dq": ("nf4", True),
             "bnb-int8": ("int8", False)}
@@ -59,8 +60,8 @@ LABELS = {
     "bnb-int8": "bitsandbytes LLM.int8 (transformers)",
     "llmslim-bf16": "llmslim bf16 (lean loop)",
     "llmslim-4bit": "llmslim 4-bit GPTQ g128",
-    "llmslim-4bit-int8head": "llmslim 4-bit GPTQ g128 + int8 head",
-    "llmslim-4bit-fp32": "llmslim 4-bit GPTQ g128, fp32 residual + int8 head",
+    "llmslim-4bit-bf16head": "llmslim 4-bit GPTQ g128, bf16 head",
+    "llmslim-4bit-fp32": "llmslim 4-bit GPTQ g128, fp32 residual + 8-bit head",
     "llmslim-8bit": "llmslim 8-bit per-channel",
     "llamacpp-q4_0": "llama.cpp Q4_0",
 }
@@ -149,7 +150,7 @@ def torch_worker(args) -> None:
             source = {"llmslim-bf16": MODEL, "llmslim-8bit": args.ckpt_8bit}.get(row, args.ckpt_4bit)
             dtype = torch.float32 if row.endswith("fp32") else torch.bfloat16
             model, tok = load_model(source, dtype=dtype)
-            head = "int8" if row.endswith(("int8head", "fp32")) else "keep"
+            head = {"llmslim-4bit-bf16head": "keep", "llmslim-4bit-fp32": "int8"}.get(row, "auto")
             accelerate(model, dtype, head=head)
         model.eval()
         return model, tok, _prompt_ids(tok, args.prompt_tokens)
@@ -238,7 +239,7 @@ def match_worker(args) -> None:
     # The bf16 noise floor: the same reference modules, only computing in bf16.
     variants = [("reference-bf16", lambda: copy.deepcopy(ref).to(torch.bfloat16))]
     variants += [(f"{name}, head {head}", lambda dtype=dtype, head=head: accelerate(copy.deepcopy(ref), dtype, head=head))
-                 for name, dtype in (("bf16", torch.bfloat16), ("fp32 residual", torch.float32)) for head in HEADS]
+                 for name, dtype in (("bf16", torch.bfloat16), ("fp32 residual", torch.float32)) for head in HEADS[1:]]  # keep, int8 ("auto" is one of them)
     # The reference continuations once, with each weight decoded once (same numbers as decoding per call).
     with decoded_weights(ref), torch.inference_mode():
         wanted = [generate(ref, tok, p, max_new_tokens=args.match_tokens, ignore_eos=True).tokens for p in prompts]
