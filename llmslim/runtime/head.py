@@ -45,21 +45,23 @@ def quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``[n/16, k/2, n%16, k%2]`` and ``[n/16, k/32, n%16]``: 16 outputs side by side, pairs of inputs
     together, the order in which the kernel reads them."""
     N, K = weight.shape
-    codes, scales = [], []
-    for rows in weight.detach().split(CHUNK):
-        w = rows.float().view(rows.shape[0], K // BLOCK, BLOCK)
+    Np = N + (-N) % TILE
+    # Filled a chunk of rows at a time (CHUNK is a multiple of TILE): the peak is the result and
+    # one chunk's fp32 temporaries, never a float copy of the whole head. Padded rows stay 0.
+    codes = torch.zeros(Np // TILE, K // 2, TILE, 2, dtype=torch.int8)
+    scales = torch.zeros(Np // TILE, K // BLOCK, TILE)
+    for i, rows in enumerate(weight.detach().split(CHUNK)):
+        n = rows.shape[0]
+        w = rows.float().view(n, K // BLOCK, BLOCK)
         s = w.abs().amax(-1) / 127  # [n, K/32]
-        q = torch.round(w / torch.where(s > 0, s, 1.0).unsqueeze(-1)).clamp_(-127, 127)
-        codes.append(q.to(torch.int8).view(rows.shape[0], K))
-        scales.append(s)
-    q, s = torch.cat(codes), torch.cat(scales)
-    pad = (-N) % TILE
-    if pad:
-        q = torch.cat([q, q.new_zeros(pad, K)])
-        s = torch.cat([s, s.new_zeros(pad, K // BLOCK)])
-    Np = N + pad
-    packed = q.view(Np // TILE, TILE, K // 2, 2).transpose(1, 2).contiguous()
-    return packed, s.view(Np // TILE, TILE, K // BLOCK).transpose(1, 2).contiguous()
+        q = torch.round(w / torch.where(s > 0, s, 1.0).unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+        t0, tiles = i * CHUNK // TILE, (n + TILE - 1) // TILE
+        if n % TILE:  # the last chunk of a vocabulary that is not a multiple of 16
+            q = torch.cat([q.view(n, K), q.new_zeros(tiles * TILE - n, K)])
+            s = torch.cat([s, s.new_zeros(tiles * TILE - n, K // BLOCK)])
+        codes[t0:t0 + tiles] = q.view(tiles, TILE, K // 2, 2).transpose(1, 2)
+        scales[t0:t0 + tiles] = s.view(tiles, TILE, K // BLOCK).transpose(1, 2)
+    return codes, scales
 
 
 def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
