@@ -50,7 +50,7 @@ def main() -> None:
     for name, W in heads.items():
         ref = F.log_softmax(h @ W.T, -1)
 
-        def kl(logits: torch.Tensor) -> float:
+        def kl(logits: torch.Tensor, ref: torch.Tensor = ref) -> float:
             return F.kl_div(F.log_softmax(logits.float(), -1), ref, log_target=True, reduction="batchmean").item()
 
         q = Q8Linear(W)

@@ -40,6 +40,16 @@ class AppendLayer(CacheLayerMixin):
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``update`` for row 0 with keys/values laid out ``[T, heads, d]``: returns all keys/values."""
 
+    @abstractmethod
+    def next_column(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Room for one more token of every row, written by someone else (``runtime.step``): the key
+        and value buffers ``[rows_cap, heads, cols_cap, d]``, the first live column and the column to
+        write. ``commit_column`` then counts it."""
+
+    @abstractmethod
+    def commit_column(self) -> None:
+        """The column ``next_column`` gave is written: it is live now."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Batch 1: preallocated
@@ -95,6 +105,15 @@ class PreallocLayer(AppendLayer):
         self.length = end
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         return self.keys, self.values
+
+    def next_column(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        if self.length + 1 > self.max_len:
+            raise RuntimeError(f"KV cache full: {self.length + 1} positions needed, {self.max_len} allocated")
+        return self._k, self._v, 0, self.length
+
+    def commit_column(self) -> None:
+        self.length += 1
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -273,6 +292,14 @@ class BatchLayer(AppendLayer):
         self.end += T
         self._view()
         return self.keys, self.values
+
+    def next_column(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        self.reserve(self.rows, 0, 1)
+        return self._k, self._v, self.start, self.end
+
+    def commit_column(self) -> None:
+        self.end += 1
+        self._view()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.end - self.start + query_length, 0

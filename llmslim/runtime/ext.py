@@ -3,7 +3,8 @@
 
 - ``decode_attention``: the decode step's attention over ragged rows (``csrc/decode_attention.cpp``).
 - ``rms_norm`` (with an optional residual add), ``rope``, ``silu_mul``: the lean forward's small
-  steps, one call each instead of several torch ops; ``argmax_rows``: greedy picks (``csrc/fused.cpp``).
+  steps, one call each instead of several torch ops; ``argmax_rows``: greedy picks (``csrc/fused.cpp``);
+  ``DecodeStep``: every layer of a decode step in one call, over those same kernels (``csrc/decode_step.cpp``).
 - ``int4_matmul`` / ``bf16_matmul``: small-M products with int4 (GPTQ) and bf16 weights on CPUs
   with AVX512-BF16 (``csrc/int4_matmul.cpp``), and ``q8_matmul``, the output head in 8-bit blocks
   of 32 (``csrc/q8_matmul.cpp``); elsewhere ``matmuls()`` is None and torch's own kernels run.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "module.cpp", CSRC / "decode_attention.cpp", CSRC / "int4_matmul.cpp", CSRC / "q8_matmul.cpp",
-           CSRC / "fused.cpp"]
+           CSRC / "fused.cpp", CSRC / "decode_step.cpp"]
 NAME = "llmslim_kernels"
 why_not: str | None = None
 

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ext
+from . import ext, step
 from .cache import AppendLayer
 from .families import FAMILIES, activation, layer_windows, lean_ready, projection
-from .invariant import RowInvariant, Rows, cancelling_rows
 from .head import Q8Linear
+from .invariant import RowInvariant, Rows, cancelling_rows
 from .kernels import Int4Linear
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -154,18 +154,21 @@ class Block:
         attn, mlp = layer.self_attn, layer.mlp
         gemma = family.gemma_norm
         self.norm_in = _add_norm(layer.input_layernorm.weight, _eps(layer.input_layernorm), gemma, dtype)
-        self.qkv = Linear(projection(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), dtype)
-        self.o = Linear([attn.o_proj], dtype)
-        self.gate_up = Linear(projection(mlp, "gate_up_proj", ("gate_proj", "up_proj")), dtype)
-        self.down = Linear([mlp.down_proj], dtype)
+        # the modules behind each projection, for runtime.step's one-call decode step
+        self.parts = {"qkv": projection(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), "o": [attn.o_proj],
+                      "gate_up": projection(mlp, "gate_up_proj", ("gate_proj", "up_proj")), "down": [mlp.down_proj]}
+        self.qkv, self.o = Linear(self.parts["qkv"], dtype), Linear(self.parts["o"], dtype)
+        self.gate_up, self.down = Linear(self.parts["gate_up"], dtype), Linear(self.parts["down"], dtype)
         self.inter = mlp.down_proj.in_features
         act = activation(mlp)
         module = ext.module()
-        if type(act).__name__ in ("SiLUActivation", "SiLU"):
+        self.silu = type(act).__name__ in ("SiLUActivation", "SiLU")
+        if self.silu:
             self.gate: Callable = (lambda gu: module.silu_mul(gu, self.inter)) if module is not None \
                 else (lambda gu: F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
         else:
             self.gate = lambda gu: act(gu[:, :self.inter]) * gu[:, self.inter:]
+        self.norms = None
         if family.sandwich:  # Gemma 2/3: the attention output and the MLP are normed before the residual
             self.post_attn = _norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm), gemma)
             self.norm_mlp = _add_norm(layer.pre_feedforward_layernorm.weight, _eps(layer.pre_feedforward_layernorm),
@@ -174,6 +177,7 @@ class Block:
                                   gemma)
         else:
             self.post_attn = self.post_mlp = None
+            self.norms = (layer.input_layernorm, layer.post_attention_layernorm)  # for runtime.step
             self.norm_mlp = _add_norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
                                       gemma, dtype)
         self.qk_norm = None
@@ -226,6 +230,11 @@ class LeanDecoder:
         self.rows = RowInvariant()
         # One call per layer over every row's own keys (llmslim's C++ kernel), else SDPA row by row.
         self.kernel = ext.decode_attention()
+        # A decode step's layers in one C++ call where every piece is one of llmslim's kernels.
+        self.rope_keys = sorted({b.rope_key for b in self.layers}, key=str)
+        self.step = None if self.kernel is None else step.build(
+            self.layers, self.rope_keys, self.n_heads, self.n_kv, self.head_dim, self.scaling, self.attn_cap,
+            self.family.gemma_norm, dtype)
 
     @classmethod
     def for_model(cls, model: nn.Module, cache) -> LeanDecoder | None:
@@ -330,6 +339,24 @@ class LeanDecoder:
             logits = torch.tanh(logits / self.final_cap) * self.final_cap
         return logits
 
+    def _one_call(self, x: torch.Tensor, rope: dict, lengths: torch.Tensor, layers) -> torch.Tensor | None:
+        """``_blocks`` for one new token per row as one ``DecodeStep`` call (None where it does not apply)."""
+        if self.step is None:
+            return None
+        M = x.shape[0]
+        cos = [rope[k][0].reshape(M, -1) for k in self.rope_keys]
+        sin = [rope[k][1].reshape(M, -1) for k in self.rope_keys]
+        if any(c.dtype != x.dtype for c in cos):
+            return None
+        cols = [layer.next_column() for layer in layers]
+        start, col = cols[0][2:]
+        if any(c[2:] != (start, col) for c in cols):
+            raise RuntimeError("the cache layers disagree on their columns")
+        out = self.step(x, cos, sin, lengths, [c[0] for c in cols], [c[1] for c in cols], start, col)
+        for layer in layers:
+            layer.commit_column()
+        return out
+
     # --- the paths ---
 
     def __call__(self, input_ids: torch.Tensor, pos: int, cache) -> torch.Tensor:
@@ -352,6 +379,10 @@ class LeanDecoder:
             keys, values = layer.update(k.transpose(0, 1)[None], v.transpose(0, 1)[None])
             return self._attend_chunk(q, keys, values, pos, b.window)
 
+        if T == 1 and all(layer.is_initialized for layer in layers):
+            out = self._one_call(x, rope, length, layers)
+            if out is not None:
+                return self._logits(out, _plain)[0]
         x = self._blocks(x, rope, attend, _plain)
         return self._logits(x[-1:], _plain)[0]
 
@@ -376,7 +407,10 @@ class LeanDecoder:
         def linear(proj, h):
             return rows(proj.fn, proj.key, h, proj.probe)
 
-        return self._logits(self._blocks(x, rope, attend, linear), linear)
+        out = self._one_call(x, rope, lengths, layers)
+        if out is None:
+            out = self._blocks(x, rope, attend, linear)
+        return self._logits(out, linear)
 
 
 def _plain(proj, h: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, 
 at::Tensor rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gu, int64_t inter);
 at::Tensor argmax_rows(const at::Tensor& x);
+void bind_decode_step(pybind11::module& m);
 }  // namespace llmslim
 
 // Every kernel runs without the GIL, as torch's own ops do: the server's HTTP thread keeps
@@ -33,5 +34,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("residual") = pybind11::none(), NoGil());
   m.def("rope", &llmslim::rope, "rotary embedding of [M, heads, d] by cos / sign-folded sin [M, r]", NoGil());
   m.def("silu_mul", &llmslim::silu_mul, "silu(g) * u of [M, 2 * inter] -> [M, inter]", NoGil());
+  llmslim::bind_decode_step(m);  // DecodeStep and its Layer/Proj: classes, so they live with their code
   m.def("argmax_rows", &llmslim::argmax_rows, "torch.argmax(x, -1) of [M, V] (first max; NaN first)", NoGil());
 }
