@@ -107,38 +107,44 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
 #ifdef LLMSLIM_AVX512BF16
   const bool vector_path = std::is_same_v<T, at::BFloat16> && D % 32 == 0;
 #endif
-  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+  // A task: one row, one KV head, and a share of its query heads. Each query head is computed by
+  // itself, so how the group is shared out changes nothing in the result; it is split only when
+  // there are too few (row, KV head) pairs to keep every thread busy (batch 1: 3 pairs, 2 threads).
+  int64_t split = 1;
+  while (split < group && B * KV * split < 4 * at::get_num_threads()) ++split;
+  at::parallel_for(0, B * KV * split, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * D), acc(group * D), p;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / KV, g = task % KV;
+      const int64_t b = task / (KV * split), g = task / split % KV, part = task % split;
+      const int64_t j0 = part * group / split, gj = (part + 1) * group / split - j0;  // query heads j0..j0+gj
       int64_t n = std::min(lengths[b], C);
       if (window > 0) n = std::min(n, window);
       const int64_t start = C - n;
-      p.assign(group * n, 0.f);
+      p.assign(gj * n, 0.f);
       const T* kb = kp + b * ks0 + g * ks1 + start * ks2;
-      const T* qb = qp + b * qs0 + g * group * qs1;
+      const T* qb = qp + b * qs0 + (g * group + j0) * qs1;
       bool done = false;
 #ifdef LLMSLIM_AVX512BF16
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (vector_path) {
           for (int64_t c = 0; c < n; ++c) {
-            for (int64_t j = 0; j < group; ++j) p[j * n + c] = dot_bf16(qb + j * qs1, kb + c * ks2, D) * scale;
+            for (int64_t j = 0; j < gj; ++j) p[j * n + c] = dot_bf16(qb + j * qs1, kb + c * ks2, D) * scale;
           }
           done = true;
         }
       }
 #endif
       if (!done) {
-        for (int64_t j = 0; j < group; ++j) {
+        for (int64_t j = 0; j < gj; ++j) {
           for (int64_t d = 0; d < D; ++d) qf[j * D + d] = static_cast<float>(qb[j * qs1 + d]) * scale;
         }
         for (int64_t c = 0; c < n; ++c) {  // each key read once for the whole group of query heads
-          for (int64_t j = 0; j < group; ++j) p[j * n + c] = dot(qf.data() + j * D, kb + c * ks2, D);
+          for (int64_t j = 0; j < gj; ++j) p[j * n + c] = dot(qf.data() + j * D, kb + c * ks2, D);
         }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       const T* vb = vp + b * vs0 + g * vs1 + start * vs2;
-      for (int64_t j = 0; j < group; ++j) {
+      for (int64_t j = 0; j < gj; ++j) {
         float* s = p.data() + j * n;
         if (cap > 0.f) {
           for (int64_t c = 0; c < n; ++c) s[c] = std::tanh(s[c] / cap) * cap;
@@ -166,7 +172,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
           }
         }
         const float inv = 1.f / total;
-        T* dst = op + (b * H + g * group + j) * D;
+        T* dst = op + (b * H + g * group + j0 + j) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(a[d] * inv);
       }
     }
