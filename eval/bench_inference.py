@@ -395,6 +395,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def round_ratios(rows: list[dict]) -> dict[str, dict]:
+    """Each row's decode speed over llama.cpp's in the same round: on a machine whose speed drifts
+    during a run, the median of these is steadier than the ratio of the two medians."""
+    llama = next((r for r in rows if r["row"] == "llamacpp-q4_0"), None)
+    if llama is None:
+        return {}
+    out = {}
+    for r in rows:
+        if r is llama:
+            continue
+        per = [a / b for a, b in zip(r["decode_all"], llama["decode_all"], strict=True)]
+        out[r["row"]] = {"median": statistics.median(per), "min": min(per), "max": max(per), "all": per}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS + [r for r in BNB_ROWS if r not in ROWS])
@@ -480,6 +495,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"batch 1, {args.threads} threads, prompt {args.prompt_tokens} tokens, {args.tokens} decoded tokens, "
           f"median of {args.repeats} interleaved rounds")
     print(md)
+    ratios = round_ratios(results)
+    for row, q in ratios.items():
+        print(f"{LABELS[row]}: decode / llama.cpp's in the same round, median {q['median']:.2f} "
+              f"(min {q['min']:.2f}, max {q['max']:.2f})")
     if match:
         for head in [h for h in match if isinstance(match[h], dict)]:
             m = match[head]
@@ -489,7 +508,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"logits max rel err {m['logit_rel_err']:.4f}, top-1 agreement {m['top1_agreement']:.3f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "worker"},
-                                           "rows": results, "match": match, "table": md}, indent=1))
+                                           "rows": results, "match": match, "table": md,
+                                           "round_ratios": ratios}, indent=1))
     print("wrote", args.json)
 
 

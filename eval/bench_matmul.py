@@ -6,7 +6,8 @@ On SmolLM2-135M's fused layer shapes (q/k/v, o, gate/up, down: what the lean for
 at decode) and its 49152 x 576 bf16 head, for M = 1, 4, 8, 16, 64 rows of bf16 activations (one
 decode step of M running requests): torch's ``_weight_int4pack_mm_for_cpu`` and llmslim's
 ``int4_matmul`` on the same random 4-bit codes, group 64; ``F.linear`` and llmslim's
-``bf16_matmul`` on the head. Microseconds, medians of ``--repeats`` runs of ``--calls`` calls, in
+``bf16_matmul`` on the head, and the head in 8-bit blocks of 32 (``q8_matmul``, runtime/head.py:
+what the fast path runs by default since session 23). Microseconds, medians of ``--repeats`` runs of ``--calls`` calls, in
 the process's torch threads (``--threads``). Run alone on an idle machine; the load average is
 recorded. Needs a CPU with AVX512-BF16 (else llmslim's kernels are not built and it says so).
 """
@@ -26,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 from cpu_bf16 import median_us  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from llmslim.runtime import ext  # noqa: E402
+from llmslim.runtime.head import Q8Linear  # noqa: E402
 from llmslim.runtime.kernels import pack_int4  # noqa: E402
 
 SHAPES = {"q/k/v": (576, 960), "o": (576, 576), "gate/up": (576, 3072), "down": (1536, 576)}
@@ -52,6 +54,7 @@ def main() -> None:
                          -1).bfloat16().contiguous()
         weights[name] = (K, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), pack_int4(q), sz)
     head = torch.randn(HEAD[1], HEAD[0], generator=g).bfloat16()
+    q8 = Q8Linear(head).product()
     results = {"load_before": os.getloadavg()[0], "threads": args.threads, "rows": []}
     print(f"load average {results['load_before']:.2f}, {args.threads} threads; microseconds (x = torch / llmslim)")
     print(f"{'M':>3} {'product':8} {'torch':>9} {'llmslim':>9} {'x':>6}")
@@ -73,6 +76,9 @@ def main() -> None:
         o = median_us(lambda a=a: mm.bf16_matmul(a, head), args.repeats, calls)
         results["rows"].append({"M": M, "product": "head bf16", "torch_us": t, "llmslim_us": o})
         print(f"{M:>3} {'head':8} {t:9.1f} {o:9.1f} {t / o:6.2f}")
+        o8 = median_us(lambda a=a: q8(a), args.repeats, calls)
+        results["rows"].append({"M": M, "product": "head 8-bit", "torch_us": t, "llmslim_us": o8})
+        print(f"{M:>3} {'head q8':8} {t:9.1f} {o8:9.1f} {t / o8:6.2f}")
     results["load_after"] = os.getloadavg()[0]
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

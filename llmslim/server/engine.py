@@ -410,8 +410,8 @@ class Engine:
             rows = [i for i, s in enumerate(g.seqs) if s.req.id in aborts]
             if rows:
                 self.stats.aborted += len({g.seqs[i].req.id for i in rows})
-                g.batch.remove(rows)
-                g.seqs = [s for i, s in enumerate(g.seqs) if i not in set(rows)]
+                order = g.batch.remove(rows)
+                g.seqs = [g.seqs[i] for i in order]
         self._groups = [g for g in self._groups if g.seqs]
 
     def _admit(self) -> None:
@@ -530,8 +530,8 @@ class Engine:
             done = [i for i, s in enumerate(g.seqs) if s.finish_reason is not None]
             if done:  # (most steps: nobody finished, nothing to rebuild)
                 finished = True
-                g.batch.remove(done)
-                g.seqs = [s for s in g.seqs if s.finish_reason is None]
+                order = g.batch.remove(done)
+                g.seqs = [g.seqs[i] for i in order]
         if finished:
             self._groups = [g for g in self._groups if g.seqs]
         self.stats.observe_step(rows, time.perf_counter() - t0)

@@ -3,8 +3,8 @@
 Each new sequence is prefilled alone (batch 1, no padding), a chunk at a time (``Prefill``),
 into its own ``DynamicCache`` and then merged into the batch: every cache row is left-padded to
 the longest row, an attention mask hides the padding, and explicit position ids keep each row's
-positions its own. Rows leave between steps (``remove``); padding columns that no row needs any
-more are cut off.
+positions its own. Rows leave between steps (``remove``: the last rows fill the holes); padding
+columns that no row needs any more are cut off.
 
 Why left padding: the new token of every row is then written to the same cache column, so
 the whole batch is an ordinary HF ``DynamicCache`` and the model's own attention runs it.
@@ -72,21 +72,31 @@ class PaddedBatch:
             mine.add_rows(theirs.keys, theirs.values, copies)
         self.pad += [self.length - tokens] * copies
 
-    def remove(self, rows: list[int]) -> None:
-        """Drop ``rows`` (indices into the current batch) and padding no remaining row needs."""
+    def remove(self, rows: list[int]) -> list[int]:
+        """Drop ``rows`` (indices into the current batch) and padding no remaining row needs.
+
+        Returns the new order: new row ``i`` is old row ``order[i]``. The rows after the last hole
+        move into the holes, so a removal copies one row per row that left, never the batch; the
+        caller reorders whatever it keeps per row the same way. (A row's results do not depend on
+        its place in the batch: the lean forward is batch-invariant.)"""
         if not rows:
-            return
+            return list(range(len(self.pad)))
         gone = set(rows)
-        keep = [i for i in range(len(self.pad)) if i not in gone]
-        if not keep:
+        n = len(self.pad) - len(gone)
+        order = list(range(n))
+        movers = (i for i in range(n, len(self.pad)) if i not in gone)
+        for hole in (i for i in range(n) if i in gone):
+            order[hole] = next(movers)
+        if not order:
             self.cache, self.pad, self.length = None, [], 0
-            return
-        self.pad = [self.pad[i] for i in keep]
+            return order
+        self.pad = [self.pad[i] for i in order]
         trim = min(self.pad)
         for layer in self.cache.layers:
-            layer.keep_rows(keep, trim)
+            layer.keep_rows(order, trim)
         self.pad = [p - trim for p in self.pad]
         self.length -= trim
+        return order
 
     def positions(self) -> list[int]:
         """The position the next token of each row takes (its real length so far)."""
