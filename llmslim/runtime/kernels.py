@@ -160,14 +160,16 @@ def _int4_params(
 
 
 def pack_int4(q4: torch.Tensor) -> torch.Tensor:
-    """Codes ``q4 [N, K]`` in [0, 15] (N a multiple of 16, K of 2) -> the layout of the kernel that
-    will run them: llmslim's ``[N/16, K/2, 16]`` bytes (``q[n, k] | q[n, k+1] << 4`` at
-    ``[n/16, k/2, n%16]``) where ``ext.matmuls()`` is built, else torch's ``[N, K/2]``."""
+    """Codes ``q4 [N, K]`` in [0, 15] (N a multiple of 16, K of 4) -> the layout of the kernel that
+    will run them: where ``ext.matmuls()`` is built llmslim's, ``[N/16, K/2, 16]`` bytes whose 32
+    bytes per (n/16, k/4) hold ``q[n, 4j+h] | q[n, 4j+2+h] << 4`` at byte ``2 (n%16) + h``
+    (``csrc/int4_matmul.cpp`` says why); else torch's ``[N, K/2]``."""
     if ext.matmuls() is None:
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32).contiguous(), 1)
     N, K = q4.shape
-    q = q4.to(torch.uint8).view(N // 16, 16, K // 2, 2)
-    return (q[..., 0] | (q[..., 1] << 4)).transpose(1, 2).contiguous()
+    q = q4.to(torch.uint8).view(N // 16, 16, K // 4, 2, 2)  # [tile, n%16, j, nibble, h]
+    b = q[:, :, :, 0, :] | (q[:, :, :, 1, :] << 4)  # [tile, n%16, j, h]
+    return b.permute(0, 2, 1, 3).reshape(N // 16, K // 2, 16).contiguous()
 
 
 def int4_product(packed: torch.Tensor, kg: int, scale_zeros: torch.Tensor):

@@ -43,8 +43,10 @@ def test_pack_int4_layout():
     q = torch.randint(0, 16, (32, 8), generator=torch.Generator().manual_seed(3))
     p = pack_int4(q)
     assert p.shape == (2, 4, 16) and p.dtype == torch.uint8
-    for n, k in [(0, 0), (5, 2), (17, 6), (31, 4)]:
-        assert int(p[n // 16, k // 2, n % 16]) == int(q[n, k]) | int(q[n, k + 1]) << 4
+    flat = p.view(2, 2, 32)  # 32 bytes per tile of 16 outputs and 4 inputs
+    for n, k in [(0, 0), (5, 1), (17, 4), (31, 5), (9, 1)]:
+        j, h = k // 4, k % 2  # inputs 4j + h (low nibble) and 4j + 2 + h (high) share a byte
+        assert int(flat[n // 16, j, 2 * (n % 16) + h]) == int(q[n, 4 * j + h]) | int(q[n, 4 * j + 2 + h]) << 4
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -12,9 +12,12 @@
 // Int4 layout (`pack_int4` in kernels.py): codes q in [0, 15], the weight is w = (q - 8) s + z
 // with s, z the bf16 scale and zero of the (kernel group, output) -- torch's int4 convention, so
 // both kernels compute the same weights from the same `scale_zeros`. Bytes are grouped by 16
-// outputs: w[n / 16][k / 2][n % 16] holds q[n, k] in its low nibble and q[n, k + 1] in its high.
-// A byte becomes one fp32 lane holding the bf16 pair (128 + q[n,k], 128 + q[n,k+1]): a bf16 with
-// exponent 2^7 has a mantissa step of 1, so its bits are just 0x4300 | q. Then per group
+// outputs and 4 inputs: the 32 bytes of (n / 16, k / 4) hold, at byte 2 (n % 16) + h (h = 0, 1),
+// q[n, 4j + h] in the low nibble and q[n, 4j + 2 + h] in the high. Widened to 16 bits each, the 32
+// bytes are 16 fp32 lanes of two 16-bit halves; the low nibbles then give every lane the bf16 pair
+// (128 + q[n, 4j], 128 + q[n, 4j+1]) and the high nibbles (128 + q[n, 4j+2], 128 + q[n, 4j+3]): a
+// bf16 with exponent 2^7 has a mantissa step of 1, so its bits are just 0x4300 | q. Two VDPBF16PS
+// operands (64 weights) from one 32-byte load and three bit operations. Then per group
 //     sum_k w x = s * sum_k (128 + q) x + (z - 136 s) * sum_k x,
 // the second sum (x's group sums) computed once per row in a fixed order.
 #include <torch/extension.h>
@@ -55,8 +58,7 @@ inline __m512 bf16_pairs_to_high(__m512i p) {
 template <int MT>
 void int4_tile(const uint16_t* x, int64_t Kp, const float* xsum, int64_t ng, const uint8_t* w,
                const uint16_t* sz, int64_t Np, int64_t nb, int64_t kg, uint16_t* y, int64_t ldy) {
-  const __m512i nib = _mm512_set1_epi32(0x0F);
-  const __m512i nib_hi = _mm512_set1_epi32(0x000F0000);
+  const __m512i nib = _mm512_set1_epi32(0x000F000F);
   const __m512i magic = _mm512_set1_epi32(0x43004300);
   const __m512 c136 = _mm512_set1_ps(136.f);
   const uint8_t* wb = w + nb * (Kp / 2) * 16;
@@ -67,15 +69,16 @@ void int4_tile(const uint16_t* x, int64_t Kp, const float* xsum, int64_t ng, con
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     const uint8_t* wt = wb + t * (kg / 2) * 16;
     const uint16_t* xt = x + t * kg;
-    for (int64_t j = 0; j < kg / 2; ++j) {
-      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wt + j * 16)));
-      const __m512i lo = _mm512_ternarylogic_epi32(d, nib, magic, 0xEA);                        // (d & 0xF) | magic
-      const __m512i wv = _mm512_ternarylogic_epi32(lo, _mm512_slli_epi32(d, 12), nib_hi, 0xF8);  // | high nibble << 16
+    for (int64_t j = 0; j < kg / 4; ++j) {  // 32 bytes: inputs 4j..4j+3 of the 16 outputs
+      const __m512i d = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + j * 32)));
+      const __m512i lo = _mm512_ternarylogic_epi32(d, nib, magic, 0xEA);  // (d & 0xF) | magic per 16 bits
+      const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(d, 4), nib, magic, 0xEA);
       for (int m = 0; m < MT; ++m) {
-        int32_t pair;
-        std::memcpy(&pair, xt + m * Kp + 2 * j, sizeof(pair));
-        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv,
-                                  (__m512bh)_mm512_set1_epi32(pair));
+        int32_t p0, p1;  // two 4-byte loads, each a broadcast operand of its VDPBF16PS
+        std::memcpy(&p0, xt + m * Kp + 4 * j, sizeof(p0));
+        std::memcpy(&p1, xt + m * Kp + 4 * j + 2, sizeof(p1));
+        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)lo, (__m512bh)_mm512_set1_epi32(p0));
+        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)hi, (__m512bh)_mm512_set1_epi32(p1));
       }
     }
     const __m512i p = _mm512_loadu_si512(sz + (t * Np + nb * 16) * 2);  // 16 (scale, zero) bf16 pairs
