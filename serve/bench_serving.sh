@@ -26,6 +26,7 @@ MAX_TOKENS=${MAX_TOKENS:-128}
 PORT=${PORT:-8031}
 MAX_BATCH=${MAX_BATCH:-16}  # llmslim's running rows (vLLM schedules up to its own limit)
 THREADS=${THREADS:-}  # llmslim's torch threads (default: torch's); 1 on a machine shared with other jobs
+LLMSLIM_ARGS=${LLMSLIM_ARGS:-}  # more `llmslim serve` options for the llmslim rows, e.g. "--prefill-chunk 4096"
 OUT=${OUT:-serve/results}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 mkdir -p "$OUT"
@@ -68,7 +69,7 @@ for server in $SERVERS; do
     llmslim)
       run llmslim /tmp/llmslim-bench-llmslim.log \
         llmslim serve "$CKPT" --host 127.0.0.1 --port "$PORT" --max-batch "$MAX_BATCH" --max-model-len 2048 \
-        ${THREADS:+--threads "$THREADS"} ;;
+        ${THREADS:+--threads "$THREADS"} $LLMSLIM_ARGS ;;
     llmslim-sdpa)  # the same without llmslim's C++ decode attention: SDPA row by row (runtime/ext.py)
       LLMSLIM_NO_EXT=1 run llmslim-sdpa /tmp/llmslim-bench-llmslim-sdpa.log \
         llmslim serve "$CKPT" --host 127.0.0.1 --port "$PORT" --max-batch "$MAX_BATCH" --max-model-len 2048 \
