@@ -199,6 +199,8 @@ class LeanDecoder:
     projections, the rotary embedding applied to q and k in one go, keys/values written straight
     into the ``AppendLayer`` buffers, single-query attention with grouped heads folded into the
     query axis. Sliding-window layers keep every key and attend to the window's last columns.
+    Where every piece of every layer is one of llmslim's C++ kernels, a decode step (one token per
+    row) goes through all layers in one C++ call instead (``runtime.step``): the same calls, the same bits.
 
     Batched decoding (``decode_batch``) is batch-invariant: a row's logits are bit for bit what
     the same row decoded alone gives, whatever else is in the batch and however long the other
