@@ -180,11 +180,12 @@ class Block:
             self.norms = (layer.input_layernorm, layer.post_attention_layernorm)  # for runtime.step
             self.norm_mlp = _add_norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
                                       gemma, dtype)
-        self.qk_norm = None
+        self.qk_norm = self.qk_norm_weight = None
         if family.qk_norm:  # q's and k's weights stacked per head: one norm over [M, heads + kv_heads, d]
             d = attn.head_dim
             w = torch.cat((attn.q_norm.weight.expand(n_heads, d), attn.k_norm.weight.expand(n_kv, d)))
             self.qk_norm = _norm(w, _eps(attn.q_norm), gemma)
+            self.qk_norm_weight, self.qk_norm_eps = w, _eps(attn.q_norm)  # for runtime.step
         self.window = window
         self.rope_key = getattr(attn, "layer_type", None) if family.rope_per_layer_type else None
 

@@ -41,6 +41,8 @@ struct Layer {
   double eps;
   Proj qkv, o, gate_up, down;
   int64_t inter, window, rope;  // window 0: full attention; rope: which cos/sin table
+  c10::optional<at::Tensor> qk_norm;  // Qwen3: [heads + kv_heads, d], Llama-style RMSNorm of q and k per head
+  double qk_eps;
 };
 
 class DecodeStep {
@@ -68,7 +70,10 @@ class DecodeStep {
       auto hx = rms_norm(x, b.norm_in, b.eps, gemma_, m);
       x = hx[1];
       const at::Tensor qkv = b.qkv(hx[0]);
-      const at::Tensor qk = rope(qkv.narrow(1, 0, nqk).view({M, nh_ + nkv_, d_}), cos[b.rope], sin[b.rope]);
+      at::Tensor qk = qkv.narrow(1, 0, nqk).view({M, nh_ + nkv_, d_});
+      if (b.qk_norm.has_value())  // lean._norm's ops: weight * rms_norm(x in fp32).to(dtype)
+        qk = *b.qk_norm * at::rms_norm(qk.to(at::kFloat), {d_}, c10::nullopt, b.qk_eps).to(qk.scalar_type());
+      qk = rope(qk, cos[b.rope], sin[b.rope]);
       const at::Tensor k = k_cache[i].narrow(0, 0, M), v = v_cache[i].narrow(0, 0, M);
       k.select(2, col).copy_(qk.narrow(1, nh_, nkv_));
       v.select(2, col).copy_(qkv.narrow(1, nqk, nkv_ * d_).view({M, nkv_, d_}));
@@ -94,9 +99,11 @@ void bind_decode_step(pybind11::module& m) {
       .def(py::init<at::Tensor, at::Tensor, int64_t, c10::optional<at::Tensor>>(), py::arg("w"), py::arg("sz"),
            py::arg("kg"), py::arg("bias") = py::none());
   py::class_<Layer>(m, "Layer", "one decoder layer of DecodeStep")
-      .def(py::init<at::Tensor, at::Tensor, double, Proj, Proj, Proj, Proj, int64_t, int64_t, int64_t>(),
+      .def(py::init<at::Tensor, at::Tensor, double, Proj, Proj, Proj, Proj, int64_t, int64_t, int64_t,
+                    c10::optional<at::Tensor>, double>(),
            py::arg("norm_in"), py::arg("norm_mlp"), py::arg("eps"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
-           py::arg("down"), py::arg("inter"), py::arg("window"), py::arg("rope"));
+           py::arg("down"), py::arg("inter"), py::arg("window"), py::arg("rope"), py::arg("qk_norm") = py::none(),
+           py::arg("qk_eps") = 0.0);
   py::class_<DecodeStep>(m, "DecodeStep", "every layer of a decode step in one call (runtime/lean.py)")
       .def(py::init<std::vector<Layer>, int64_t, int64_t, int64_t, double, double, bool>(), py::arg("layers"),
            py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("softcap"),
