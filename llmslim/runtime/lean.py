@@ -9,6 +9,7 @@ from either loop because it is the one piece both share.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -30,16 +31,25 @@ def _eps(norm: nn.Module) -> float:
     return getattr(norm, "variance_epsilon", None) or norm.eps
 
 
-def _norm(weight: torch.Tensor, eps: float, gemma: bool) -> Fn:
-    """transformers' RMSNorm of either kind as a plain function (normalize in fp32).
+class _Norm:
+    """transformers' RMSNorm of either kind as torch ops (normalize in fp32).
 
     Llama's casts back before the weight; Gemma's multiplies by ``1 + w`` in fp32 and casts after.
+    ``weight`` is what multiplies (``1 + w`` in fp32 for Gemma): ``runtime.step`` calls the same ops
+    from C++ with it.
     """
-    n = weight.shape[-1]
-    if gemma:
-        w1 = 1.0 + weight.float()
-        return lambda x: (F.rms_norm(x.float(), (n,), eps=eps) * w1).to(x.dtype)
-    return lambda x: weight * F.rms_norm(x.float(), (n,), eps=eps).to(x.dtype)
+
+    def __init__(self, weight: torch.Tensor, eps: float, gemma: bool):
+        self.weight = 1.0 + weight.float() if gemma else weight
+        self.eps, self.gemma, self.n = eps, gemma, weight.shape[-1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (self.n,), eps=self.eps)
+        return (y * self.weight).to(x.dtype) if self.gemma else self.weight * y.to(x.dtype)
+
+
+def _norm(weight: torch.Tensor, eps: float, gemma: bool) -> _Norm:
+    return _Norm(weight, eps, gemma)
 
 
 def _add_norm(weight: torch.Tensor, eps: float, gemma: bool, dtype: torch.dtype):
@@ -163,13 +173,16 @@ class Block:
         act = activation(mlp)
         module = ext.module()
         self.silu = type(act).__name__ in ("SiLUActivation", "SiLU")
+        inner = getattr(act, "act", None)  # transformers' GELUTanh: F.gelu(approximate="tanh"), for runtime.step
+        self.gelu_tanh = type(act).__name__ == "GELUTanh" and isinstance(inner, functools.partial) \
+            and inner.func is F.gelu and inner.keywords == {"approximate": "tanh"}
         if self.silu:
             self.gate: Callable = (lambda gu: module.silu_mul(gu, self.inter)) if module is not None \
                 else (lambda gu: F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
         else:
             self.gate = lambda gu: act(gu[:, :self.inter]) * gu[:, self.inter:]
-        self.norms = None
         if family.sandwich:  # Gemma 2/3: the attention output and the MLP are normed before the residual
+            self.norms = (layer.input_layernorm, layer.pre_feedforward_layernorm)  # for runtime.step
             self.post_attn = _norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm), gemma)
             self.norm_mlp = _add_norm(layer.pre_feedforward_layernorm.weight, _eps(layer.pre_feedforward_layernorm),
                                       gemma, dtype)
@@ -180,12 +193,11 @@ class Block:
             self.norms = (layer.input_layernorm, layer.post_attention_layernorm)  # for runtime.step
             self.norm_mlp = _add_norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
                                       gemma, dtype)
-        self.qk_norm = self.qk_norm_weight = None
+        self.qk_norm = None
         if family.qk_norm:  # q's and k's weights stacked per head: one norm over [M, heads + kv_heads, d]
             d = attn.head_dim
             w = torch.cat((attn.q_norm.weight.expand(n_heads, d), attn.k_norm.weight.expand(n_kv, d)))
             self.qk_norm = _norm(w, _eps(attn.q_norm), gemma)
-            self.qk_norm_weight, self.qk_norm_eps = w, _eps(attn.q_norm)  # for runtime.step
         self.window = window
         self.rope_key = getattr(attn, "layer_type", None) if family.rope_per_layer_type else None
 

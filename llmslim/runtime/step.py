@@ -4,10 +4,10 @@
 Python costs a third of the step (eval/inference.md). ``DecodeStep`` makes the very same kernel
 calls, in the same order, from C++: the same bits, minus the interpreter. It covers a layer when
 each of its pieces is one of those kernels -- llmslim's int4 or bf16 products (one module per
-projection, no padded rows), the fused RMSNorm in the compute dtype, SiLU, no sandwich norms; Qwen3's
-q/k norms are the same torch ops as in Python, called from C++ -- which is Llama, Mistral, Qwen2,
-Qwen3 and Phi-3 on a CPU with AVX512-BF16. Anything else (Gemma's sandwich norms and GELU, other
-CPUs) keeps the Python loop.
+projection, no padded rows), the fused RMSNorm in the compute dtype, SiLU -- or the same torch ops
+as the Python loop's, called from C++: q/k norms (Qwen3, Gemma 3), Gemma's sandwich norms and GELU
+(tanh). That is every family llmslim's lean forward covers, on a CPU with AVX512-BF16 (a float
+Qwen2's biased projections excepted: torch's ``F.linear``); anything else keeps the Python loop.
 """
 
 from __future__ import annotations
@@ -46,17 +46,19 @@ def build(blocks: list, rope_keys: list, n_heads: int, n_kv: int, head_dim: int,
         return None
     layers = []
     for b in blocks:
-        if b.norms is None or not b.silu:
+        if not (b.silu or b.gelu_tanh):
             return None
         projs = [_proj(b.parts[k], dtype) for k in ("qkv", "o", "gate_up", "down")]
         w_in, w_mlp = (_norm_weight(n, dtype) for n in b.norms)
         eps = {getattr(n, "variance_epsilon", None) or n.eps for n in b.norms}
         if any(p is None for p in projs) or w_in is None or w_mlp is None or len(eps) != 1:
             return None
-        qk = b.qk_norm_weight
-        if qk is not None and qk.dtype != dtype:
+        post = [n for n in (b.post_attn, b.post_mlp) if n is not None]
+        if len({n.eps for n in post}) > 1:
             return None
-        layers.append(module.Layer(w_in, w_mlp, eps.pop(), *projs, b.inter, b.window or 0,
-                                   rope_keys.index(b.rope_key), None if qk is None else qk.contiguous(),
-                                   b.qk_norm_eps if qk is not None else 0.0))
+        layers.append(module.Layer(
+            w_in, w_mlp, eps.pop(), *projs, b.inter, b.window or 0, rope_keys.index(b.rope_key), not b.silu,
+            None if b.qk_norm is None else b.qk_norm.weight, 0.0 if b.qk_norm is None else b.qk_norm.eps,
+            None if b.post_attn is None else b.post_attn.weight, None if b.post_mlp is None else b.post_mlp.weight,
+            post[0].eps if post else 0.0))
     return module.DecodeStep(layers, n_heads, n_kv, head_dim, scaling, softcap or 0.0, gemma)

@@ -1,6 +1,6 @@
 // One decode step through every layer of a decoder in one call: for M rows (one new token each),
-// norm -> q/k/v -> rotary -> write k/v into the cache -> attention -> o -> add + norm -> gate/up
-// -> silu * up -> down, per layer, calling the same kernels that runtime/lean.py calls one by one.
+// norm -> q/k/v (-> q/k norms) -> rotary -> write k/v into the cache -> attention -> o (-> norm)
+// -> add + norm -> gate/up -> silu or gelu * up -> down (-> norm), per layer, calling the same kernels that runtime/lean.py calls one by one.
 //
 // Why: at batch 1 on SmolLM2-135M the kernels of a step take ~6 ms and the Python around them
 // (~10 calls a layer, each with its slicing, views and allocations) ~3 ms more: a third of the
@@ -41,9 +41,19 @@ struct Layer {
   double eps;
   Proj qkv, o, gate_up, down;
   int64_t inter, window, rope;  // window 0: full attention; rope: which cos/sin table
-  c10::optional<at::Tensor> qk_norm;  // Qwen3: [heads + kv_heads, d], Llama-style RMSNorm of q and k per head
+  bool gelu;                          // GELU (tanh) x up instead of SiLU x up (Gemma)
+  c10::optional<at::Tensor> qk_norm;  // Qwen3, Gemma 3: RMSNorm of q and k per head, [heads + kv_heads, d]
   double qk_eps;
+  c10::optional<at::Tensor> post_attn, post_mlp;  // Gemma 2/3: norms of the attention output and the MLP's
+  double post_eps;
 };
+
+// lean._Norm's torch ops: Llama's w * rms_norm(x in fp32).to(dtype); Gemma's (rms_norm(...) * w).to(dtype)
+// with w = 1 + weight in fp32 (made once in Python).
+at::Tensor torch_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool gemma) {
+  const at::Tensor y = at::rms_norm(x.to(at::kFloat), {x.size(-1)}, c10::nullopt, eps);
+  return gemma ? (y * w).to(x.scalar_type()) : w * y.to(x.scalar_type());
+}
 
 class DecodeStep {
  public:
@@ -71,17 +81,21 @@ class DecodeStep {
       x = hx[1];
       const at::Tensor qkv = b.qkv(hx[0]);
       at::Tensor qk = qkv.narrow(1, 0, nqk).view({M, nh_ + nkv_, d_});
-      if (b.qk_norm.has_value())  // lean._norm's ops: weight * rms_norm(x in fp32).to(dtype)
-        qk = *b.qk_norm * at::rms_norm(qk.to(at::kFloat), {d_}, c10::nullopt, b.qk_eps).to(qk.scalar_type());
+      if (b.qk_norm.has_value()) qk = torch_norm(qk, *b.qk_norm, b.qk_eps, gemma_);
       qk = rope(qk, cos[b.rope], sin[b.rope]);
       const at::Tensor k = k_cache[i].narrow(0, 0, M), v = v_cache[i].narrow(0, 0, M);
       k.select(2, col).copy_(qk.narrow(1, nh_, nkv_));
       v.select(2, col).copy_(qkv.narrow(1, nqk, nkv_ * d_).view({M, nkv_, d_}));
       const at::Tensor a = decode_attention(qk.narrow(1, 0, nh_), k.narrow(2, start, col + 1 - start),
                                             v.narrow(2, start, col + 1 - start), lengths, b.window, scale_, cap_);
-      auto hx2 = rms_norm(x, b.norm_mlp, b.eps, gemma_, b.o(a.view({M, nh_ * d_})));
+      at::Tensor o = b.o(a.view({M, nh_ * d_}));
+      if (b.post_attn.has_value()) o = torch_norm(o, *b.post_attn, b.post_eps, gemma_);
+      auto hx2 = rms_norm(x, b.norm_mlp, b.eps, gemma_, o);
       x = hx2[1];
-      m = b.down(silu_mul(b.gate_up(hx2[0]), b.inter));
+      const at::Tensor gu = b.gate_up(hx2[0]);
+      m = b.down(b.gelu ? at::gelu(gu.narrow(1, 0, b.inter), "tanh") * gu.narrow(1, b.inter, b.inter)
+                        : silu_mul(gu, b.inter));
+      if (b.post_mlp.has_value()) m = torch_norm(*m, *b.post_mlp, b.post_eps, gemma_);
     }
     return m.has_value() ? x + *m : x;
   }
@@ -99,11 +113,12 @@ void bind_decode_step(pybind11::module& m) {
       .def(py::init<at::Tensor, at::Tensor, int64_t, c10::optional<at::Tensor>>(), py::arg("w"), py::arg("sz"),
            py::arg("kg"), py::arg("bias") = py::none());
   py::class_<Layer>(m, "Layer", "one decoder layer of DecodeStep")
-      .def(py::init<at::Tensor, at::Tensor, double, Proj, Proj, Proj, Proj, int64_t, int64_t, int64_t,
-                    c10::optional<at::Tensor>, double>(),
+      .def(py::init<at::Tensor, at::Tensor, double, Proj, Proj, Proj, Proj, int64_t, int64_t, int64_t, bool,
+                    c10::optional<at::Tensor>, double, c10::optional<at::Tensor>, c10::optional<at::Tensor>, double>(),
            py::arg("norm_in"), py::arg("norm_mlp"), py::arg("eps"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
-           py::arg("down"), py::arg("inter"), py::arg("window"), py::arg("rope"), py::arg("qk_norm") = py::none(),
-           py::arg("qk_eps") = 0.0);
+           py::arg("down"), py::arg("inter"), py::arg("window"), py::arg("rope"), py::arg("gelu") = false,
+           py::arg("qk_norm") = py::none(), py::arg("qk_eps") = 0.0, py::arg("post_attn") = py::none(),
+           py::arg("post_mlp") = py::none(), py::arg("post_eps") = 0.0);
   py::class_<DecodeStep>(m, "DecodeStep", "every layer of a decode step in one call (runtime/lean.py)")
       .def(py::init<std::vector<Layer>, int64_t, int64_t, int64_t, double, double, bool>(), py::arg("layers"),
            py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("softcap"),
