@@ -1,13 +1,14 @@
 // One decode step through every layer of a decoder in one call: for M rows (one new token each),
 // norm -> q/k/v (-> q/k norms) -> rotary -> write k/v into the cache -> attention -> o (-> norm)
-// -> add + norm -> gate/up -> silu or gelu * up -> down (-> norm), per layer, calling the same kernels that runtime/lean.py calls one by one.
+// -> add + norm -> gate/up -> silu or gelu * up -> down (-> norm), per layer, making the same calls
+// that runtime/lean.py makes one by one from Python.
 //
 // Why: at batch 1 on SmolLM2-135M the kernels of a step take ~6 ms and the Python around them
 // (~10 calls a layer, each with its slicing, views and allocations) ~3 ms more: a third of the
 // step (eval/inference.md). Here those calls cost what a C++ call costs. The arithmetic is the
 // same calls on the same tensors in the same order as the Python path, so the result is the same
-// bit for bit (tests/runtime/test_decode_step.py); lean.py uses this only for layers every one of
-// whose pieces is one of these kernels (`DecodeStep` in lean.py decides), else its own loop.
+// bit for bit (tests/runtime/test_decode_step.py); runtime/step.py builds it only where every piece
+// of every layer is one of these calls, else lean.py runs its own loop.
 #include <torch/extension.h>
 
 #include <vector>
