@@ -48,10 +48,6 @@ class _Norm:
         return (y * self.weight).to(x.dtype) if self.gemma else self.weight * y.to(x.dtype)
 
 
-def _norm(weight: torch.Tensor, eps: float, gemma: bool) -> _Norm:
-    return _Norm(weight, eps, gemma)
-
-
 def _add_norm(weight: torch.Tensor, eps: float, gemma: bool, dtype: torch.dtype):
     """``(x, r) -> (norm(x + r), x + r)``: a residual add and the norm after it (``r`` None: no add).
 
@@ -66,7 +62,7 @@ def _add_norm(weight: torch.Tensor, eps: float, gemma: bool, dtype: torch.dtype)
             return tuple(op(x, w, eps, gemma, r))
 
         return fused
-    norm = _norm(weight, eps, gemma)
+    norm = _Norm(weight, eps, gemma)
 
     def plain(x, r):
         if r is not None:
@@ -182,22 +178,24 @@ class Block:
         else:
             self.gate = lambda gu: act(gu[:, :self.inter]) * gu[:, self.inter:]
         if family.sandwich:  # Gemma 2/3: the attention output and the MLP are normed before the residual
-            self.norms = (layer.input_layernorm, layer.pre_feedforward_layernorm)  # for runtime.step
-            self.post_attn = _norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm), gemma)
+            pre = (layer.input_layernorm, layer.pre_feedforward_layernorm)
+            self.post_attn = _Norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm), gemma)
             self.norm_mlp = _add_norm(layer.pre_feedforward_layernorm.weight, _eps(layer.pre_feedforward_layernorm),
                                       gemma, dtype)
-            self.post_mlp = _norm(layer.post_feedforward_layernorm.weight, _eps(layer.post_feedforward_layernorm),
+            self.post_mlp = _Norm(layer.post_feedforward_layernorm.weight, _eps(layer.post_feedforward_layernorm),
                                   gemma)
         else:
             self.post_attn = self.post_mlp = None
-            self.norms = (layer.input_layernorm, layer.post_attention_layernorm)  # for runtime.step
+            pre = (layer.input_layernorm, layer.post_attention_layernorm)
             self.norm_mlp = _add_norm(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
                                       gemma, dtype)
+        # the pre-attention and pre-MLP norms' (weight, eps), for runtime.step
+        self.norms = tuple((n.weight, _eps(n)) for n in pre)
         self.qk_norm = None
         if family.qk_norm:  # q's and k's weights stacked per head: one norm over [M, heads + kv_heads, d]
             d = attn.head_dim
             w = torch.cat((attn.q_norm.weight.expand(n_heads, d), attn.k_norm.weight.expand(n_kv, d)))
-            self.qk_norm = _norm(w, _eps(attn.q_norm), gemma)
+            self.qk_norm = _Norm(w, _eps(attn.q_norm), gemma)
         self.window = window
         self.rope_key = getattr(attn, "layer_type", None) if family.rope_per_layer_type else None
 

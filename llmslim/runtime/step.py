@@ -32,9 +32,9 @@ def _proj(mods: list[nn.Module] | None, dtype: torch.dtype):
     return None
 
 
-def _norm_weight(norm: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
-    w = getattr(norm, "weight", None)
-    return w.contiguous() if w is not None and w.dim() == 1 and w.dtype == dtype else None
+def _norm_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The weight as the fused C++ norm takes it (1-D, the compute dtype), else None: as lean's ``_add_norm``."""
+    return w.contiguous() if w.dim() == 1 and w.dtype == dtype else None
 
 
 def build(blocks: list, rope_keys: list, n_heads: int, n_kv: int, head_dim: int, scaling: float,
@@ -49,8 +49,8 @@ def build(blocks: list, rope_keys: list, n_heads: int, n_kv: int, head_dim: int,
         if not (b.silu or b.gelu_tanh):
             return None
         projs = [_proj(b.parts[k], dtype) for k in ("qkv", "o", "gate_up", "down")]
-        w_in, w_mlp = (_norm_weight(n, dtype) for n in b.norms)
-        eps = {getattr(n, "variance_epsilon", None) or n.eps for n in b.norms}
+        w_in, w_mlp = (_norm_weight(w, dtype) for w, _ in b.norms)
+        eps = {e for _, e in b.norms}
         if any(p is None for p in projs) or w_in is None or w_mlp is None or len(eps) != 1:
             return None
         post = [n for n in (b.post_attn, b.post_mlp) if n is not None]
