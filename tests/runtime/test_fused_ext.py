@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llmslim.runtime import ext
-from llmslim.runtime.lean import _norm, _rotate_torch
+from llmslim.runtime.lean import _Norm, _rotate_torch
 
 mod = ext.module()
 pytestmark = pytest.mark.skipif(mod is None, reason=f"C++ kernels unavailable: {ext.why_not}")
@@ -30,7 +30,7 @@ def test_rms_norm_is_transformers_norm(dtype, gemma):
     x = (torch.randn(7, 576, generator=g) * 3).to(dtype)
     r = torch.randn(7, 576, generator=g).to(dtype)
     w = (torch.randn(576, generator=g) * 0.1 + (0 if gemma else 1)).to(dtype)
-    want = _norm(w, 1e-5, gemma)
+    want = _Norm(w, 1e-5, gemma)
     out, same = mod.rms_norm(x, w, 1e-5, gemma)
     assert same is x or torch.equal(same, x)
     tol = 1.0 if dtype == torch.bfloat16 else 4.0  # only the sum of squares' order (and 1/sqrt) differs
