@@ -255,13 +255,15 @@ class LeanDecoder:
         ``cache`` is made of layers this forward writes into (``PreallocLayer``, ``BatchLayer``)."""
         if not all(isinstance(layer, AppendLayer) for layer in cache.layers):
             return None
+        lean = cls.of(model)
+        return lean if lean is not None and len(cache.layers) == len(lean.layers) else None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LeanDecoder | None:
+        """``model``'s ``LeanDecoder`` (built once) if ``accelerate`` prepared it and its family is covered."""
         lean = getattr(model, "_llmslim_lean", None)
-        if lean is not None:
-            return lean
-        if not lean_ready(model) or len(cache.layers) != len(model.model.layers):
-            return None
-        lean = cls(model)
-        model._llmslim_lean = lean
+        if lean is None and lean_ready(model):
+            lean = model._llmslim_lean = cls(model)
         return lean
 
     # --- pieces shared by every path ---
@@ -398,6 +400,25 @@ class LeanDecoder:
                 return self._logits(out, _plain)[0]
         x = self._blocks(x, rope, attend, _plain)
         return self._logits(x[-1:], _plain)[0]
+
+    def prefill(self, input_ids: torch.Tensor, pos: int, cache, all_logits: bool) -> torch.Tensor:
+        """``input_ids [T]`` of one sequence at ``pos..pos+T-1`` into ``cache`` (any transformers ``Cache``:
+        each layer's keys/values go through ``cache.update``) -> the logits of every position ``[T, vocab]``
+        with ``all_logits``, else of the last one ``[1, vocab]``.
+
+        The server's chunked prefill: the chunk attends causally to what the cache holds and to itself,
+        as ``__call__``'s chunk path does, whatever kind of cache layer holds the keys.
+        """
+        T = input_ids.shape[0]
+        x = self.embed(input_ids)
+        rope = self._rope(x, torch.arange(pos, pos + T))
+
+        def attend(i, b, q, k, v):
+            keys, values = cache.update(k.transpose(0, 1)[None], v.transpose(0, 1)[None], i)
+            return self._attend_chunk(q, keys, values, pos, b.window)
+
+        x = self._blocks(x, rope, attend, _plain)
+        return self._logits(x if all_logits else x[-1:], _plain)
 
     def decode_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """One token for each of ``B`` rows of a left-padded batch -> next-token logits ``[B, vocab]``.

@@ -140,7 +140,8 @@ class Prefill:
 
     The engine runs a chunk per step while other rows keep decoding, so one long prompt never
     stalls them for its whole prefill. Each chunk attends to the cache the chunks before it
-    filled (transformers' own forward, explicit positions). The chunks lie on the prompt's own
+    filled (the lean forward where the model has one, else transformers' own forward with explicit
+    positions). The chunks lie on the prompt's own
     grid -- positions ``[k * chunk, (k + 1) * chunk)`` -- whichever engine step runs them, so the
     cache depends only on the prompt and ``chunk``, never on what else the engine is doing.
 
@@ -172,9 +173,13 @@ class Prefill:
         """Run the next chunk into the cache; returns how many positions it took."""
         start, end = self.done, self.done + self.next_size
         ids = torch.tensor([self.prompt[start:end]], dtype=torch.long)
-        out = self.model(input_ids=ids, position_ids=torch.arange(start, end).view(1, -1), use_cache=True,
-                         logits_to_keep=0 if self.on_logits else 1, **{cache_kwarg(self.model): self.cache})
-        logits = out.logits[0]
+        lean = LeanDecoder.of(self.model)  # the lean forward where the decode steps use it: the same arithmetic
+        if lean is not None:
+            logits = lean.prefill(ids[0], start, self.cache, all_logits=self.on_logits is not None)
+        else:
+            out = self.model(input_ids=ids, position_ids=torch.arange(start, end).view(1, -1), use_cache=True,
+                             logits_to_keep=0 if self.on_logits else 1, **{cache_kwarg(self.model): self.cache})
+            logits = out.logits[0]
         if self.on_logits is not None:
             self.on_logits(start, logits)
         self.done = end

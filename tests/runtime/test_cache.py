@@ -46,6 +46,5 @@ def test_both_layers_are_append_layers_and_only_they_take_the_lean_path():
     assert isinstance(PreallocLayer(8), AppendLayer) and isinstance(BatchLayer(k, k.clone(), copies=1), AppendLayer)
     model = accelerate(make_tiny_model("llama").eval(), torch.float32)
     assert LeanDecoder.for_model(model, new_cache(model)) is None  # transformers' DynamicLayers: no append
-    assert getattr(model, "_llmslim_lean", None) is None
     batch = Cache(layers=[BatchLayer(k, k.clone(), copies=1) for _ in range(2)])
     assert LeanDecoder.for_model(model, batch) is not None
