@@ -10,6 +10,7 @@ tools, the tokenizer and the generation config.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -218,18 +219,20 @@ def largest_dividing_group(sizes: list[int], group_size: int) -> int:
     return g
 
 
-def load_gptq(folder: str, config, dtype: torch.dtype) -> nn.Module:
+def load_gptq(folder: str, config, dtype: torch.dtype, build: Callable[[object, torch.dtype], nn.Module] = empty_model
+              ) -> nn.Module:
     """A GPTQ v1 (or v2) checkpoint -> model with ``GPTQLinear`` layers on the reference path.
 
-    The model is built with every tensor on ``meta`` (no memory), and each stored tensor is read into
-    its final buffer one at a time (``WeightSource.read_into``), so the load's peak is the model plus
-    one tensor, not the model plus the whole checkpoint; the result is what ``load_state_dict`` of
-    the whole file gives (``tests/formats/test_checkpoint.py``)."""
+    The model is built by ``build`` (transformers' class by default; ``runtime.bare`` passes its own)
+    with every tensor on ``meta`` (no memory), and each stored tensor is read into its final buffer
+    one at a time (``fill``), so the load's peak is the model plus one tensor, not the model plus the
+    whole checkpoint; the result is what ``load_state_dict`` of the whole file gives
+    (``tests/formats/test_checkpoint.py``)."""
     qc = config.quantization_config
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     del config.quantization_config
     source = WeightSource(folder)  # the shards' headers: nothing read yet
-    model = empty_model(config, dtype)
+    model = build(config, dtype)
     v2 = qc.get("checkpoint_format", "gptq") == "gptq_v2"
     for name in sorted(k[: -len(".qweight")] for k in source.file if k.endswith(".qweight")):
         try:
@@ -240,9 +243,27 @@ def load_gptq(folder: str, config, dtype: torch.dtype) -> nn.Module:
         bits, group_size = layer_grid(qc, name)  # mixed checkpoints: each module's own grid
         with torch.device("meta"):
             set_module(model, name, GPTQLinear(in_f, out_f, bits, group_size, f"{name}.bias" in source))
+
+    def read(key: str, out: torch.Tensor) -> None:
+        if v2 and key.endswith(".qzeros"):  # v2 stores true zeros; our buffers hold the v1 convention (zero - 1)
+            bits = model.get_submodule(key[: -len(".qzeros")]).bits
+            out.copy_(pack(unpack(source.get([key])[key], bits, 1) - 1, bits, 1))
+        else:
+            source.read_into(key, out)
+
+    fill(model, source, folder, getattr(config, "tie_word_embeddings", False), read)
+    model.config.quantization_config = qc
+    return model
+
+
+def fill(model: nn.Module, source: WeightSource, folder: str, tied: bool,
+         read: Callable[[str, torch.Tensor], None] | None = None) -> None:
+    """Every tensor of ``model``'s state dict (on ``meta``) read from ``source`` into a buffer of its own,
+    one at a time (``read(key, out)``, by default ``source.read_into``); a tied head is tied again."""
+    read = read or source.read_into
     targets = model.state_dict(keep_vars=True)
     missing = [k for k in targets if k not in source]
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
     missing = [k for k in missing if "rotary" not in k]  # non-persistent buffers are computed, not stored
     if missing:
@@ -254,18 +275,12 @@ def load_gptq(folder: str, config, dtype: torch.dtype) -> nn.Module:
         if id(old) not in made:
             made[id(old)] = torch.empty(old.shape, dtype=old.dtype)
         new = made[id(old)] = _placed(model, key, made[id(old)], old)
-        if v2 and key.endswith(".qzeros"):  # v2 stores true zeros; our buffers hold the v1 convention (zero - 1)
-            bits = model.get_submodule(key[: -len(".qzeros")]).bits
-            new.data.copy_(pack(unpack(source.get([key])[key], bits, 1) - 1, bits, 1))
-        else:
-            source.read_into(key, new.data)
-    if getattr(config, "tie_word_embeddings", False):
+        read(key, new.data)
+    if tied:
         model.tie_weights()
     left = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if left:
         raise UserError(f"{folder}: checkpoint lacks {len(left)} tensors, e.g. {left[0]}")
-    model.config.quantization_config = qc
-    return model
 
 
 def _placed(model: nn.Module, key: str, value: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

@@ -38,11 +38,13 @@ def from_pretrained(folder: str, **kw) -> nn.Module:
         raise
 
 
-def load_tokenizer(folder: str):
+def load_tokenizer(folder: str, config=None):
+    """The checkpoint's tokenizer; ``config`` (the model's, when already read) spares transformers
+    reading it again (``runtime.bare`` passes a plain ``PretrainedConfig``)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, **({"config": config} if config is not None else {}))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of {folder}: {str(e).splitlines()[0]}") from None
 

@@ -170,8 +170,9 @@ class Block:
         module = ext.module()
         self.silu = type(act).__name__ in ("SiLUActivation", "SiLU")
         inner = getattr(act, "act", None)  # transformers' GELUTanh: F.gelu(approximate="tanh"), for runtime.step
-        self.gelu_tanh = type(act).__name__ == "GELUTanh" and isinstance(inner, functools.partial) \
-            and inner.func is F.gelu and inner.keywords == {"approximate": "tanh"}
+        self.gelu_tanh = (type(act).__name__ == "GELUTanh" and isinstance(inner, functools.partial)
+                          and inner.func is F.gelu and inner.keywords == {"approximate": "tanh"}) \
+            or (type(act) is nn.GELU and act.approximate == "tanh")  # runtime.bare's
         if self.silu:
             self.gate: Callable = (lambda gu: module.silu_mul(gu, self.inter)) if module is not None \
                 else (lambda gu: F.silu(gu[:, :self.inter]) * gu[:, self.inter:])

@@ -49,7 +49,8 @@ def build(
         # bf16 gives the very same tensors (tests/runtime/test_memory.py) without first holding the
         # embeddings in float32 (SmolLM2-135M: 113 MB more at the load's peak).
         dtype = torch.bfloat16 if fast and fast_path_available() else torch.float32
-        model, tokenizer = load(checkpoint, dtype=dtype)
+        loaded = load_bare(checkpoint, dtype) if fast and dtype == torch.bfloat16 else None
+        model, tokenizer = loaded or load(checkpoint, dtype=dtype)
     if fast:
         model = accelerate(model)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
@@ -62,6 +63,15 @@ def build(
     app = create_app(state)
     engine.start()
     return app, engine
+
+
+def load_bare(checkpoint: str, dtype):
+    """The checkpoint without transformers' model classes (``runtime.bare``: the same model, less
+    memory), or None where that does not cover it."""
+    from ..models import resolve
+    from ..runtime.bare import load_bare as bare
+
+    return bare(resolve(checkpoint), dtype)
 
 
 def fast_path_available() -> bool:
