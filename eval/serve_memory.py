@@ -126,8 +126,10 @@ def serve_row(label: str, args_: list[str], prompts: list[str], max_tokens: int,
             "requests": len(prompts), "tokens": tokens}
 
 
-# What every ``llmslim serve`` process holds before its first weight: the server's imports (torch,
-# transformers and the model's classes, FastAPI), the tokenizer. Built on the meta device: no weights.
+# What an ``llmslim serve`` process that loads through transformers (the float32 row) holds before its first
+# weight: the server's imports (torch, transformers and the model's classes, FastAPI), the tokenizer. Built
+# on the meta device: no weights. The 4-bit row loads through runtime.bare, without the model classes, so its
+# own base is smaller (eval/import_memory.py) and "model_part" overstates nothing but understates its share.
 BASE = """
 import sys, torch
 import llmslim.cli, llmslim.server.app

@@ -50,6 +50,8 @@ def build(
         # embeddings in float32 (SmolLM2-135M: 113 MB more at the load's peak).
         dtype = torch.bfloat16 if fast and fast_path_available() else torch.float32
         loaded = load_bare(checkpoint, dtype) if fast and dtype == torch.bfloat16 else None
+        if loaded is not None:
+            log.info("%s: loaded without transformers' model classes (runtime.bare)", checkpoint)
         model, tokenizer = loaded or load(checkpoint, dtype=dtype)
     if fast:
         model = accelerate(model)
