@@ -115,7 +115,8 @@ def test_the_serving_process_never_imports_transformers_modeling(tmp_path):
     save_gptq(model, make_tiny_tokenizer(), tmp_path / "gptq", config)
     cache = tmp_path / "cache"  # a cache of its own, so that the plan comes from the child process
     cache.mkdir()
-    (cache / "ext").symlink_to(cache_root() / "ext", target_is_directory=True)  # the kernels built already
+    (cache_root() / "ext").mkdir(parents=True, exist_ok=True)
+    (cache / "ext").symlink_to(cache_root() / "ext", target_is_directory=True)  # the kernels, built once
     env = dict(os.environ, LLMSLIM_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     run = [sys.executable, "-c", PROBE, str(tmp_path / "gptq")]
     out = json.loads(subprocess.run(run, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
