@@ -129,7 +129,8 @@ def serve_row(label: str, args_: list[str], prompts: list[str], max_tokens: int,
 # What an ``llmslim serve`` process that loads through transformers (the float32 row) holds before its first
 # weight: the server's imports (torch, transformers and the model's classes, FastAPI), the tokenizer. Built
 # on the meta device: no weights. The 4-bit row loads through runtime.bare, without the model classes, so its
-# own base is smaller (eval/import_memory.py) and "model_part" overstates nothing but understates its share.
+# own base is smaller (eval/import_memory.py): for that row "model_part" subtracts a larger base than its own,
+# so it understates what the model adds there.
 BASE = """
 import sys, torch
 import llmslim.cli, llmslim.server.app
