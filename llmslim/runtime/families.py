@@ -21,8 +21,10 @@ model's own ``forward``; ``lean_support`` says why, and ``llmslim info`` prints 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -75,6 +77,23 @@ def projection(parent: nn.Module, fused: str, parts: tuple[str, ...]) -> list[nn
 
 def activation(mlp: nn.Module) -> nn.Module | None:
     return getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+
+
+def activation_kind(act: nn.Module) -> str | None:
+    """"silu", "gelu_tanh" or "gelu" (exact) for transformers' modules or torch's own that compute
+    exactly that op, else None."""
+    name = type(act).__name__
+    if name in ("SiLUActivation", "SiLU"):
+        return "silu"
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    inner = getattr(act, "act", None)  # transformers' GELUTanh / GELUActivation keep the function they call
+    if name == "GELUTanh" and isinstance(inner, functools.partial) and inner.func is F.gelu \
+            and inner.keywords == {"approximate": "tanh"}:
+        return "gelu_tanh"
+    if name == "GELUActivation" and inner is F.gelu:
+        return "gelu"
+    return None
 
 
 def lean_support(model: nn.Module) -> str | None:

@@ -9,7 +9,6 @@ from either loop because it is the one piece both share.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from . import ext, step
 from .cache import AppendLayer
-from .families import FAMILIES, activation, layer_windows, lean_ready, projection
+from .families import FAMILIES, activation, activation_kind, layer_windows, lean_ready, projection
 from .head import Q8Linear
 from .invariant import RowInvariant, Rows, cancelling_rows
 from .kernels import Int4Linear
@@ -168,11 +167,8 @@ class Block:
         self.inter = mlp.down_proj.in_features
         act = activation(mlp)
         module = ext.module()
-        self.silu = type(act).__name__ in ("SiLUActivation", "SiLU")
-        inner = getattr(act, "act", None)  # transformers' GELUTanh: F.gelu(approximate="tanh"), for runtime.step
-        self.gelu_tanh = (type(act).__name__ == "GELUTanh" and isinstance(inner, functools.partial)
-                          and inner.func is F.gelu and inner.keywords == {"approximate": "tanh"}) \
-            or (type(act) is nn.GELU and act.approximate == "tanh")  # runtime.bare's
+        kind = activation_kind(act)  # runtime.step computes these two itself
+        self.silu, self.gelu_tanh = kind == "silu", kind == "gelu_tanh"
         if self.silu:
             self.gate: Callable = (lambda gu: module.silu_mul(gu, self.inter)) if module is not None \
                 else (lambda gu: F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
@@ -381,26 +377,22 @@ class LeanDecoder:
         One token is exactly one row of ``decode_batch``; a longer chunk (a prompt, or a piece of
         one) attends causally to what the cache holds and itself.
         """
-        T = input_ids.shape[0]
-        x = self.embed(input_ids)
-        rope = self._rope(x, torch.arange(pos, pos + T))
         layers = cache.layers
+        if input_ids.shape[0] > 1 or not all(layer.is_initialized for layer in layers):
+            return self.prefill(input_ids, pos, cache, all_logits=False)[0]
+        x = self.embed(input_ids)
+        rope = self._rope(x, torch.tensor([pos]))
         length = torch.tensor([pos + 1])
+        out = self._one_call(x, rope, length, layers)
+        if out is not None:
+            return self._logits(out, _plain)[0]
 
         def attend(i, b, q, k, v):
-            layer = layers[i]
-            if T == 1 and layer.is_initialized:
-                keys, values = layer.append(k, v)
-                return self._attend_rows(q, keys, values, length, b.window)
-            keys, values = layer.update(k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-            return self._attend_chunk(q, keys, values, pos, b.window)
+            keys, values = layers[i].append(k, v)
+            return self._attend_rows(q, keys, values, length, b.window)
 
-        if T == 1 and all(layer.is_initialized for layer in layers):
-            out = self._one_call(x, rope, length, layers)
-            if out is not None:
-                return self._logits(out, _plain)[0]
         x = self._blocks(x, rope, attend, _plain)
-        return self._logits(x[-1:], _plain)[0]
+        return self._logits(x, _plain)[0]
 
     def prefill(self, input_ids: torch.Tensor, pos: int, cache, all_logits: bool) -> torch.Tensor:
         """``input_ids [T]`` of one sequence at ``pos..pos+T-1`` into ``cache`` (any transformers ``Cache``:

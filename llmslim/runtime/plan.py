@@ -16,33 +16,17 @@ of MiB that a serving process would carry for nothing. The child pays them once 
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .families import FAMILIES, activation, lean_support
+from .families import FAMILIES, activation, activation_kind, lean_support
 
 VERSION = 1  # of the plan's layout: part of the cache key in runtime.bare
 # Rotary types whose tables are fixed at construction; "dynamic"/"longrope" recompute them by length.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-
-
-def _activation(act: nn.Module) -> str | None:
-    """"silu", "gelu_tanh", "gelu" (exact), or None for anything else."""
-    name = type(act).__name__
-    if name in ("SiLUActivation", "SiLU"):
-        return "silu"
-    inner = getattr(act, "act", None)
-    if name == "GELUTanh" and isinstance(inner, functools.partial) and inner.func is F.gelu \
-            and inner.keywords == {"approximate": "tanh"}:
-        return "gelu_tanh"
-    if name == "GELUActivation" and inner is F.gelu:
-        return "gelu"
-    return None
 
 
 def _rotary(rotary: nn.Module) -> dict | str:
@@ -80,8 +64,7 @@ def describe(folder: str) -> dict:
         if method != "gptq":
             plan["unsupported"] = f"quantization method {method!r}"
             return plan
-        config = AutoConfig.from_pretrained(folder)
-        del config.quantization_config
+        del config.quantization_config  # the layout of the float model: load_gptq swaps the linears itself
     model = empty_model(config, torch.float32)
     why = lean_support(model)
     if why is not None:
@@ -108,7 +91,7 @@ def describe(folder: str) -> dict:
             eps = getattr(m, "variance_epsilon", None) or m.eps
             modules[name] = {"kind": "norm", "dim": m.weight.shape[0], "eps": float(eps)}
         elif id(m) in acts:
-            kind = _activation(m)
+            kind = activation_kind(m)
             if kind is None:
                 plan["unsupported"] = f"activation {type(m).__name__}"
                 return plan
