@@ -163,6 +163,8 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-seed", type=int, default=0,
+                   help="which calibration windows (another seed: another draw of the same protocol, for every row)")
     p.add_argument("--windows", type=int, default=44)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--no-speed", action="store_true", help="skip decode speed and checkpoint size of structured rows")
@@ -196,9 +198,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     calib_file = args.out.with_suffix(".calib.pt")
     tok = load_tokenizer(resolve("smollm2-135m"))
-    torch.save(calibration_tokens("wiki", tok, args.nsamples, args.calib_seqlen, seed=0), calib_file)
+    torch.save(calibration_tokens("wiki", tok, args.nsamples, args.calib_seqlen, seed=args.calib_seed),
+               calib_file)
     setup = {"nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen, "windows": args.windows,
-             "seqlen": args.seqlen}
+             "seqlen": args.seqlen} | ({"calib_seed": args.calib_seed} if args.calib_seed else {})
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     if results.get("_setup", setup) != setup:
         raise SystemExit(f"{args.out} holds rows measured with {results['_setup']}; use another --out")
@@ -224,7 +227,8 @@ def tables(results: dict) -> str:
     base = results["fp32"]
     setup = results.get("_setup", {})
     rows = [r for r in results if r not in ("fp32", "_setup")]
-    lines = [f"Calibration {setup.get('nsamples')} x {setup.get('calib_seqlen')} wiki tokens (seed 0); perplexity on "
+    lines = [f"Calibration {setup.get('nsamples')} x {setup.get('calib_seqlen')} wiki tokens (seed "
+             f"{setup.get('calib_seed', 0)}); perplexity on "
              f"{setup.get('windows')} x {setup.get('seqlen')} held-out windows; fp32 {base['ppl']:.3f}.", "",
              "| row | tool | ppl | Δ vs fp32 | sparsity | time s | peak RSS MB | load avg |",
              "|---|---|---|---|---|---|---|---|"]
