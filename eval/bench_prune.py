@@ -200,6 +200,7 @@ def main() -> None:
     tok = load_tokenizer(resolve("smollm2-135m"))
     torch.save(calibration_tokens("wiki", tok, args.nsamples, args.calib_seqlen, seed=args.calib_seed),
                calib_file)
+    # seed 0 stays unrecorded so result files written before --calib-seed existed still match
     setup = {"nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen, "windows": args.windows,
              "seqlen": args.seqlen} | ({"calib_seed": args.calib_seed} if args.calib_seed else {})
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
