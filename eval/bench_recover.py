@@ -16,7 +16,8 @@ A ``+block`` row after its GPTQ row (same run, same --out) recovers that row's c
 from disk, and adds that row's GPTQ time to its own; its ``input_ppl`` is the checkpoint's perplexity.
 
 Row names: ``gptq-BITS-gGROUP`` (llmslim's GPTQ defaults: sym, MSE clipping, group-aware reordering),
-``-descact`` (with act-order), ``+block@N`` (then block recovery, N signed-gradient steps per block, batch 8), ``autoround-BITS-gGROUP@N``
+``-descact`` (with act-order), ``-full`` (the full-range symmetric grid, ``IntConfig.full_range``),
+``rtn-BITS-gGROUP`` (round-to-nearest, plain min/max: AutoRound's start), ``+block@N`` (then block recovery, N signed-gradient steps per block, batch 8), ``autoround-BITS-gGROUP@N``
 (AutoRound 0.16 in its own venv, --autoround-python; N iterations, batch 8, amp off), ``depthK``
 (prune K decoder blocks, ShortGPT block influence), ``widthP`` (keep P% of the MLP channels),
 ``+e2e`` (then end-to-end distillation for --e2e-max-time seconds), ``fp32``.
@@ -48,7 +49,7 @@ DEFAULT_ROWS = [
     "gptq-2-g64", "gptq-2-g64+block@200", "autoround-2-g64@200",
     "depth6", "depth6+e2e", "width75", "width75+e2e",
 ]
-ROW = re.compile(r"^(?:(?P<method>gptq|autoround)-(?P<bits>\d)-g(?P<group>\d+)(?P<descact>-descact)?|depth(?P<depth>\d+)|width(?P<width>\d+)|"
+ROW = re.compile(r"^(?:(?P<method>gptq|rtn|autoround)-(?P<bits>\d)-g(?P<group>\d+)(?P<descact>-descact)?(?P<full>-full)?|depth(?P<depth>\d+)|width(?P<width>\d+)|"
                  r"(?P<fp32>fp32))(?P<recover>\+block|\+e2e)?(?:@(?P<iters>\d+))?$")
 
 # The AutoRound run, in AutoRound's own interpreter: the recipe of ../shared/README.md (amp off: with
@@ -87,7 +88,7 @@ def run_one(row: str, args) -> dict:
 
     import torch
 
-    from llmslim.config import GPTQConfig, PruneConfig, RecoverConfig
+    from llmslim.config import GPTQConfig, PruneConfig, RecoverConfig, RTNConfig
     from llmslim.data import eval_text
     from llmslim.formats.hf import load_hf
     from llmslim.loader import load
@@ -120,8 +121,9 @@ def run_one(row: str, args) -> dict:
         if spec["descact"] or spec["recover"]:
             raise SystemExit(f"{row}: AutoRound rows take no -descact or +recovery")
         return run_autoround(row, spec, args, tok, ppl, load_hf)
-    if spec["method"] == "gptq":
-        config = GPTQConfig(bits=int(spec["bits"]), group_size=int(spec["group"]), desc_act=bool(spec["descact"]))
+    if spec["method"] in ("gptq", "rtn"):
+        grid = dict(bits=int(spec["bits"]), group_size=int(spec["group"]), full_range=bool(spec["full"]))
+        config = (GPTQConfig(**grid, desc_act=bool(spec["descact"])) if spec["method"] == "gptq" else RTNConfig(**grid))
         cached = args.cache_dir / _base(row) if args.cache_dir else None
         if spec["recover"] and cached and (cached / "gptq.json").exists():
             # The GPTQ row's own checkpoint (as a user would recover it): its GPTQ time counts here too.
@@ -144,7 +146,7 @@ def run_one(row: str, args) -> dict:
     if spec["recover"] == "+block":
         iters = int(spec["iters"] or args.iters)
         config = RecoverConfig(iters=iters, batch_size=min(8, calib.shape[0]), max_time=args.block_max_time,
-                               lr=args.block_lr)
+                               lr=args.block_lr, follow=args.block_follow)
         logs = timed("recover", lambda: recover_blocks(model, teacher, calib, config, progress=not args.quiet))
         result["blocks_recovered"] = sum(x.kept == "recovered" for x in logs)
         result["block_iters"] = [x.iters for x in logs]  # fewer than @N where --block-max-time binds
@@ -210,6 +212,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=200, help="block rows without @N")
     p.add_argument("--block-max-time", type=float, default=0.0, help="block rows: --max-time (default none)")
     p.add_argument("--block-lr", type=float, default=None, help="block rows: --lr (default: recover's own)")
+    p.add_argument("--block-follow", action="store_true",
+                   help="block rows: codes re-rounded on the learned scale (AutoRound's min/max tuning)")
     p.add_argument("--e2e-max-time", type=float, default=1800.0, help="e2e rows: training budget in seconds")
     p.add_argument("--e2e-tokens", type=int, default=50_000_000, help="e2e rows: token budget (default: time binds)")
     p.add_argument("--e2e-seqlen", type=int, default=512)
@@ -260,6 +264,7 @@ def main() -> None:
     # GPTQ rows leave their checkpoint here; "+block" rows after them recover that very checkpoint.
     cache = args.out.with_suffix(".cache")
     passthrough = []
+    passthrough += ["--block-follow"] if args.block_follow else []
     for flag in ("windows", "seqlen", "iters", "block_max_time", "block_lr", "e2e_max_time", "e2e_tokens", "e2e_seqlen", "e2e_lr",
                  "e2e_lora_rank", "e2e_every", "probe_windows", "autoround_python"):
         value = getattr(args, flag)

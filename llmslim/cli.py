@@ -67,6 +67,9 @@ def add_quantize(sub) -> None:
     sym = g.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
+    g.add_argument("--full-range", action="store_true",
+                   help="symmetric grid over all 2^bits levels with a signed scale per group (llama.cpp's Q4_0 rule, "
+                   "AutoRound's default): a finer step than GPTQ's symmetric grid")
     mse = g.add_mutually_exclusive_group()
     mse.add_argument("--mse", dest="mse", action="store_true", default=None,
                      help="search the MSE-optimal clipping range per group (default for gptq, not for rtn)")
@@ -129,7 +132,8 @@ def cmd_quantize(args) -> int:
     if args.method in ("nf4", "fp4", "int8"):
         config = BnbConfig(args.method, args.double_quant, args.compute_dtype, args.int8_threshold, layers)
     else:
-        common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, layers=layers, target=args.target)
+        common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, full_range=args.full_range,
+                      layers=layers, target=args.target)
         if args.mse is not None:  # else each method's own default
             common["mse"] = args.mse
         if args.method == "gptq":
@@ -251,7 +255,7 @@ def cmd_compress(args) -> int:
 
 # Options that only one family of methods reads, with their defaults: given to another method
 # they would be silently ignored, so they are refused instead.
-_GRID_OPTIONS = {"bits": 4, "group_size": 128, "sym": True, "mse": None, "target": ""}
+_GRID_OPTIONS = {"bits": 4, "group_size": 128, "sym": True, "full_range": False, "mse": None, "target": ""}
 _GPTQ_OPTIONS = {"desc_act": False, "static_groups": False, "act_group_aware": None, "true_sequential": True,
                  "damp_percent": 0.01, "block_size": 128, "sparsity": 0.0, "nm": "", "forward_dtype": "auto",
                  "importance": "auto", "refit_iters": None}

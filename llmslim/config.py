@@ -79,6 +79,9 @@ class IntConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    # Symmetric grids: the signed-scale grid over all 2^bits levels (llama.cpp's Q4_0 rule, AutoRound's
+    # default) instead of GPTQ's, which spends half a step beyond each end (grid._full_range_params).
+    full_range: bool = False
     mse: bool = False
     layers: LayerFilter = field(default_factory=LayerFilter)
     # Solve on a GGUF block grid ("gguf-q4_0", "gguf-q8_0"): sets bits, group size 32 and the
@@ -88,6 +91,10 @@ class IntConfig:
     def __post_init__(self):
         if self.target:
             self._apply_target()
+        if self.full_range and not self.sym:
+            raise UserError("--full-range is a symmetric grid: drop --asym")
+        if self.full_range and self.target:
+            raise UserError(f"--target {self.target} fixes the grid: drop --full-range")
         if self.bits not in SUPPORTED_BITS:
             raise UserError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
@@ -615,6 +622,7 @@ class RecoverConfig:
     # bf16 autocast for the training steps (losses compared in float32); None: where the CPU multiplies
     # bf16 in hardware (AMX, AVX512-BF16), float32 elsewhere, where emulated bf16 is several times slower
     amp: bool | None = None
+    follow: bool = False  # block, quantized: codes re-rounded on the learned scale (AutoRound's min/max tuning)
 
     def autocast(self) -> bool:
         """Whether the training steps autocast to bf16: ``amp``, or by the CPU when it is None."""

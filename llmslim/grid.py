@@ -62,6 +62,18 @@ def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool)
     return to_fp16_grid(scale), zero
 
 
+def _full_range_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int):
+    """The symmetric grid over all ``maxq + 1`` levels: the row's extreme value ``m`` (the larger
+    magnitude, with its sign) lands exactly on code 0, ``scale = m / -(maxq + 1) / 2`` (signed), and
+    the other side reaches ``(maxq - 1) / 2`` steps: a step ``(maxq + 1) / maxq`` finer than
+    ``_minmax_params``' symmetric grid, which spends half a step beyond each end. llama.cpp's Q4_0
+    rule for any bit width; AutoRound's default "full range" symmetric grid."""
+    m = torch.where(xmax >= -xmin, xmax, xmin)
+    m = torch.where(m == 0, torch.ones_like(m), m)  # an all-zero row: any scale reproduces it
+    half = (maxq + 1) // 2
+    return _signed_fp16(m / -half), torch.full_like(m, half)
+
+
 def to_fp16_grid(scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(scale, min=2**-20).half().float()
 
@@ -130,6 +142,7 @@ def find_params(
     grid: int = 100,
     maxshrink: float = 0.8,
     importance: torch.Tensor | None = None,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``scale`` and ``zero`` (both ``[rows, 1]``) for a 2-D ``w``.
 
@@ -138,21 +151,30 @@ def find_params(
     ``|w - w^|^norm`` (the clipping search of the GPTQ reference implementation). With ``mse`` and
     an ``importance`` per column (``[cols]`` or ``[rows, cols]``), the search minimizes
     ``sum importance * (w - w^)^2`` instead, over more candidates (``weighted_search``).
+    ``full_range`` (symmetric only): the signed-scale grid of ``_full_range_params``.
     """
     maxq = maxq_for(bits)
     w = w.float()
     xmin = torch.clamp(w.min(dim=1).values, max=0)
     xmax = torch.clamp(w.max(dim=1).values, min=0)
-    scale, zero = _minmax_params(xmin, xmax, maxq, sym)
+    if full_range and sym:
+        def params(lo, hi):
+            return _full_range_params(lo, hi, maxq)
+        to_grid = _signed_fp16
+    else:
+        def params(lo, hi):
+            return _minmax_params(lo, hi, maxq, sym)
+        to_grid = to_fp16_grid
+    scale, zero = params(xmin, xmax)
     if mse and importance is not None:
         p = range_factors(grid, maxshrink)[:, None]
-        s, z = _minmax_params(p * xmin, p * xmax, maxq, sym)
-        scale, zero = weighted_search(w, importance, s, z, maxq, to_fp16_grid)
+        s, z = params(p * xmin, p * xmax)
+        scale, zero = weighted_search(w, importance, s, z, maxq, to_grid)
     elif mse:
         best = torch.full_like(xmin, float("inf"))
         for i in range(int(maxshrink * grid)):
             p = 1 - i / grid
-            s, z = _minmax_params(p * xmin, p * xmax, maxq, sym)
+            s, z = params(p * xmin, p * xmax)
             err = (fake_quantize(w, s[:, None], z[:, None], maxq) - w).abs_().pow_(norm).sum(1)
             better = err < best
             best = torch.where(better, err, best)
@@ -173,7 +195,8 @@ def group_slices(columns: int, group_size: int) -> list[slice]:
 
 
 def quantize_rtn(
-    W: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool = False, grid: str | None = None
+    W: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool = False, grid: str | None = None,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest on a ``[out, in]`` weight.
 
@@ -188,7 +211,8 @@ def quantize_rtn(
     Q = torch.empty_like(W)
     scales, zeros = [], []
     for sl in group_slices(W.shape[1], group_size):
-        scale, zero = find_params_gguf(W[:, sl], grid, mse) if grid else find_params(W[:, sl], bits, sym, mse)
+        scale, zero = (find_params_gguf(W[:, sl], grid, mse) if grid
+                       else find_params(W[:, sl], bits, sym, mse, full_range=full_range))
         Q[:, sl] = quantize(W[:, sl], scale, zero, maxq)
         scales.append(scale[:, 0])
         zeros.append(zero[:, 0])

@@ -50,7 +50,7 @@ def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     nvalues, nwords = _run(bits)
     words_total = packed_len(n, bits)
     v = v.reshape(n // nvalues, nvalues, *rest)
-    out = torch.zeros(n // nvalues, nwords, *rest, dtype=torch.int64)
+    out = torch.zeros(n // nvalues, nwords, *rest, dtype=torch.int64, device=v.device)
     for j in range(nvalues):
         word, shift = divmod(bits * j, 32)
         x = v[:, j] & mask
@@ -69,7 +69,7 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         # Fast path (2/4/8 bits): one broadcast shift. The arithmetic shift of negative words
         # drags sign bits in from the left, which the mask removes.
         w = packed.movedim(dim, 0)
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32).view(1, -1, *([1] * (w.dim() - 1)))
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=w.device).view(1, -1, *([1] * (w.dim() - 1)))
         out = (w.unsqueeze(1) >> shifts) & mask
         return out.reshape(-1, *w.shape[1:]).movedim(0, dim).contiguous()
     w = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
@@ -78,7 +78,7 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     if nwords_total % nwords:
         raise ValueError(f"{nwords_total} words do not hold whole runs of {bits}-bit values")
     w = w.reshape(nwords_total // nwords, nwords, *rest)
-    out = torch.empty(w.shape[0], nvalues, *rest, dtype=torch.int64)
+    out = torch.empty(w.shape[0], nvalues, *rest, dtype=torch.int64, device=w.device)
     for j in range(nvalues):
         word, shift = divmod(bits * j, 32)
         x = w[:, word] >> shift

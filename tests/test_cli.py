@@ -91,6 +91,8 @@ def test_resume_after_crash_is_identical(tiny_folder, tmp_path, calib_file, monk
         (["--seqlen", "64", "--calib", "SHORT"], "token"),
         (["--forward-dtype", "fp16"], "--forward-dtype must be one of auto, fp32, bf16"),
         (["--importance", "fisher"], "--importance must be one of auto, none, hessian, imatrix, got 'fisher'"),
+        (["--full-range", "--asym"], "--full-range is a symmetric grid: drop --asym"),
+        (["--full-range", "--target", "gguf-q4_0"], "fixes the grid: drop --full-range"),
     ],
 )
 def test_bad_input_one_line_exit_2(tiny_folder, tmp_path, calib_file, extra, needle):
@@ -170,6 +172,7 @@ def test_bnb_methods_through_the_cli(tiny_folder, tmp_path):
     ("rtn", ["--forward-dtype", "bf16"], "--forward-dtype"),
     ("int8", ["--forward-dtype", "bf16"], "--forward-dtype"),
     ("rtn", ["--importance", "hessian"], "--importance"),
+    ("nf4", ["--full-range"], "--full-range"),
 ])
 def test_options_another_method_would_ignore_are_refused(tiny_folder, tmp_path, method, flags, named):
     r = run("quantize", tiny_folder("llama"), "--method", method, *flags, "--out", tmp_path / "o")

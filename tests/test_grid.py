@@ -122,3 +122,46 @@ def test_importance_weighted_gguf_search_keeps_the_grid_and_is_never_worse(kind)
         assert torch.equal(torch.sign(s1), torch.sign(s0))
     e0, e1 = (_weighted_error(w, s, z, maxq, imp) for s, z in ((s0, z0), (s1, z1)))
     assert (e1 <= e0 * (1 + 1e-6)).all() and e1.sum() < e0.sum()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_full_range_grid_puts_each_rows_extreme_on_code_0_with_a_finer_step(bits):
+    """The signed-scale symmetric grid (llama.cpp's Q4_0 rule, AutoRound's default): the row's value of
+    largest magnitude lands exactly on code 0, every level is used, and the step is (maxq + 1) / maxq
+    finer than GPTQ's symmetric grid, which spends half a step beyond each end."""
+    torch.manual_seed(bits)
+    w = torch.randn(64, 128)
+    maxq = maxq_for(bits)
+    s, z = find_params(w, bits, sym=True, full_range=True)
+    extreme = w.gather(1, w.abs().argmax(1, keepdim=True))
+    assert (z == (maxq + 1) // 2).all()
+    assert torch.equal(torch.sign(s), -torch.sign(extreme))  # signed: the extreme's side gets the extra level
+    assert torch.equal(s, s.half().float())
+    assert (quantize(extreme, s, z, maxq) == 0).all()
+    assert torch.allclose(dequantize(torch.zeros_like(extreme), s, z), extreme, rtol=1e-3)
+    s_gptq, z_gptq = find_params(w, bits, sym=True)
+    assert (s.abs() < s_gptq).all()
+    err = (dequantize(quantize(w, s, z, maxq), s, z) - w).square().sum()
+    err_gptq = (dequantize(quantize(w, s_gptq, z_gptq, maxq), s_gptq, z_gptq) - w).square().sum()
+    assert err < err_gptq
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_full_range_clipping_search_keeps_signed_scales_and_is_never_worse(weighted):
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) ** 3
+    imp = torch.rand(128) + 0.1 if weighted else None
+    s1, z1 = find_params(w, 3, sym=True, full_range=True)
+    s2, z2 = find_params(w, 3, sym=True, mse=True, importance=imp, full_range=True)
+    assert torch.equal(torch.sign(s2), torch.sign(s1)) and torch.equal(z2, z1)
+    weight = imp if weighted else torch.ones(128)
+
+    def err(s, z):
+        return (weight * (dequantize(quantize(w, s, z, 7), s, z) - w).square()).sum(1)
+
+    if weighted:  # the weighted search minimizes exactly this objective, the full range among its candidates
+        assert (err(s2, z2) <= err(s1, z1) * (1 + 1e-5)).all()
+    assert err(s2, z2).sum() < err(s1, z1).sum()
+    # asymmetric grids have no full-range variant: the flag changes nothing there
+    assert all(torch.equal(a, b) for a, b in zip(find_params(w, 3, sym=False, full_range=True),
+                                                  find_params(w, 3, sym=False), strict=True))

@@ -75,3 +75,14 @@ def test_packed_len_rejects_odd_sizes():
         packed_len(48, 3)
     with pytest.raises(ValueError):
         packed_len(12, 4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_and_unpack_stay_on_the_inputs_device(bits):
+    """Every temporary follows its input, so a layer held on an accelerator decodes there: on the meta
+    device, a temporary made on the CPU fails the operation."""
+    values = torch.randint(0, 2**bits, (64, 8), dtype=torch.int32)
+    packed = pack(values.to("meta"), bits, dim=0)
+    assert packed.device.type == "meta" and packed.shape == pack(values, bits, dim=0).shape
+    out = unpack(packed, bits, dim=0)
+    assert out.device.type == "meta" and out.shape == values.shape

@@ -164,6 +164,7 @@ def gptq_quantize(
     nm: tuple[int, int] | None = None,
     keep_zeros: torch.Tensor | None = None,
     importance: str | None = None,
+    full_range: bool = False,
 ) -> GPTQResult:
     """GPTQ on one layer. ``grid`` (``q4_0``/``q8_0``) solves on that GGUF block grid instead of
     GPTQ's own: llama.cpp's scale rule per group of 32 (``grid.find_params_gguf``). Any other GGUF
@@ -193,7 +194,7 @@ def gptq_quantize(
     prune = bool(sparsity) or nm is not None or keep_zeros is not None
     if not bool(torch.isfinite(H.sum())):
         return _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, "Hessian is not finite", grid,
-                             sparsity, nm)
+                             sparsity, nm, full_range)
 
     # Dead inputs (always zero in calibration) carry no information: fix their diagonal so H
     # stays invertible, and zero the weights since they never contribute (reference code).
@@ -213,7 +214,7 @@ def gptq_quantize(
             imp = d[None, :] if importance == "hessian" else d[None, :] * torch.sqrt(sigma2 + cols.square())
         if grid:
             return find_params_gguf(cols, grid, mse, importance=imp)
-        return find_params(cols, bits, sym, mse, importance=imp)
+        return find_params(cols, bits, sym, mse, importance=imp, full_range=full_range)
 
     if group_size == -1:
         g_idx = torch.zeros(columns, dtype=torch.long)
@@ -239,7 +240,7 @@ def gptq_quantize(
     Hinv, used_damp = inverse_cholesky(H, damp_percent)
     if Hinv is None:
         return _rtn_fallback(W[:, torch.argsort(perm)], bits, group_size, sym, mse, used_damp,
-                             "Cholesky failed even at 100% damping", grid, sparsity, nm)
+                             "Cholesky failed even at 100% damping", grid, sparsity, nm, full_range)
 
     Qint = torch.zeros(rows, columns)
     Losses = torch.zeros(rows, columns)
@@ -410,7 +411,8 @@ def magnitude_mask(W: torch.Tensor, sparsity: float, nm: tuple[int, int] | None)
     return masks.smallest(W.abs(), masks.count_for(W.numel(), sparsity))
 
 
-def _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, why, grid=None, sparsity=0.0, nm=None) -> GPTQResult:
+def _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, why, grid=None, sparsity=0.0, nm=None,
+                  full_range=False) -> GPTQResult:
     mask = None
     if sparsity or nm is not None:  # no Hessian to prune with: magnitude, then RTN keeps the zeros
         mask = magnitude_mask(W, sparsity, nm)
@@ -424,7 +426,7 @@ def _rtn_fallback(W, bits, group_size, sym, mse, damp_percent, why, grid=None, s
                           zeros=torch.full((scale.shape[1], scale.shape[0]), zero, dtype=torch.int32),
                           g_idx=torch.arange(W.shape[1], dtype=torch.int32) // sub, loss=float("nan"),
                           damp_percent=damp_percent, fallback=why, offsets=torch.from_numpy(offset.T.copy()), gguf=fit)
-    Q, scales, zeros = quantize_rtn(W, bits, group_size, sym, mse, grid)
+    Q, scales, zeros = quantize_rtn(W, bits, group_size, sym, mse, grid, full_range)
     columns = W.shape[1]
     g_idx = (torch.arange(columns, dtype=torch.int32) // group_size) if group_size != -1 else torch.zeros(
         columns, dtype=torch.int32)

@@ -56,8 +56,9 @@ class LearnedGrid(nn.Module):
     BOUNDS = {"V": 0.5, "a": 0.5, "b": 1.0}
 
     def __init__(self, layer: GPTQLinear, reference: torch.Tensor | None = None, rounding: bool = True,
-                 mask: torch.Tensor | None = None):
+                 mask: torch.Tensor | None = None, follow: bool = False):
         super().__init__()
+        self.follow = follow
         self.bits, self.group_size = layer.bits, layer.group_size
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.maxq = maxq_for(layer.bits)
@@ -85,10 +86,14 @@ class LearnedGrid(nn.Module):
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes ``[out, in]``, scales and zeros ``[groups, out]`` as floats (differentiable)."""
-        u = self.u if self.V is None else self.u + self.V
-        q = round_ste(u).clamp(0, self.maxq)
         s = fp16_ste(self.S * (1 + self.a))
         z = self.Z if self.b is None else round_ste(self.Z + self.b).clamp(1, self.maxq)
+        u = self.u
+        if self.follow:  # the input weight rounded anew on the learned grid, as AutoRound's min/max tuning does
+            g = self.g_idx.long()
+            u = (u - self.Z[g].T) * self.S[g].T / s[g].T + z[g].T
+        u = u if self.V is None else u + self.V
+        q = round_ste(u).clamp(0, self.maxq)
         if self.mask is not None:
             q = torch.where(self.mask, z[self.g_idx.long()].T, q)
         return q, s, z
@@ -113,7 +118,7 @@ class LearnedGrid(nn.Module):
     def to_gptq(self) -> GPTQLinear:
         q, s, z = self.grid()
         return GPTQLinear.from_codes(q.to(torch.int32), s, z.to(torch.int32), self.g_idx, self.group_size,
-                                     self.bits, self.bias)
+                                     self.bits, self.bias).to(self.S.device)
 
 
 class LoRALinear(nn.Module):

@@ -198,7 +198,7 @@ class _Inputs:
         """The block on every sample, batch by batch as captured; float32 out. Under autocast only the
         linears and attention compute in bf16 (the residual stream stays float32): half the time of a
         float32 forward on the reference model where the CPU multiplies bf16 natively."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return torch.cat([run_block(block, hidden[self.rows(j)], self.args[j], self.kwargs[j]).float()
                               for j in range(len(self.sizes))])
 
@@ -295,7 +295,7 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
     if kind == "quantized":
         originals = {n: m for n, m in find_linears(block, quantized=True).items() if isinstance(m, GPTQLinear)}
         learned = {n: LearnedGrid(m, linear_weight(t_linears[n]).detach(), rounding=True,
-                                  mask=m.dequantized_weight() == 0 if pruned else None)
+                                  mask=m.dequantized_weight() == 0 if pruned else None, follow=config.follow)
                    for n, m in originals.items()}
         for n, m in learned.items():
             set_module(block, n, m)
@@ -373,7 +373,7 @@ def _iterate(block, X, target, initial, s_in: _Inputs, bs: int, gen, planned: in
     amp = s_in.amp
     while k < planned:
         idx = torch.randperm(n, generator=gen)[:bs]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(X.device.type, dtype=torch.bfloat16, enabled=amp):
             out = run_block(block, X[idx], s_in.args[0], s_in.kwargs[0])
         loss = F.mse_loss(out.float(), target[idx])
         if not torch.isfinite(loss):

@@ -17,7 +17,8 @@ def rtn_layers(model: nn.Module, config: RTNConfig, targets: dict[str, nn.Module
     logs = []
     for name, layer in tqdm(targets.items(), desc="RTN layers", unit="layer", disable=not progress):
         W = linear_weight(layer).detach().float()
-        Q, scales, zeros = quantize_rtn(W, config.bits, config.group_size, config.sym, config.mse, config.gguf_grid)
+        Q, scales, zeros = quantize_rtn(W, config.bits, config.group_size, config.sym, config.mse, config.gguf_grid,
+                                     config.full_range)
         g = config.group_size if config.group_size != -1 else W.shape[1]
         g_idx = torch.arange(W.shape[1], dtype=torch.int32) // g
         set_module(model, name, GPTQLinear.from_codes(Q, scales, zeros, g_idx, config.group_size,

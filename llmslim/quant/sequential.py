@@ -99,7 +99,7 @@ def solver_options(config: GPTQConfig) -> dict:
                 desc_act=config.desc_act, static_groups=config.static_groups, damp_percent=config.damp_percent,
                 block_size=config.block_size, act_group_aware=config.act_group_aware and not config.desc_act,
                 grid=config.gguf_grid, sparsity=config.sparsity, nm=config.n_m,
-                importance=config.scale_importance if config.mse else None)
+                importance=config.scale_importance if config.mse else None, full_range=config.full_range)
 
 
 def prune_refit_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> GPTQResult:

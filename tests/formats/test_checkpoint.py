@@ -68,6 +68,32 @@ def test_files_follow_gptq_v1(tmp_path):
     assert (W_hat - W).abs().max() <= step / 2 + 1e-3
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_full_range_grid_round_trips_with_signed_scales(tmp_path, method):
+    """The full-range symmetric grid stores a signed fp16 scale per group (AutoRound's and llama.cpp's
+    convention); a v1 reader's dequantization, scale * (q - zero), reads it back unchanged."""
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, 320, (4, 24))
+    grid = dict(bits=4, group_size=32, full_range=True)
+    config = RTNConfig(**grid) if method == "rtn" else GPTQConfig(**grid)
+    W = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    quantize(model, config, ids)
+    with torch.inference_mode():
+        expected = model(ids).logits
+    save_gptq(model, make_tiny_tokenizer(), tmp_path, config)
+    t = load_file(tmp_path / "model.safetensors")
+    p = "model.layers.0.mlp.down_proj"
+    assert (t[f"{p}.scales"] < 0).any() and (t[f"{p}.scales"] > 0).any()
+    W_hat = reference_dequant(t[f"{p}.qweight"], t[f"{p}.qzeros"], t[f"{p}.scales"], t[f"{p}.g_idx"], 4)
+    if method == "rtn":  # each group's extreme sits exactly on the grid
+        ext = W.reshape(W.shape[0], -1, 32).abs().amax(-1)
+        got = W_hat.reshape(W.shape[0], -1, 32).abs().amax(-1)
+        torch.testing.assert_close(got, ext, rtol=1e-3, atol=1e-6)
+    loaded, _ = load(str(tmp_path))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=2e-2, atol=2e-2)
+
+
 def test_partial_last_group(tmp_path):
     """Group size not dividing the input size (SmolLM2 576 at g128): last group is partial."""
     model = make_tiny_model("llama")  # hidden 64, intermediate 128

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from llmslim.config import GPTQConfig, RecoverConfig
+from llmslim.config import GPTQConfig, RecoverConfig, RTNConfig
 from llmslim.errors import UserError
 from llmslim.nn import GPTQLinear
 from llmslim.pipeline.stages import quantize
@@ -90,6 +90,34 @@ def test_learned_grid_keeps_signed_scales():
     assert torch.allclose(s, (layer.scales.float() * 1.25).half().float())
 
 
+def test_learned_grid_follow_rounds_the_weight_anew_on_the_learned_scale():
+    """``follow`` (AutoRound's min/max tuning): at the start it is the layer exactly; a smaller scale
+    re-rounds the original weight on the finer grid (clipping its extremes), where fixed codes would only
+    shrink every weight of the group."""
+    teacher = make_tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    quantize(student, RTNConfig(bits=3, group_size=32, full_range=True))
+    name, layer = next((n, m) for n, m in student.named_modules() if isinstance(m, GPTQLinear))
+    W = linear_weight(teacher.get_submodule(name)).detach().float()
+    fixed, follow = LearnedGrid(layer, W), LearnedGrid(layer, W, follow=True)
+    assert torch.equal(follow.weight().detach(), layer.dequantized_weight())
+    for key in ("qweight", "qzeros", "scales"):
+        assert torch.equal(getattr(follow.to_gptq(), key), getattr(layer, key)), key
+    with torch.no_grad():
+        fixed.a.fill_(-0.2)
+        follow.a.fill_(-0.2)
+    q, s, z = follow.grid()
+    g = layer.g_idx.long()
+    nearest = torch.clamp(torch.round(W / s[g].T + z[g].T), 0, 7)
+    assert (q == nearest).float().mean() > 0.99  # the codes of W on the learned grid (up to float ties)
+    err_follow = (follow.weight().detach() - W).norm()
+    assert err_follow < (fixed.weight().detach() - W).norm()
+    torch.testing.assert_close(follow.to_gptq().dequantized_weight(), follow.weight().detach())
+    # the scale gets a gradient through the re-rounded codes too
+    follow.weight().square().sum().backward()
+    assert follow.a.grad is not None and follow.a.grad.abs().sum() > 0
+
+
 def test_learned_grid_keeps_pruned_weights_zero():
     student, _ = gptq_pair(sym=False)
     layer = next(m for m in student.modules() if isinstance(m, GPTQLinear))
@@ -154,6 +182,28 @@ def test_block_mode_never_increases_a_blocks_calibration_loss(arch, lr, target, 
     assert len(s_layers) == len(g_layers) == {"llama": 14, "gpt2": 8}[arch]
     for (n, m), (_, g) in zip(sorted(s_layers.items()), sorted(g_layers.items()), strict=True):
         assert (m.codes()[0] - g.codes()[0]).abs().max() <= 1, n
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_block_mode_from_round_to_nearest_on_the_full_range_grid(follow):
+    """AutoRound's own start (round-to-nearest on the signed full-range grid), with fixed codes or codes
+    that follow the learned scale: no block gets worse, some get better, every scale keeps its sign."""
+    teacher = make_tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    quantize(student, RTNConfig(bits=2, group_size=32, full_range=True))
+    rtn_blocks = copy.deepcopy(find_blocks(student)[1])
+    calib = tokens(8, 32)
+    logs = reconstruct.recover_blocks(student, teacher, calib, RecoverConfig(iters=6, batch_size=4, follow=follow),
+                                      progress=False)
+    after = block_losses(student, teacher, calib)
+    before = block_losses(student, teacher, calib, swap=dict(enumerate(rtn_blocks)))
+    for a, b, x in zip(after, before, logs, strict=True):
+        assert a <= b * (1 + 1e-6), (a, b, x)
+    assert any(x.kept == "recovered" and x.loss_after < x.loss_before for x in logs)
+    s_layers = {n: m for n, m in student.named_modules() if isinstance(m, GPTQLinear)}
+    r_layers = {n: m for n, m in rtn_blocks.named_modules() if isinstance(m, GPTQLinear)}
+    for (n, m), (_, r) in zip(sorted(s_layers.items()), sorted(r_layers.items()), strict=True):
+        assert torch.equal(torch.sign(m.scales), torch.sign(r.scales)), n
 
 
 def test_block_mode_sparse_float_student_keeps_its_mask():
