@@ -652,7 +652,7 @@ class RecoverConfig:
             raise UserError("--data must name the training text (e.g. wiki, or a file)")
         if self.amp not in (None, True, False):
             raise UserError(f"amp must be true, false or null (automatic), got {self.amp!r}")
-        own = {"block": ("iters",), "e2e": ("data", "text_field", "tokens", "seqlen", "temperature", "lora_rank",
+        own = {"block": ("iters", "follow"), "e2e": ("data", "text_field", "tokens", "seqlen", "temperature", "lora_rank",
                                              "checkpoint_every")}
         defaults = {f.name: f.default for f in fields(RecoverConfig)}
         foreign = [k for k in (*own["block"], *own["e2e"]) if k not in own[self.mode]

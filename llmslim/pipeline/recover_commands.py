@@ -55,6 +55,9 @@ def add_recover(sub) -> None:
     t.add_argument("--lora-rank", type=int, default=0, help="e2e, float students: LoRA rank (0 = all weights)")
     t.add_argument("--checkpoint-every", type=int, default=20, metavar="STEPS",
                    help="e2e: steps between checkpoints (default 20)")
+    t.add_argument("--follow", action="store_true",
+                   help="block, quantized students: round the original weights anew on the learned scale "
+                   "(AutoRound's min/max tuning) instead of rescaling the input codes")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for training (default: only where the CPU has native bf16, AMX or "
                    "AVX512-BF16; emulated bf16 is several times slower than float32)")
@@ -73,7 +76,7 @@ def build_config(args):
             raise UserError(f"{flag} must be {'at least 2' if flag == '--seqlen' else 'positive'}, got {value}")
     common = dict(mode=args.mode, iters=args.iters, batch_size=args.batch_size, lr=args.lr, max_time=args.max_time,
                   seed=args.seed or 0, temperature=args.temperature, lora_rank=args.lora_rank,
-                  checkpoint_every=args.checkpoint_every, amp=args.amp)
+                  checkpoint_every=args.checkpoint_every, amp=args.amp, follow=args.follow)
     if args.mode == "e2e":
         extra = {k: v for k, v in (("data", args.data), ("tokens", args.tokens), ("seqlen", args.seqlen)) if v is not None}
         return RecoverConfig(**common, text_field=args.text_field, **extra), None

@@ -484,6 +484,7 @@ def test_e2e_refuses_bad_inputs():
     (dict(iters=0), "--iters"), (dict(max_time=-1), "--max-time"), (dict(mode="e2e", tokens=0), "--tokens"),
     (dict(mode="e2e", temperature=0), "--temperature"), (dict(tokens=10), "does not use --tokens"),
     (dict(mode="e2e", iters=5), "does not use --iters"), (dict(lr="fast"), "--lr must be positive"),
+    (dict(mode="e2e", follow=True), "does not use --follow"),
 ])
 def test_config_refuses_bad_values(kw, msg):
     with pytest.raises(UserError, match=msg):
