@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from llmslim.cli import main
 from llmslim.errors import UserError
@@ -121,6 +122,27 @@ def test_cli_recover_block_then_e2e_keep_the_students_format(tiny_folder, tmp_pa
     qb = {n: m for n, m in b.named_modules() if isinstance(m, GPTQLinear)}
     assert qa.keys() == qb.keys() and all(torch.equal(qa[n].qweight, qb[n].qweight) for n in qa)  # codes kept
     assert qconfig(e2e)["meta"]["recover"] == "e2e"
+
+
+def test_cli_full_range_round_to_nearest_then_recover_follow(tiny_folder, tmp_path, calib_file):
+    """AutoRound's recipe through the CLI: RTN on the full-range grid, then block recovery whose codes
+    follow the learned scale; both options are recorded in the recipe and the signed scales survive."""
+    src = tiny_folder("llama")
+    q = tmp_path / "q"
+    assert main(["quantize", str(src), "--method", "rtn", "--bits", "3", "--group-size", "32", "--full-range",
+                 "--out", str(q)]) == 0
+    rec = tmp_path / "rec"
+    assert main(["recover", str(q), "--teacher", str(src), "--out", str(rec), "--iters", "4", "--batch-size", "4",
+                 "--data", str(calib_file), "--tokens", "256", "--seqlen", "32", "--follow"]) == 0
+    made = read_recipe(rec / "recipe.yaml")
+    assert [s.stage for s in made.stages] == ["rtn", "recover"]
+    assert made.stages[0].full_range and made.stages[1].follow
+    assert tensors(rec) == tensors(q)
+    a, b = load_file(q / "model.safetensors"), load_file(rec / "model.safetensors")
+    scales = [k for k in a if k.endswith(".scales")]
+    assert scales and all(torch.equal(torch.sign(a[k]), torch.sign(b[k])) for k in scales)
+    assert any((a[k] < 0).any() for k in scales)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith((".qweight", ".scales")))
 
 
 def test_cli_recover_e2e_depth_pruned_student_with_lora(tiny_folder, tmp_path, calib_file):
