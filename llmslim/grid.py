@@ -64,7 +64,7 @@ def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool)
 
 def _full_range_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int):
     """The symmetric grid over all ``maxq + 1`` levels: the row's extreme value ``m`` (the larger
-    magnitude, with its sign) lands exactly on code 0, ``scale = m / -(maxq + 1) / 2`` (signed), and
+    magnitude, with its sign) lands exactly on code 0, ``scale = -2 m / (maxq + 1)`` (signed), and
     the other side reaches ``(maxq - 1) / 2`` steps: a step ``(maxq + 1) / maxq`` finer than
     ``_minmax_params``' symmetric grid, which spends half a step beyond each end. llama.cpp's Q4_0
     rule for any bit width; AutoRound's default "full range" symmetric grid."""

@@ -9,6 +9,9 @@
       z = clamp(round(Z + b), 1, maxq)      b: per-group zero adjustment (asymmetric grids only)
       w = s[g] * (q - z[g])
 
+  With ``follow`` the codes are not fixed but the input weight rounded anew on the learned grid,
+  ``q = clamp(round((u - Z) S / s + z + V), 0, maxq)`` (AutoRound's min/max tuning): a smaller scale
+  clips a group's extremes and refines the rest.
   Rounding passes gradients straight through (the STE of Bengio et al., arXiv:1308.3432), so the
   forward is always the exact weight ``to_gptq`` will store: integer codes, fp16 scales, zeros in
   [1, maxq] (the v1 format's range). Without ``V`` (end-to-end mode) the codes stay fixed and only
