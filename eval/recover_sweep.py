@@ -28,12 +28,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmslim.config import GPTQConfig, RecoverConfig, RTNConfig  # noqa: E402
 from llmslim.formats.hf import load_hf  # noqa: E402
+from llmslim.metrics.scoring import score_windows  # noqa: E402
+from llmslim.metrics.windows import gptq_windows  # noqa: E402
 from llmslim.models import resolve  # noqa: E402
 from llmslim.nn import decoded_weights  # noqa: E402
 from llmslim.pipeline.stages import Context, handler_for  # noqa: E402
@@ -43,18 +44,13 @@ VARIANT = re.compile(r"^(?P<start>(?:gptq|rtn)(?:-full)?)(?P<follow>\+follow)?(?
                      r"(?P<fp32>/fp32)?$")
 
 
-@torch.no_grad()
 def perplexity(model, ids: torch.Tensor) -> float:
-    """The GPTQ method of llmslim.metrics.ppl: non-overlapping windows, no BOS, each window's first
-    token unscored; float32."""
-    nll, n = 0.0, 0
-    device = next(model.parameters()).device
+    """llmslim's GPTQ method (``metrics.ppl``): the rows of ``ids`` as non-overlapping windows, no BOS,
+    each window's first token unscored; float32 weights."""
+    windows = gptq_windows(ids.flatten().tolist(), ids.shape[1])
     with decoded_weights(model):
-        for row in ids.to(device):
-            logits = model(row[None]).logits[0, :-1].float()
-            nll += float(F.cross_entropy(logits, row[1:], reduction="sum"))
-            n += row.numel() - 1
-    return math.exp(nll / n)
+        scores = score_windows(model, windows, progress=False)
+    return math.exp(math.fsum(s.nll for s in scores) / sum(s.n for s in scores))
 
 
 def main() -> None:
