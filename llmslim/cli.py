@@ -204,7 +204,8 @@ def describe(config) -> str:
     joint = ""
     if getattr(config, "sparsity", 0) or getattr(config, "nm", ""):
         joint = f" + {config.nm} sparse" if config.nm else f" + {config.sparsity:.0%} sparse"
-    return f"{config.stage} {config.bits}-bit g{config.group_size} {'sym' if config.sym else 'asym'}{joint}"
+    grid = "sym full-range" if getattr(config, "full_range", False) else "sym" if config.sym else "asym"
+    return f"{config.stage} {config.bits}-bit g{config.group_size} {grid}{joint}"
 
 
 def describe_prune(config) -> str:

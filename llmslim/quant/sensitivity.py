@@ -157,11 +157,12 @@ def output_fisher(model: nn.Module, names: list[str], calib: torch.Tensor, batch
 
 
 def round_to_grid(W: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool, g_idx: torch.Tensor,
-                  grid: int = PROXY_GRID) -> Rounded:
+                  grid: int = PROXY_GRID, full_range: bool = False) -> Rounded:
     """Round-to-nearest of ``W [rows, columns]`` on the grid ``bits``/``group_size`` with the groups
     ``g_idx`` (as GPTQ forms them): each group's scale and zero from its own weights (``mse``: the
-    clipping search of ``grid.find_params`` at resolution ``grid``), all groups of the layer in one
-    call (groups are ``group_size`` columns but the last)."""
+    clipping search of ``grid.find_params`` at resolution ``grid``; ``full_range``: the signed
+    full-range symmetric grid GPTQ will use), all groups of the layer in one call (groups are
+    ``group_size`` columns but the last)."""
     maxq = maxq_for(bits)
     rows, columns = W.shape
     size = columns if group_size == -1 else group_size
@@ -171,7 +172,7 @@ def round_to_grid(W: torch.Tensor, bits: int, group_size: int, sym: bool, mse: b
     parts = [Ws[:, :full].reshape(rows, -1, size)] + ([Ws[:, full:, None].transpose(1, 2)] if full < columns else [])
     codes, scales, zeros = [], [], []
     for part in parts:  # [rows, groups, columns per group]
-        s, z = find_params(part.reshape(-1, part.shape[-1]), bits, sym, mse, grid=grid)
+        s, z = find_params(part.reshape(-1, part.shape[-1]), bits, sym, mse, grid=grid, full_range=full_range)
         s, z = s.view(rows, -1, 1), z.view(rows, -1, 1)
         codes.append(quantize(part, s, z, maxq).reshape(rows, -1))
         scales.append(s[..., 0])
@@ -257,7 +258,7 @@ class SensitivitySolver(LayerSolver):
                                            o["act_group_aware"])
                 ldl[group] = (g_idx, ldl_diagonal(H, perm, o["damp_percent"]))
             g_idx, D = ldl[group]
-            rounded = round_to_grid(W, bits, group, o["sym"], o["mse"], g_idx)
+            rounded = round_to_grid(W, bits, group, o["sym"], o["mse"], g_idx, full_range=o["full_range"])
             R = W - rounded.weight()
             if D is None:  # GPTQ would round to nearest: the cost is R's own
                 notes.append(f"{key}: Cholesky failed, priced as RTN")

@@ -124,13 +124,14 @@ def test_cli_recover_block_then_e2e_keep_the_students_format(tiny_folder, tmp_pa
     assert qconfig(e2e)["meta"]["recover"] == "e2e"
 
 
-def test_cli_full_range_round_to_nearest_then_recover_follow(tiny_folder, tmp_path, calib_file):
+def test_cli_full_range_round_to_nearest_then_recover_follow(tiny_folder, tmp_path, calib_file, capsys):
     """AutoRound's recipe through the CLI: RTN on the full-range grid, then block recovery whose codes
     follow the learned scale; both options are recorded in the recipe and the signed scales survive."""
     src = tiny_folder("llama")
     q = tmp_path / "q"
     assert main(["quantize", str(src), "--method", "rtn", "--bits", "3", "--group-size", "32", "--full-range",
                  "--out", str(q)]) == 0
+    assert "rtn 3-bit g32 sym full-range:" in capsys.readouterr().out  # the summary names the grid
     rec = tmp_path / "rec"
     assert main(["recover", str(q), "--teacher", str(src), "--out", str(rec), "--iters", "4", "--batch-size", "4",
                  "--data", str(calib_file), "--tokens", "256", "--seqlen", "32", "--follow"]) == 0

@@ -136,6 +136,10 @@ def test_round_to_grid_is_rtn_on_every_group_at_once(columns, group, sym):
         Q, scales, zeros = quantize_rtn(W, bits, group, sym, True)
         assert torch.equal(r.codes.int(), Q) and torch.equal(r.scale, scales)
         assert torch.equal(r.weight(), dequantize_groups(Q, scales, zeros, g_idx))
+        if sym:  # the full-range grid prices what GPTQ on that grid will store (signed scales)
+            r = round_to_grid(W, bits, group, sym, True, g_idx, grid=100, full_range=True)
+            Q, scales, zeros = quantize_rtn(W, bits, group, sym, True, full_range=True)
+            assert (scales < 0).any() and torch.equal(r.codes.int(), Q) and torch.equal(r.scale, scales)
 
 
 def test_calibration_fit():
