@@ -133,6 +133,11 @@ def test_which_checkpoints_are_on_the_q4_0_grid():
     layer_blocks(layer(group_size=128), "q4_0")  # groups of whole blocks share a scale: exact
     layer_blocks(layer(desc_act=True, static_groups=True), "q4_0")  # act-order folded back by g_idx
     layer_blocks(layer(), "q8_0")  # 4-bit codes fit Q8_0 exactly
+    # The full-range grid at 4 bits g32 is Q4_0's own rule (d = m / -8, signed): its blocks are the file's.
+    full = layer(full_range=True)
+    d, k = layer_blocks(full, "q4_0")
+    assert (d < 0).any() and int(k.min()) == -8
+    assert torch.equal((d.repeat_interleave(32, 1) * k).float(), full.dequantized_weight().float())
     for kw, needle in ((dict(group_size=16), "split blocks"), (dict(desc_act=True), "static-groups"),
                        (dict(sym=False), "asymmetric"), (dict(bits=8), "outside")):
         with pytest.raises(ValueError, match=needle):
