@@ -146,10 +146,11 @@ def run_one(row: str, args) -> dict:
     if spec["recover"] == "+block":
         iters = int(spec["iters"] or args.iters)
         config = RecoverConfig(iters=iters, batch_size=min(8, calib.shape[0]), max_time=args.block_max_time,
-                               lr=args.block_lr, follow=args.block_follow)
+                               lr=args.block_lr, follow=args.block_follow, seed=args.block_seed)
         logs = timed("recover", lambda: recover_blocks(model, teacher, calib, config, progress=not args.quiet))
         result["blocks_recovered"] = sum(x.kept == "recovered" for x in logs)
         result["block_iters"] = [x.iters for x in logs]  # fewer than @N where --block-max-time binds
+        result["block_last_chosen"] = sum(x.chosen == "last" for x in logs)  # over the best mini-batch's
         result["block_loss"] = [sum(x.loss_before for x in logs if x.trained),
                                 sum(min(x.loss_before, x.loss_after) for x in logs if x.trained)]
     elif spec["recover"] == "+e2e":
@@ -214,6 +215,7 @@ def main() -> None:
     p.add_argument("--block-lr", type=float, default=None, help="block rows: --lr (default: recover's own)")
     p.add_argument("--block-follow", action="store_true",
                    help="block rows: codes re-rounded on the learned scale (AutoRound's min/max tuning)")
+    p.add_argument("--block-seed", type=int, default=0, help="block rows: the mini-batch draws' seed")
     p.add_argument("--e2e-max-time", type=float, default=1800.0, help="e2e rows: training budget in seconds")
     p.add_argument("--e2e-tokens", type=int, default=50_000_000, help="e2e rows: token budget (default: time binds)")
     p.add_argument("--e2e-seqlen", type=int, default=512)
@@ -265,7 +267,7 @@ def main() -> None:
     cache = args.out.with_suffix(".cache")
     passthrough = []
     passthrough += ["--block-follow"] if args.block_follow else []
-    for flag in ("windows", "seqlen", "iters", "block_max_time", "block_lr", "e2e_max_time", "e2e_tokens", "e2e_seqlen", "e2e_lr",
+    for flag in ("windows", "seqlen", "iters", "block_max_time", "block_lr", "block_seed", "e2e_max_time", "e2e_tokens", "e2e_seqlen", "e2e_lr",
                  "e2e_lora_rank", "e2e_every", "probe_windows", "autoround_python"):
         value = getattr(args, flag)
         if value is not None:

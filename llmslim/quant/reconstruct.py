@@ -78,6 +78,9 @@ class BlockLog:
     iters: int
     lr: float
     seconds: float
+    # Which trained parameters were judged on the whole set: those of the lowest mini-batch loss
+    # ("best batch") or the last step's ("last"); "" when nothing trained.
+    chosen: str = ""
 
 
 def student_kind(model: nn.Module) -> str:
@@ -283,7 +286,7 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
     loss_before = float(F.mse_loss(before, target))
     t_eval = time.perf_counter() - t0
     if deadline is not None:
-        deadline -= t_eval / 2  # the closing evaluation: one whole-set forward, like each of the two above
+        deadline -= 1.5 * t_eval  # the closing evaluations: three whole-set forwards, like each of the two above
         if time.perf_counter() >= deadline:
             # The forwards above took this block's share of --max-time. One step could only return the
             # input weights (the best state is the one before a step), so train nothing and skip the
@@ -336,8 +339,17 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
                                        snapshot_of, bar, t0, t_eval)
     bar.close()
 
-    if best_state is not None:
+    chosen = "last" if k else ""
+    if best_state is not None and k > 0:
+        # The best mini-batch is one draw of bs samples: a noisy judge. Put its parameters against the
+        # last step's (where the decayed learning rate has settled) on the whole calibration set.
+        last_state = _snapshot(snapshot_of)
+        loss_last = float(F.mse_loss(s_in.forward(block, X), target))
         _restore(snapshot_of, best_state)
+        chosen = "best batch"
+        if loss_last < float(F.mse_loss(s_in.forward(block, X), target)):  # (False for a non-finite last step)
+            chosen = "last"
+            _restore(snapshot_of, last_state)
     if kind == "quantized":
         for n, m in learned.items():
             set_module(block, n, m.to_gptq())
@@ -359,7 +371,7 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
                 for n, w in weights.items():
                     w.copy_(originals[n])
     entry = BlockLog(i, "grid" if kind == "quantized" else "weights", loss_before, loss_after, kept, k, lr,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, chosen)
     return entry, after, target
 
 

@@ -206,6 +206,32 @@ def test_block_mode_from_round_to_nearest_on_the_full_range_grid(follow):
         assert torch.equal(torch.sign(m.scales), torch.sign(r.scales)), n
 
 
+@pytest.mark.parametrize("spoil", ["last", "best batch"])
+def test_block_mode_keeps_the_better_of_best_batch_and_last_step_on_the_whole_set(monkeypatch, spoil):
+    """The training loop hands back the parameters of its best mini-batch; the last step's may be better
+    on the whole calibration set, or worse. Spoil one of the two (the last step blown up, or a 'best'
+    snapshot that is the untrained start) and the other must be the one kept."""
+    student, teacher = gptq_pair()
+    real = reconstruct._iterate
+
+    def iterate(block, X, target, initial, s_in, bs, gen, planned, deadline, config, step, snapshot_of, *rest):
+        start = reconstruct._snapshot(snapshot_of)
+        k, best, best_state = real(block, X, target, initial, s_in, bs, gen, planned, deadline, config, step,
+                                   snapshot_of, *rest)
+        if spoil == "best batch":
+            return k, best, start
+        with torch.no_grad():
+            for m in snapshot_of:
+                m.a.fill_(-0.5)  # every scale halved: far worse than any trained state
+        return k, best, best_state
+
+    monkeypatch.setattr(reconstruct, "_iterate", iterate)
+    logs = reconstruct.recover_blocks(student, teacher, tokens(8, 32), RecoverConfig(iters=6, batch_size=4),
+                                      progress=False)
+    assert all(x.chosen == ("best batch" if spoil == "last" else "last") for x in logs), logs
+    assert any(x.kept == "recovered" and x.loss_after < x.loss_before for x in logs)
+
+
 def test_block_mode_sparse_float_student_keeps_its_mask():
     teacher = make_tiny_model("llama")
     student = copy.deepcopy(teacher)
