@@ -377,14 +377,19 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
 
 def _iterate(block, X, target, initial, s_in: _Inputs, bs: int, gen, planned: int, deadline, config: RecoverConfig,
              step, snapshot_of: list, bar, t0: float, t_eval: float):
-    """The training steps of one block: a random mini-batch, the loss against the original block's
+    """The training steps of one block: a mini-batch, the loss against the original block's
     outputs, a step. The parameters of the lowest loss seen (relative to the same samples' loss with
     the input weights) are kept. Returns (steps, best relative loss, best parameters)."""
     n = X.shape[0]
     best, best_state, k = float("inf"), None, 0
     amp = s_in.amp
+    order, at = torch.randperm(n, generator=gen), 0
     while k < planned:
-        idx = torch.randperm(n, generator=gen)[:bs]
+        # Mini-batches walk a shuffled order of the samples, reshuffled when fewer than bs are left (as
+        # AutoRound's IndexSampler does): every sample is seen equally often, not as independent draws fall.
+        if at + bs > n:
+            order, at = torch.randperm(n, generator=gen), 0
+        idx, at = order[at:at + bs], at + bs
         with torch.autocast(X.device.type, dtype=torch.bfloat16, enabled=amp):
             out = run_block(block, X[idx], s_in.args[0], s_in.kwargs[0])
         loss = F.mse_loss(out.float(), target[idx])

@@ -232,6 +232,27 @@ def test_block_mode_keeps_the_better_of_best_batch_and_last_step_on_the_whole_se
     assert any(x.kept == "recovered" and x.loss_after < x.loss_before for x in logs)
 
 
+def test_block_mode_sees_every_calibration_sample_equally_often(monkeypatch):
+    """Mini-batches walk shuffled epochs of the samples: 6 steps of 4 out of 8 samples is 3 epochs, so
+    every sample of every block is trained on exactly 3 times (independent draws would not do that)."""
+    student, teacher = gptq_pair()
+    seen: list[torch.Tensor] = []
+    real = reconstruct.run_block
+
+    def run(block, hidden, *rest):
+        if torch.is_grad_enabled():  # a training step, not a whole-set forward
+            seen.append(hidden[:, 0, 0].detach().clone())
+        return real(block, hidden, *rest)
+
+    monkeypatch.setattr(reconstruct, "run_block", run)
+    reconstruct.recover_blocks(student, teacher, tokens(8, 32), RecoverConfig(iters=6, batch_size=4, amp=False),
+                               progress=False)
+    assert len(seen) == 12  # 2 blocks x 6 steps
+    for block in (seen[:6], seen[6:]):
+        _, counts = torch.cat(block).unique(return_counts=True)
+        assert len(counts) == 8 and (counts == 3).all(), counts
+
+
 def test_block_mode_sparse_float_student_keeps_its_mask():
     teacher = make_tiny_model("llama")
     student = copy.deepcopy(teacher)
