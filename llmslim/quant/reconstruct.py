@@ -9,7 +9,8 @@ for the error that reaches it. What is learned:
 - a quantized student (``GPTQLinear``): the grid of every quantized linear of the block, starting at
   its codes (GPTQ's result), by AutoRound's signed gradient descent on the rounding offsets and the
   per-group scale (and, on asymmetric grids, zero) adjustments (``learn.LearnedGrid``); the learning
-  rate decays linearly to 0; the step of lowest mini-batch loss is kept, as AutoRound does.
+  rate decays linearly to 0; the parameters of the lowest mini-batch loss (AutoRound's choice) and the
+  last step's are scored on the whole calibration set, and the better is kept.
 - a sparse float student (pruned): the remaining weights under the fixed mask, with AdamW.
 
 Then the block's loss over the whole calibration set decides: the learned block stays only if it
