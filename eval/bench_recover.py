@@ -129,16 +129,16 @@ def run_one(row: str, args) -> dict:
             # The GPTQ row's own checkpoint (as a user would recover it): its GPTQ time counts here too.
             model, _ = load(str(cached))
             seconds = json.loads((cached / "gptq.json").read_text())["seconds"]
-            result["stages"]["gptq"] = seconds
+            result["stages"][spec["method"]] = seconds
             result["seconds"] += seconds
             result["input_ppl"] = ppl(model, args.windows)
         else:
-            timed("gptq", lambda: quantize(model, config, calib))
+            timed(spec["method"], lambda: quantize(model, config, calib))
             if cached and not spec["recover"]:
                 from llmslim.formats.gptq import save_gptq
 
                 save_gptq(model, tok, cached, config)
-                (cached / "gptq.json").write_text(json.dumps({"seconds": result["stages"]["gptq"]}))
+                (cached / "gptq.json").write_text(json.dumps({"seconds": result["stages"][spec["method"]]}))
     elif spec["depth"] or spec["width"]:
         prune = (PruneConfig(method="depth", drop_blocks=int(spec["depth"])) if spec["depth"]
                  else PruneConfig(method="width", mlp_keep=int(spec["width"]) / 100))
