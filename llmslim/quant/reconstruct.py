@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -287,7 +288,7 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
     loss_before = float(F.mse_loss(before, target))
     t_eval = time.perf_counter() - t0
     if deadline is not None:
-        deadline -= 1.5 * t_eval  # the closing evaluations: three whole-set forwards, like each of the two above
+        deadline -= t_eval  # the closing evaluations: two whole-set forwards, like each of the two above
         if time.perf_counter() >= deadline:
             # The forwards above took this block's share of --max-time. One step could only return the
             # input weights (the best state is the one before a step), so train nothing and skip the
@@ -340,27 +341,36 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
                                        snapshot_of, bar, t0, t_eval)
     bar.close()
 
-    chosen = "last" if k else ""
-    if best_state is not None and k > 0:
-        # The best mini-batch is one draw of bs samples: a noisy judge. Put its parameters against the
-        # last step's (where the decayed learning rate has settled) on the whole calibration set.
-        last_state = _snapshot(snapshot_of)
-        loss_last = float(F.mse_loss(s_in.forward(block, X), target))
-        _restore(snapshot_of, best_state)
-        chosen = "best batch"
-        if loss_last < float(F.mse_loss(s_in.forward(block, X), target)):  # (False for a non-finite last step)
-            chosen = "last"
-            _restore(snapshot_of, last_state)
-    if kind == "quantized":
-        for n, m in learned.items():
-            set_module(block, n, m.to_gptq())
-    else:
+    if kind != "quantized":
         for h in hooks:
             h.remove()
         for w in params:
             w.requires_grad_(False)
+
+    def stored() -> dict[str, nn.Module]:
+        """Put the trained layers in the block as the checkpoint will store them."""
+        layers = {n: m.to_gptq() for n, m in learned.items()} if kind == "quantized" else {}
+        for n, m in layers.items():
+            set_module(block, n, m)
+        return layers
+
+    last_layers, last_state = stored(), _snapshot(snapshot_of)
     after = s_in.forward(block, X)
     loss_after = float(F.mse_loss(after, target))
+    chosen = "last" if k else ""
+    if best_state is not None and k > 0:
+        # The best mini-batch is one draw of bs samples: a noisy judge. Its parameters stand against the
+        # last step's (where the decayed learning rate has settled) on the whole calibration set.
+        _restore(snapshot_of, best_state)
+        stored()
+        out = s_in.forward(block, X)
+        loss = float(F.mse_loss(out, target))
+        if loss < loss_after or (math.isfinite(loss) and not math.isfinite(loss_after)):
+            chosen, after, loss_after = "best batch", out, loss
+        else:
+            _restore(snapshot_of, last_state)
+            for n, m in last_layers.items():
+                set_module(block, n, m)
     kept = "recovered" if loss_after < loss_before else "input"
     if kept == "input":
         after = before
