@@ -354,13 +354,14 @@ def _recover_block(i, block, t_block, X, Y, s_in: _Inputs, t_in: _Inputs, kind: 
             set_module(block, n, m)
         return layers
 
-    last_layers, last_state = stored(), _snapshot(snapshot_of)
+    last_layers = stored()
     after = s_in.forward(block, X)
     loss_after = float(F.mse_loss(after, target))
     chosen = "last" if k else ""
     if best_state is not None and k > 0:
         # The best mini-batch is one draw of bs samples: a noisy judge. Its parameters stand against the
         # last step's (where the decayed learning rate has settled) on the whole calibration set.
+        last_state = _snapshot(snapshot_of)
         _restore(snapshot_of, best_state)
         stored()
         out = s_in.forward(block, X)
